@@ -1,0 +1,176 @@
+"""Routers: who sends which token to which expert.
+
+Every router here speaks the same language, so one MoE layer (moe_rl.MoELayer) serves them all. A
+router looks at a group of tokens x of shape (b, n, d) and returns a `Routing`:
+
+    dispatch_weights (b, n, s)  how much of token n goes into slot s   (slot inputs  = D^T x)
+    combine_weights  (b, n, s)  how much of slot s comes back to token n (token output = C y)
+
+where s = num_experts * slots_per_expert and slot j belongs to expert j // slots_per_expert. Letters in
+the einsums: b batch (one routing group per sample, so a state's Q-values never depend on the other
+states in the batch), n tokens, e experts, s slots, d features.
+
+- TopKRouter: Switch/GShard-style learned top-k gating with expert capacity (slots are capacity places).
+- SoftMoERouter: Soft MoE (Puigcerver et al. 2023, arXiv 2308.00951): slots are soft mixtures of tokens.
+- TaskRouter: hardcoded routing, task i always goes to expert i (Willi et al. 2024, arXiv 2406.18420).
+- (The PA-MoE phase router for the LLM agent will live here too.)
+
+Auxiliary losses come back in `Routing.aux_loss`, already weighted; the learner adds it to its loss.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    """What a router decided. The loss needs only the weights and aux_loss; the inspection methods
+    (slot_used, expert_load, stats) are computed on demand, so training pays nothing for them."""
+    dispatch_weights: torch.Tensor   # (b, n, s) token -> slot input weights
+    combine_weights: torch.Tensor    # (b, n, s) slot -> token output weights
+    slots_per_expert: int
+    aux_loss: torch.Tensor           # scalar, weighted sum of the auxiliary losses (0 when all are off)
+    router_logits: torch.Tensor = None  # (b, n, e) gate logits of a learned top-k router
+    k: int = 1                       # choices per token (top-k)
+
+    @property
+    def num_experts(self):
+        return self.dispatch_weights.shape[-1] // self.slots_per_expert
+
+    def slot_used(self):
+        """(b, s) bool: slots that received a token. Top-k leaves unfilled capacity places empty."""
+        return self.dispatch_weights.detach().sum(1) > 0
+
+    def expert_load(self):
+        """(e,) share of the output mass each expert carries: the combine weights of its slots summed over
+        tokens. For top-k and task routing that is the gate-weighted share of routed tokens."""
+        mass = self.combine_weights.detach().reshape(-1, self.num_experts, self.slots_per_expert).sum((0, 2))
+        return mass / mass.sum().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def stats(self):
+        """Unweighted auxiliary losses and the dropped fraction of a top-k router, as floats."""
+        if self.router_logits is None:
+            return {}
+        probs = self.router_logits.softmax(-1)
+        chosen = F.one_hot(probs.topk(self.k, dim=-1).indices, self.num_experts).sum(-2)
+        kept = self.dispatch_weights.sum()
+        return {"balance_loss": balance_loss(probs, chosen).item(), "z_loss": z_loss(self.router_logits).item(),
+                "dropped_fraction": 1.0 - kept.item() / (chosen.sum().item())}
+
+
+def balance_loss(router_probs, chosen_mask):
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, Eq. 4): n * sum_e f_e * P_e.
+
+    router_probs (..., e) softmax outputs; chosen_mask (..., e) 1 where the token chose the expert (top-k
+    choices, before capacity). f_e: fraction of choices sent to e; P_e: mean router probability of e.
+    It equals 1 under uniform routing and reaches n when every token picks the same expert.
+    """
+    num_experts = router_probs.shape[-1]
+    f = chosen_mask.reshape(-1, num_experts).float().mean(0)
+    f = f / f.sum().clamp_min(1e-9)  # top-k makes k choices per token; normalise to fractions
+    p = router_probs.reshape(-1, num_experts).mean(0)
+    return num_experts * (f * p).sum()
+
+
+def z_loss(logits):
+    """Router z-loss (ST-MoE, Zoph et al. 2022, Eq. 5): mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class TopKRouter(nn.Module):
+    """Learned top-k router with expert capacity, as in Dopamine's MoE agents (arXiv 2402.08609).
+
+    A linear gate without bias, softmax over experts, top-k. Each expert has `capacity` places per
+    group: ceil(tokens * capacity_factor / experts); tokens beyond it are dropped (their output from that
+    expert is zero) and counted. Places are filled first-come by token index, first choices before
+    second choices (GShard). The kept gate probabilities scale the expert outputs (not renormalised, as
+    in Dopamine), so the gate's gradient comes through the output. capacity_factor=0 means no capacity.
+    """
+
+    def __init__(self, dim, num_experts, k=1, capacity_factor=1.0, balance_loss_weight=0.0, z_loss_weight=0.0):
+        super().__init__()
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"top-k needs 1 <= k <= num_experts, got k={k} with num_experts={num_experts}")
+        if capacity_factor < 0:
+            raise ValueError(f"capacity_factor must be >= 0 (0 = unlimited), got {capacity_factor}")
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.num_experts, self.k, self.capacity_factor = num_experts, k, capacity_factor
+        self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
+
+    def capacity(self, num_tokens):
+        if self.capacity_factor == 0:
+            return num_tokens  # an expert can hold every token: nothing is ever dropped
+        return math.ceil(num_tokens * self.capacity_factor / self.num_experts)
+
+    def forward(self, x, task_id=None):
+        b, n, _ = x.shape
+        e, k, c = self.num_experts, self.k, self.capacity(n)
+        logits = self.gate(x)                                            # (b, n, e)
+        probs = logits.softmax(-1)
+        top_experts = probs.topk(k, dim=-1).indices                      # (b, n, k)
+        chosen = F.one_hot(top_experts.transpose(1, 2).reshape(b, k * n), e)  # (b, k*n, e), rank-major order
+        # 1-based queue position of each (choice, token) at its expert: first choices queue before
+        # second choices, then by token index. Over capacity -> position 0 -> no place (dropped).
+        position = chosen.cumsum(1) * chosen
+        position = position.masked_fill(position > c, 0)
+        place = F.one_hot(position, c + 1)[..., 1:].to(x.dtype)          # (b, k*n, e, c)
+        if k > 1:
+            place = place.reshape(b, k, n, e, c).sum(1)                  # a token holds <= 1 place per expert
+        dispatch = place.reshape(b, n, e * c)
+        combine = (place * probs.unsqueeze(-1)).reshape(b, n, e * c)     # gate = router probability
+        aux = logits.new_zeros(())
+        if self.balance_loss_weight:
+            aux = aux + self.balance_loss_weight * balance_loss(probs, chosen.reshape(b, k, n, e).sum(1))
+        if self.z_loss_weight:
+            aux = aux + self.z_loss_weight * z_loss(logits)
+        return Routing(dispatch, combine, c, aux, logits, k)
+
+
+class SoftMoERouter(nn.Module):
+    """Soft MoE routing (Puigcerver et al. 2023, Algorithm 1; normalisation of Sec. 2.3).
+
+    Phi (d, e*p) holds one learned vector per slot. Logits L = normalize(X) normalize(Phi) * scale, both
+    l2-normalised over d; dispatch D = softmax of L over the tokens (each slot's column sums to 1);
+    combine C = softmax of L over all slots (each token's row sums to 1). Nothing is dropped and no
+    auxiliary loss is needed. slots_per_expert p = round(tokens * capacity_factor / experts), at least 1,
+    as in the reference code. With one token, D is all ones: every slot sees that token, and the layer
+    is a softly gated mixture of all experts with gate C (this is what Big uses, see moe_rl.py).
+    """
+
+    def __init__(self, dim, num_experts, num_tokens, capacity_factor=1.0, slots_per_expert=None):
+        super().__init__()
+        p = slots_per_expert or max(1, round(num_tokens * capacity_factor / num_experts))
+        self.num_experts, self.slots_per_expert = num_experts, p
+        self.phi = nn.Parameter(torch.randn(dim, num_experts * p) / math.sqrt(dim))  # lecun-normal
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, task_id=None):
+        logits = F.normalize(x, dim=-1, eps=1e-6) @ (F.normalize(self.phi, dim=0, eps=1e-6) * self.scale)  # (b, n, s)
+        dispatch = logits.softmax(dim=1)                                 # over tokens n: Eq. 1
+        combine = logits.softmax(dim=2)                                  # over slots s: Eq. 3
+        return Routing(dispatch, combine, self.slots_per_expert, logits.new_zeros(()))
+
+
+class TaskRouter(nn.Module):
+    """Hardcoded task routing (Willi et al. 2024): every token of task i goes to expert i, weight 1.
+    Routing is per sample, so expert i needs a place for each of the n tokens: slots_per_expert = n."""
+
+    def __init__(self, num_experts, num_tokens):
+        super().__init__()
+        self.num_experts, self.num_tokens = num_experts, num_tokens
+
+    def forward(self, x, task_id=None):
+        if task_id is None:
+            raise ValueError("task routing needs the task id of every sample")
+        if int(task_id.max()) >= self.num_experts:
+            raise ValueError(f"task id {int(task_id.max())} has no expert: task routing needs "
+                             f"num_experts >= number of tasks, got {self.num_experts} experts")
+        b, n, _ = x.shape
+        expert = F.one_hot(task_id.long(), self.num_experts).to(x.dtype)  # (b, e)
+        place = torch.eye(n, dtype=x.dtype, device=x.device)              # token t -> place t
+        dispatch = torch.einsum("be,nc->bnec", expert, place).reshape(b, n, self.num_experts * n)
+        return Routing(dispatch, dispatch, n, x.new_zeros(()))
