@@ -18,7 +18,7 @@ states in the batch), n tokens, e experts, s slots, d features.
 Auxiliary losses come back in `Routing.aux_loss`, already weighted; the learner adds it to its loss.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -332,8 +332,21 @@ def test_same_seed_gives_an_identical_log(tmp_path):
     assert [{k: v for k, v in r.items() if k not in timing} for r in read_log(other)[1:]] != logs[0]
 
 
+def test_single_task_run_stops_once_solved_and_then_runs_the_final_evaluation(tmp_path, monkeypatch):
+    def solved(network, task_set, action_mask, episodes, seed):
+        return {"CartPole-v1": 500.0}, {"CartPole-v1": 1.05}
+
+    monkeypatch.setattr(train_dqn, "evaluate", solved)
+    summary, _ = run(tmp_path, "--eval-frequency", "100")
+    assert summary["stopped_early"] and summary["env_steps"] == 100
+    log = read_log(summary)
+    assert [r["final"] for r in log[1:]] == [False, True]
+    summary, _ = run(tmp_path, "--eval-frequency", "100", "--no-stop-when-solved", "--run-name", "on")
+    assert not summary["stopped_early"] and summary["env_steps"] == 300
+
+
 def test_eval_only_reloads_the_checkpoint(tmp_path, capsys):
-    summary, _ = run(tmp_path, "--routing", "topk")
+    summary, _ = run(tmp_path, "--routing", "topk", "--setting", "mtrl", "--task-id-in-obs")
     evaluated = train_dqn.train(train_dqn.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
                                                        "--final-eval-episodes", "2", "--no-progress"]))
     assert evaluated["status"] == "evaluated"

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ class Args:
                      "is the CRL order")
     cycles: int = arg(1, "CRL: how many times to go through the task sequence")
     task_id_in_obs: bool = arg(False, "append a one-hot task id to the observation")
+    scale_obs: bool = arg(True, "rescale observations to [-1, 1] with Dopamine's fixed bounds")
     # DQN
     total_steps: int = arg(50_000, "environment steps, summed over tasks")
     learning_rate: float = arg(1e-3, "Adam learning rate")
@@ -70,12 +72,15 @@ class Args:
     end_e: float = arg(0.02, "final exploration epsilon")
     exploration_fraction: float = arg(0.2, "fraction of --total-steps over which epsilon decays linearly")
     double_dqn: bool = arg(True, "use Double DQN targets")
+    anneal_lr: bool = arg(False, "decay the learning rate linearly to 0 over --total-steps")
     max_grad_norm: float = arg(10.0, "gradient-norm clipping (0 = off)")
     # evaluation, logging, checkpoints
     seed: int = arg(1, "random seed (weights, exploration, replay sampling, environments)")
     eval_frequency: int = arg(5_000, "environment steps between greedy evaluations")
     eval_episodes: int = arg(10, "episodes per task in each periodic evaluation")
     final_eval_episodes: int = arg(20, "episodes per task in the final evaluation")
+    stop_when_solved: bool = arg(True, "single task: stop once the periodic greedy eval reaches gymnasium's reward "
+                                 "threshold (CartPole 475), then run the final evaluation (mtrl/crl always run on)")
     dormant_tau: float = arg(0.025, "threshold tau of the dormant-neuron metric")
     output_dir: str = arg("runs", "where run folders go")
     run_name: str = arg("", "run folder name (default: routing_placement_setting_seed)")
@@ -184,11 +189,54 @@ def evaluate(network, task_set, action_mask, episodes, seed):
     return returns, scores
 
 
+def dqn_update(network, target, optimizer, batch, action_mask, args):
+    """One gradient step on the Huber TD loss (plus the routers' auxiliary losses).
+    Returns (td_loss, aux_loss, mean Q) as floats; a non-finite loss is returned without a step."""
+    obs, actions, rewards, next_obs, terminated, tasks = batch
+    with torch.no_grad():
+        q_next = masked_q(target, next_obs, tasks, action_mask)[0]
+        if args.double_dqn:  # the online network picks the action, the target network values it
+            best = masked_q(network, next_obs, tasks, action_mask)[0].argmax(1, keepdim=True)
+            q_next = q_next.gather(1, best).squeeze(1)
+        else:
+            q_next = q_next.max(1).values
+        td_target = rewards + args.gamma * (1.0 - terminated) * q_next
+    q, out = network(obs, tasks)
+    td_loss = F.smooth_l1_loss(q.gather(1, actions.unsqueeze(1)).squeeze(1), td_target)
+    loss = td_loss + out.aux_loss
+    if not torch.isfinite(loss):
+        return td_loss.item(), out.aux_loss.item(), math.nan
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(network.parameters(), args.max_grad_norm, foreach=True)
+    optimizer.step()
+    return td_loss.item(), out.aux_loss.item(), q.mean().item()
+
+
 def save_checkpoint(path, network, target, optimizer, args, step):
     tmp = path + ".tmp"
     torch.save({"network": network.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
                 "args": asdict(args), "step": step}, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-save never leaves a broken checkpoint
+
+
+def evaluate_checkpoint(path, episodes):
+    """Greedy evaluation of a saved model on the tasks it was trained on (its own saved config)."""
+    start = time.time()
+    state = torch.load(path, weights_only=True)
+    saved = Args(**state["args"])
+    task_set = TaskSet(task_list(saved), seed=saved.seed, scale=saved.scale_obs, task_id_in_obs=saved.task_id_in_obs)
+    network = make_network(saved, task_set)
+    network.load_state_dict(state["network"])
+    returns, scores = evaluate(network, task_set, torch.from_numpy(task_set.action_mask), episodes,
+                               1_000_000 + 1000 * saved.seed)
+    summary = {"status": "evaluated", "checkpoint": path, "env_steps": state["step"],
+               "final_eval_return": returns, "normalized_score": scores,
+               "mean_normalized_score": float(np.mean(list(scores.values()))),
+               "parameters": parameter_count(network), "wall_seconds": time.time() - start}
+    print(json.dumps(summary))
+    return summary
 
 
 def train(args):
@@ -198,24 +246,13 @@ def train(args):
     rng = np.random.default_rng(args.seed)
     start = time.time()
     tasks = task_list(args)
-    task_set = TaskSet(tasks, seed=args.seed, task_id_in_obs=args.task_id_in_obs)
+    task_set = TaskSet(tasks, seed=args.seed, scale=args.scale_obs, task_id_in_obs=args.task_id_in_obs)
     action_mask = torch.from_numpy(task_set.action_mask)
     eval_seed = 1_000_000 + 1000 * args.seed  # evaluation episodes never reuse training seeds
     network = make_network(args, task_set)
 
     if args.eval_only:
-        state = torch.load(args.checkpoint, weights_only=True)
-        saved = Args(**{**state["args"], "eval_only": True, "checkpoint": args.checkpoint})
-        network = make_network(saved, task_set)
-        network.load_state_dict(state["network"])
-        returns, scores = evaluate(network, task_set, action_mask, args.final_eval_episodes, eval_seed)
-        summary = {"status": "evaluated", "checkpoint": args.checkpoint, "env_steps": state["step"],
-                   "final_eval_return": returns, "normalized_score": scores,
-                   "mean_normalized_score": float(np.mean(list(scores.values()))),
-                   "parameters": parameter_count(network), "wall_seconds": time.time() - start}
-        print(json.dumps(summary))
-        return summary
-
+        return evaluate_checkpoint(args.checkpoint, args.final_eval_episodes)
     target = make_network(args, task_set)
     target.load_state_dict(network.state_dict())
     optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
@@ -233,13 +270,14 @@ def train(args):
     recent = {t: [] for t in tasks}          # recent training-episode returns per task
     losses = []                              # (td_loss, aux_loss, q_mean) since the last log line
     step, next_eval, saved_step, updates = 0, args.eval_frequency, None, 0
+    solved_at = gym.spec(tasks[0]).reward_threshold if args.stop_when_solved and args.setting == "single" else None
     bar = tqdm(total=args.total_steps, unit="step", disable=not args.progress, dynamic_ncols=True)
     train_start = time.time()
 
     def log_eval(final=False):
         returns, scores = evaluate(network, task_set, action_mask,
                                    args.final_eval_episodes if final else args.eval_episodes, eval_seed)
-        record = {"step": step, "updates": updates, "active_tasks": [tasks[i] for i in current],
+        record = {"step": step, "final": final, "updates": updates, "active_tasks": [tasks[i] for i in current],
                   "eval_return": returns, "normalized_score": scores,
                   "mean_normalized_score": float(np.mean(list(scores.values()))),
                   "epsilon": epsilon, "train_return": {t: float(np.mean(r)) if r else None for t, r in recent.items()}}
@@ -253,7 +291,7 @@ def train(args):
                 _, out = network(obs, task_ids)
             record["dormant_fraction"] = dormant_fraction(out.activations, args.dormant_tau)
             record["expert_load"] = {name: r.expert_load().tolist() for name, r in out.routings.items()}
-            record["router_stats"] = {name: r.stats() for name, r in out.routings.items() if r.stats()}
+            record["router_stats"] = {name: stats for name, r in out.routings.items() if (stats := r.stats())}
         elapsed = time.time() - train_start
         record.update(wall_seconds=elapsed, steps_per_second=step / max(elapsed, 1e-9))
         log.write(json.dumps(record) + "\n")
@@ -264,6 +302,8 @@ def train(args):
     while step < args.total_steps:
         current = active_tasks(args.setting, step, len(tasks), args.total_steps, args.cycles)
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_steps, step)
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - step / args.total_steps)
         explore = rng.random(len(current)) < epsilon
         if not explore.all():  # the Q-network is only needed for the greedy actions
             obs = torch.from_numpy(np.stack([task_set.obs[i] for i in current]))
@@ -278,37 +318,21 @@ def train(args):
             step += 1
             bar.update(1)
             if step >= args.learning_starts and step % args.train_frequency == 0:
-                s, a, r, s2, term, task = buffer.sample(args.batch_size)
-                with torch.no_grad():
-                    q_next = masked_q(target, s2, task, action_mask)[0]
-                    if args.double_dqn:
-                        best = masked_q(network, s2, task, action_mask)[0].argmax(1, keepdim=True)
-                        q_next = q_next.gather(1, best).squeeze(1)
-                    else:
-                        q_next = q_next.max(1).values
-                    td_target = r + args.gamma * (1.0 - term) * q_next
-                q, out = network(s, task)
-                q_taken = q.gather(1, a.unsqueeze(1)).squeeze(1)
-                td_loss = F.smooth_l1_loss(q_taken, td_target)
-                loss = td_loss + out.aux_loss
-                if not torch.isfinite(loss):
+                td_loss, aux_loss, q_mean = dqn_update(network, target, optimizer, buffer.sample(args.batch_size),
+                                                       action_mask, args)
+                if not math.isfinite(td_loss + aux_loss):
                     bar.close()
                     where = f"the last good checkpoint is {checkpoint_path} (step {saved_step})" if saved_step \
                         else "no checkpoint was saved yet"
-                    message = f"loss became {loss.item()} at step {step}; stopping. {where}"
+                    message = f"loss became {td_loss + aux_loss} at step {step}; stopping. {where}"
                     print(message, file=sys.stderr)
                     summary = {"status": "diverged", "message": message, "env_steps": step,
                                "checkpoint": checkpoint_path if saved_step else None}
                     print(json.dumps(summary))
                     log.close()
                     return summary
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(network.parameters(), args.max_grad_norm, foreach=True)
-                optimizer.step()
                 updates += 1
-                losses.append((td_loss.item(), float(out.aux_loss), q.mean().item()))
+                losses.append((td_loss, aux_loss, q_mean))
             if step % args.target_network_frequency == 0:
                 target.load_state_dict(network.state_dict())
         if step >= next_eval or step >= args.total_steps:
@@ -316,11 +340,17 @@ def train(args):
             record = log_eval(final=step >= args.total_steps)
             save_checkpoint(checkpoint_path, network, target, optimizer, args, step)
             saved_step = step
-            shown = {t.split("-")[0]: round(r, 1) for t, r in record["eval_return"].items()}
-            bar.set_postfix(eval=shown, sps=round(record["steps_per_second"]))
+            short = lambda values: {t.split("-")[0]: None if r is None else round(r, 1) for t, r in values.items()}
+            bar.set_postfix(eval=short(record["eval_return"]), train=short(record["train_return"]),
+                            sps=round(record["steps_per_second"]))
+            if solved_at is not None and record["eval_return"][tasks[0]] >= solved_at and step < args.total_steps:
+                record = log_eval(final=True)  # the final evaluation, on the model that solved the task
+                save_checkpoint(checkpoint_path, network, target, optimizer, args, step)
+                break
     bar.close()
     log.close()
     summary = {"status": "finished", "run_dir": run_dir, "env_steps": step, "updates": updates,
+               "stopped_early": step < args.total_steps,
                "final_eval_return": record["eval_return"], "normalized_score": record["normalized_score"],
                "mean_normalized_score": record["mean_normalized_score"],
                "wall_seconds": time.time() - start, "steps_per_second": record["steps_per_second"],
