@@ -181,6 +181,10 @@ def greedy_policy(network, action_mask):
     return policy
 
 
+def eval_seed(seed):
+    return 1_000_000 + 1000 * seed  # evaluation episodes never reuse training seeds
+
+
 def evaluate(network, task_set, action_mask, episodes, seed):
     policy = greedy_policy(network, action_mask)
     returns = {env_id: float(np.mean(task_set.evaluate(i, policy, episodes, seed + 1000 * i)))
@@ -230,7 +234,7 @@ def evaluate_checkpoint(path, episodes):
     network = make_network(saved, task_set)
     network.load_state_dict(state["network"])
     returns, scores = evaluate(network, task_set, torch.from_numpy(task_set.action_mask), episodes,
-                               1_000_000 + 1000 * saved.seed)
+                               eval_seed(saved.seed))
     summary = {"status": "evaluated", "checkpoint": path, "env_steps": state["step"],
                "final_eval_return": returns, "normalized_score": scores,
                "mean_normalized_score": float(np.mean(list(scores.values()))),
@@ -241,6 +245,8 @@ def evaluate_checkpoint(path, episodes):
 
 def train(args):
     """Train (or, with --eval-only, evaluate) and return the run summary."""
+    if args.eval_only:
+        return evaluate_checkpoint(args.checkpoint, args.final_eval_episodes)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -248,11 +254,7 @@ def train(args):
     tasks = task_list(args)
     task_set = TaskSet(tasks, seed=args.seed, scale=args.scale_obs, task_id_in_obs=args.task_id_in_obs)
     action_mask = torch.from_numpy(task_set.action_mask)
-    eval_seed = 1_000_000 + 1000 * args.seed  # evaluation episodes never reuse training seeds
     network = make_network(args, task_set)
-
-    if args.eval_only:
-        return evaluate_checkpoint(args.checkpoint, args.final_eval_episodes)
     target = make_network(args, task_set)
     target.load_state_dict(network.state_dict())
     optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
@@ -276,7 +278,7 @@ def train(args):
 
     def log_eval(final=False):
         returns, scores = evaluate(network, task_set, action_mask,
-                                   args.final_eval_episodes if final else args.eval_episodes, eval_seed)
+                                   args.final_eval_episodes if final else args.eval_episodes, eval_seed(args.seed))
         record = {"step": step, "final": final, "updates": updates, "active_tasks": [tasks[i] for i in current],
                   "eval_return": returns, "normalized_score": scores,
                   "mean_normalized_score": float(np.mean(list(scores.values()))),
