@@ -6,12 +6,15 @@ experts (the lucidrains mixture-of-experts style). Letters: e experts, m rows (s
 
 - A token expert, as in Dopamine's MoE agents (arXiv 2402.08609): Dense(hidden)-ReLU-Dense(d).
 - A full-network expert for Big (Willi et al. 2024): each expert is a whole Q-network, obs -> Q.
-(LoRA experts for the LLM agent will live here too.)
+- LoRA written from scratch (Hu et al. 2021, arXiv 2106.09685) and a LoRA expert bank: K adapters on
+  one frozen linear layer, each sample (or token) using its own expert, for PA-MoE (arXiv 2602.17038).
 """
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class ExpertMLP(nn.Module):
@@ -55,3 +58,116 @@ class ExpertMLP(nn.Module):
             if layer < last or self.activate_last:
                 layers.append(nn.ReLU())
         return nn.Sequential(*layers)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear with a bank of K LoRA adapters (K = 1 is plain LoRA). LoRA, Eq. 3:
+
+        h = W x + b + (alpha / r) * sum_k g_k * B_k A_k dropout(x)
+
+    A_k (r, d_in) is Kaiming-uniform and B_k (d_out, r) zero, so at initialisation h = W x + b exactly.
+    The gates g (..., K) say which expert each sample or token uses:
+      - `expert_index` (N,) set by `route(model, index)`: sample n uses expert index[n] (one-hot gates;
+        -1 = no adapter, the frozen base);
+      - a token router (`router`, any module x -> (gates, routing info)): per-token gates;
+      - neither, with K = 1: the one adapter.
+    All K low-rank branches are computed in two matmuls (x @ [A_1..A_K] then [B_1..B_K]) and masked by
+    the gates: no loop over samples or experts, and an expert a sample does not use gets exactly zero
+    gradient from it (its branch is multiplied by 0).
+    """
+
+    def __init__(self, base: nn.Linear, num_experts=1, rank=8, alpha=16.0, dropout=0.0, router=None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.num_experts, self.rank, self.scaling = num_experts, rank, alpha / rank
+        d_out, d_in = base.weight.shape
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, d_in))
+        for a in self.lora_A.data:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))      # what nn.Linear (and PEFT, minLoRA) use
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, rank))
+        self.dropout = nn.Dropout(dropout)
+        self.router = router                 # token routing: a module x -> (gates (..., K), info)
+        self.expert_index = None             # (N,) long, set by route(); -1 = frozen base only
+        self.last_routing = None             # what the token router decided in the last forward
+        self.merged_expert = None
+
+    def delta_weight(self, expert):
+        return self.scaling * self.lora_B[expert] @ self.lora_A[expert]          # (d_out, d_in)
+
+    def gates(self, x):
+        if self.expert_index is not None:
+            index = self.expert_index
+            gates = F.one_hot(index.clamp(min=0), self.num_experts).to(x.dtype) * (index >= 0).unsqueeze(-1)
+            return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), self.num_experts)   # (N, 1.., K)
+        if self.router is not None:
+            gates, self.last_routing = self.router(x)
+            return gates
+        if self.num_experts == 1:
+            return None
+        raise RuntimeError("LoRALinear with several experts needs an expert index (route()) or a token router")
+
+    def forward(self, x):                                           # x (N, ..., d_in)
+        out = self.base(x)
+        if self.merged_expert is not None:
+            return out                                              # the adapter is inside W already
+        gates = self.gates(x)
+        low = self.dropout(x) @ self.lora_A.flatten(0, 1).T        # (N, ..., K*r): all K branches at once
+        if gates is not None:
+            low = (low.unflatten(-1, (self.num_experts, self.rank)) * gates.unsqueeze(-1)).flatten(-2)
+        return out + self.scaling * low @ self.lora_B.transpose(1, 2).flatten(0, 1)   # (K*r, d_out)
+
+    @torch.no_grad()
+    def merge(self, expert=0):
+        """Fold expert `expert` into the frozen weight (W + alpha/r B A) for inference with one expert."""
+        if self.merged_expert is None:
+            self.base.weight += self.delta_weight(expert).to(self.base.weight.dtype)
+            self.merged_expert = expert
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged_expert is not None:
+            self.base.weight -= self.delta_weight(self.merged_expert).to(self.base.weight.dtype)
+            self.merged_expert = None
+
+
+def add_lora(model, target_modules, num_experts=1, rank=8, alpha=16.0, dropout=0.0, router_factory=None):
+    """Freeze `model` and replace every nn.Linear whose name ends with one of `target_modules`
+    (e.g. ("q_proj", "k_proj", "v_proj", "o_proj") for Llama/Qwen/Mistral, ("c_attn",) for GPT-2) by a
+    LoRALinear. router_factory(d_in) -> token router, for token routing. Returns the wrapped names."""
+    model.requires_grad_(False)
+    targets = tuple(target_modules)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and child_name in targets:
+                router = router_factory(child.in_features) if router_factory else None
+                setattr(module, child_name, LoRALinear(child, num_experts, rank, alpha, dropout, router))
+                wrapped.append(full)
+    if not wrapped:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no nn.Linear named {list(targets)} in the model; its linear layers are named {names}")
+    return wrapped
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def lora_parameters(model):
+    """The trainable parameters: adapters and token routers (everything else is frozen)."""
+    return [p for m in lora_layers(model) for p in m.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def route(model, expert_index):
+    """Run the model with sample n on expert expert_index[n] (-1: the frozen base, no adapter).
+    `expert_index` None leaves the layers to their token routers (or their single adapter)."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.expert_index = expert_index
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.expert_index = None

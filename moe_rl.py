@@ -6,6 +6,8 @@ References:
 - Obando-Ceron et al. 2024, "Mixtures of Experts Unlock Parameter Scaling for Deep RL" (arXiv 2402.08609):
   the MoE module that replaces the penultimate layer, its tokens and experts.
 - Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep RL" (arXiv 2302.12902): tau-dormant neurons.
+- PA-MoE (arXiv 2602.17038): the agent metrics at the end of this file (expert switches per episode,
+  utilisation, parameter occupancy, gradient conflict). The agent's network is in train_agent.py.
 
 The dense baseline is Dopamine's classic-control network: encoder Dense(H)+ReLU, Dense(H)+ReLU, head.
 
@@ -188,3 +190,54 @@ def dormant_fraction(activations, tau=0.0):
 
 def parameter_count(module):
     return sum(p.numel() for p in module.parameters())
+
+
+# --- PA-MoE's metrics for LLM agents (arXiv 2602.17038, Sec. 5) --------------------------------------
+
+def count_switches(route):
+    """Expert switches along a sequence of expert indices (steps of an episode, or tokens)."""
+    return sum(int(a != b) for a, b in zip(route[:-1], route[1:]))
+
+
+def majority_expert(experts):
+    """The expert most of a step's tokens used (ties to the lowest index)."""
+    values, counts = torch.as_tensor(experts).flatten().unique(return_counts=True)
+    return int(values[counts.argmax()])
+
+
+def expert_utilisation(experts, task_types, num_experts):
+    """{task type: fraction of its routing decisions that went to each expert}. experts: one expert index
+    per decision (a step, or a token); task_types: the task type of each decision."""
+    counts = {}
+    for expert, task_type in zip(experts, task_types):
+        counts.setdefault(task_type, [0] * num_experts)[int(expert)] += 1
+    return {t: [c / sum(row) for c in row] for t, row in sorted(counts.items())}
+
+
+def loss_shares(per_step_loss, task_types):
+    """{task type: its share of the batch loss}, the loss measured as sum |per-step loss term|."""
+    magnitude = per_step_loss.detach().abs()
+    total = float(magnitude.sum())
+    shares = {}
+    for i, task_type in enumerate(task_types):
+        shares[task_type] = shares.get(task_type, 0.0) + float(magnitude[i])
+    return {t: s / total if total > 0 else 0.0 for t, s in sorted(shares.items())}
+
+
+def parameter_occupancy(batch_shares, task_types):
+    """PA-MoE's occupancy: for each task type, the fraction of training batches in which it contributes
+    more than 50% of the batch loss. batch_shares: one loss_shares() dict per batch."""
+    if not batch_shares:
+        return {t: 0.0 for t in task_types}
+    return {t: sum(s.get(t, 0.0) > 0.5 for s in batch_shares) / len(batch_shares) for t in task_types}
+
+
+def gradient_conflict(gradients):
+    """Mean over pairs of task types of max(0, -cos(g_i, g_j)): how strongly the per-task-type gradients of
+    the trainable parameters point against each other (0: no pair conflicts; 1: exactly opposed).
+    gradients: {task type: flat gradient}. Counting only the negative part is our reading of the paper's
+    "mean negative cosine similarity"."""
+    names = [n for n, g in gradients.items() if g is not None and float(g.norm()) > 0]
+    values = [max(0.0, -float(torch.nn.functional.cosine_similarity(gradients[a], gradients[b], dim=0)))
+              for i, a in enumerate(names) for b in names[i + 1:]]
+    return sum(values) / len(values) if values else 0.0

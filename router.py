@@ -13,7 +13,12 @@ states in the batch), n tokens, e experts, s slots, d features.
 - TopKRouter: Switch/GShard-style learned top-k gating with expert capacity (slots are capacity places).
 - SoftMoERouter: Soft MoE (Puigcerver et al. 2023, arXiv 2308.00951): slots are soft mixtures of tokens.
 - TaskRouter: hardcoded routing, task i always goes to expert i (Willi et al. 2024, arXiv 2406.18420).
-- (The PA-MoE phase router for the LLM agent will live here too.)
+
+For the LLM agent, where experts are LoRA adapters (experts.LoRALinear) and a whole step may use one:
+- TokenRouter: a learned top-k gate inside each adapted layer, choosing per token (token-level MoE).
+- PhaseRouter: PA-MoE's router (arXiv 2602.17038): one expert per environment step, from the
+  observation aligned with the goal and the recent history; with its balance, diversity and switch
+  losses (phase_balance_loss, diversity_loss, switch_loss).
 
 Auxiliary losses come back in `Routing.aux_loss`, already weighted; the learner adds it to its loss.
 """
@@ -174,3 +179,125 @@ class TaskRouter(nn.Module):
         place = torch.eye(n, dtype=x.dtype, device=x.device)              # token t -> place t
         dispatch = torch.einsum("be,nc->bnec", expert, place).reshape(b, n, self.num_experts * n)
         return Routing(dispatch, dispatch, n, x.new_zeros(()))
+
+
+@dataclass
+class TokenRouting:
+    """What a TokenRouter decided for a batch of tokens (..., e): kept for logging, switch counts, and
+    for router-aware importance sampling, which compares old and new router log-probabilities."""
+    log_probs: torch.Tensor          # (..., e) log softmax of the gate
+    chosen: torch.Tensor             # (..., k) expert indices
+
+    def balance_loss(self):
+        probs = self.log_probs.exp()
+        return balance_loss(probs, F.one_hot(self.chosen, probs.shape[-1]).sum(-2))
+
+
+class TokenRouter(nn.Module):
+    """Token-level routing among LoRA experts: a bias-free linear gate, softmax, top-k, and the kept
+    probabilities as gates (Switch Transformer, Fedus et al. 2021: the gate value scales the expert's
+    output, which is how the router gets its gradient from the task loss).
+    forward(x (..., d)) -> gates (..., e), TokenRouting."""
+
+    def __init__(self, dim, num_experts, k=1):
+        super().__init__()
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"top-k needs 1 <= k <= num_experts, got k={k} with num_experts={num_experts}")
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        nn.init.zeros_(self.gate.weight)   # uniform routing at the start (ties broken by index)
+        self.k = k
+
+    def forward(self, x):
+        log_probs = self.gate(x).log_softmax(-1)
+        chosen = log_probs.topk(self.k, dim=-1).indices
+        gates = torch.zeros_like(log_probs).scatter(-1, chosen, log_probs.gather(-1, chosen).exp())
+        return gates, TokenRouting(log_probs, chosen)
+
+
+@dataclass
+class PhaseRouting:
+    logits: torch.Tensor             # (b, e), already divided by the temperature
+    log_probs: torch.Tensor          # (b, e)
+
+    @property
+    def probs(self):
+        return self.log_probs.exp()
+
+    def choose(self, greedy, generator=None):
+        """PA-MoE: sample the expert while training, argmax at inference."""
+        if greedy:
+            return self.logits.argmax(-1)
+        return torch.multinomial(self.probs, 1, generator=generator).squeeze(-1)
+
+
+class PhaseRouter(nn.Module):
+    """PA-MoE's phase router (arXiv 2602.17038, Sec. 3.2). Inputs are the frozen base model's token
+    encodings, so the router sees the language model's view of the state without changing it:
+
+        o_align = pool(CrossAttention(query = Enc(o_t), key = value = Enc(goal)))
+        h_enc   = LSTM(e_{t-L+1}, ..., e_t)      e_i: the pooled encoding of (action_{i-1}, observation_i)
+        p_t     = softmax(MLP([o_align; h_enc]) / tau),   MLP = Linear-LayerNorm-ReLU-Dropout-Linear
+
+    The expert is sampled from p_t in training and is argmax p_t at inference (PhaseRouting.choose).
+    Shapes: b steps, t obs tokens, g goal tokens, l history length, d encoder width.
+    """
+
+    def __init__(self, dim, num_experts, hidden=64, heads=4, dropout=0.1):
+        super().__init__()
+        self.cross_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.history = nn.LSTM(dim, hidden, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim + hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, num_experts))
+        self.num_experts = num_experts
+
+    def forward(self, obs_tokens, obs_mask, goal_tokens, goal_mask, history, history_lengths, temperature=1.0):
+        """obs_tokens (b, t, d), obs_mask (b, t) bool; goal_tokens (b, g, d), goal_mask (b, g);
+        history (b, l, d) right-padded pair encodings, oldest first; history_lengths (b,) >= 1."""
+        aligned, _ = self.cross_attention(obs_tokens, goal_tokens, goal_tokens, key_padding_mask=~goal_mask,
+                                          need_weights=False)                       # (b, t, d)
+        weights = obs_mask.unsqueeze(-1).to(aligned.dtype)
+        o_align = (aligned * weights).sum(1) / weights.sum(1).clamp_min(1)          # (b, d)
+        packed = nn.utils.rnn.pack_padded_sequence(history, history_lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, (h_n, _) = self.history(packed)                                          # h_n (1, b, hidden)
+        logits = self.mlp(torch.cat([o_align, h_n[-1]], -1)) / temperature
+        return PhaseRouting(logits, logits.log_softmax(-1))
+
+
+def phase_balance_loss(probs):
+    """PA-MoE L_bal / lambda_bal: sum_k (mean over the batch of p_k - 1/K)^2."""
+    return (probs.mean(0) - 1.0 / probs.shape[-1]).pow(2).sum()
+
+
+def diversity_loss(probs, expert_log_policies, command_mask, kl_margin=0.1):
+    """PA-MoE L_div / lambda_div: mean over expert pairs i < j of (tau_div - KL(pi_i || pi_j)) * p_i p_j,
+    only where KL < tau_div (a hinge), averaged over steps. It pushes apart the action distributions of
+    experts that the router mixes on the same state. Reading the paper's E[p_i p_j] per step (the
+    product of the two probabilities on that state) is our choice; the paper leaves it open.
+    probs (b, e); expert_log_policies (b, e, c) log pi_k(command | state); command_mask (b, c)."""
+    num_experts = probs.shape[-1]
+    pi = expert_log_policies.exp()
+    terms = []
+    for i in range(num_experts):
+        for j in range(i + 1, num_experts):
+            diff = (expert_log_policies[:, i] - expert_log_policies[:, j]).masked_fill(~command_mask, 0)
+            kl = (pi[:, i] * diff).sum(-1)                                           # (b,)
+            terms.append(((kl_margin - kl).clamp_min(0) * probs[:, i] * probs[:, j]).mean())
+    return torch.stack(terms).mean() if terms else probs.new_zeros(())
+
+
+def switch_loss(probs, chosen, episode):
+    """PA-MoE L_switch / lambda_s: per episode (1/(T-1)) sum_t 1[z_t != z_{t+1}], averaged over episodes.
+    The count has no gradient, so the backward pass uses the soft surrogate 1 - sum_k p_t^k p_{t+1}^k
+    (straight-through: the value is the hard count, the gradient the surrogate's).
+    probs (n, e), chosen (n,), episode (n,): steps of each episode contiguous and in order."""
+    same = episode[1:] == episode[:-1]
+    hard = (chosen[1:] != chosen[:-1]).to(probs.dtype)
+    soft = 1.0 - (probs[1:] * probs[:-1]).sum(-1)
+    per_pair = (hard + soft - soft.detach()) * same
+    pairs = torch.zeros(int(episode.max()) + 1, dtype=probs.dtype).index_add(0, episode[1:], same.to(probs.dtype))
+    totals = torch.zeros_like(pairs).index_add(0, episode[1:], per_pair)
+    has_pairs = pairs > 0
+    if not has_pairs.any():
+        return probs.new_zeros(()) + 0 * probs.sum()
+    return (totals[has_pairs] / pairs[has_pairs]).mean()

@@ -4,17 +4,26 @@
 """
 import json
 import math
+import random
+import re
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import train_agent
 import train_dqn
-from envs import TASKS, MultiTaskWrapper, TaskSet, active_tasks, normalized_score, scale_observation
-from experts import ExpertMLP
-from moe_rl import BIG_GATES, PLACEMENTS, MoELayer, QNetwork, dormant_fraction, tokenize
-from router import SoftMoERouter, TaskRouter, TopKRouter, balance_loss
+from envs import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, HouseholdEnv, HouseholdGame,
+                  TaskSet, active_tasks, eval_seeds, household_task_type, kind_of, normalized_score, render_prompt,
+                  scale_observation)
+from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, route
+from moe_rl import (BIG_GATES, PLACEMENTS, MoELayer, QNetwork, count_switches, dormant_fraction, expert_utilisation,
+                    gradient_conflict, loss_shares, parameter_occupancy, tokenize)
+from router import (PhaseRouter, SoftMoERouter, TaskRouter, TokenRouter, TopKRouter, balance_loss, diversity_loss,
+                    phase_balance_loss, switch_loss)
+from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain
 
 torch.set_num_threads(1)
 
@@ -396,3 +405,494 @@ def test_every_flag_has_help(capsys):
     text = capsys.readouterr().out
     for field in train_dqn.Args.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in text
+
+
+# ---------------------------------------------------------------- the household text environment
+
+# Every sentence the game can say, in ALFWorld's wording.
+SENTENCES = re.compile("|".join([
+    r"You are in the middle of a room\. Looking quickly around you, you see a .+\.",
+    r"You arrive at \w+ \d\. "
+    r"(On the \w+ \d, you see .+\.|The \w+ \d is closed\.|The \w+ \d is open\. In it, you see .+\.)",
+    r"You open the \w+ \d\. The \w+ \d is open\. In it, you see .+\.",
+    r"You close the \w+ \d\.",
+    r"You pick up the \w+ \d from the \w+ \d\.",
+    r"You move the \w+ \d to the \w+ \d\.",
+    r"You (heat|cool|clean) the \w+ \d using the (microwave|fridge|sinkbasin) 1\.",
+    r"You turn on the (desklamp|floorlamp) 1\.",
+    r"You are carrying: a \w+ \d\.|You are not carrying anything\.",
+    r"You are facing the \w+ \d\. Next to it, you see nothing\.",
+    r"On the \w+ \d, you see .+\.|The \w+ \d is closed\.|The \w+ \d is open\. In it, you see .+\.",
+    r"Nothing happens\.",
+]))
+
+
+def play(game, commands_from, check_admissible=True):
+    """Step `game` with commands_from(game) until done; returns the list of (command, obs, reward, done, info)."""
+    obs, info = game.reset()
+    steps = []
+    while not game.done:
+        command = commands_from(game)
+        if check_admissible:
+            assert command in info["admissible_commands"], (game.seed, command, info["admissible_commands"])
+        obs, reward, done, info = game.step(command)
+        steps.append((command, obs, reward, done, info))
+    return steps
+
+
+def state(game):
+    return (game.location, game.holding, {r: list(o) for r, o in game.contents.items()}, dict(game.is_open),
+            {k: set(v) for k, v in game.done_to.items()}, sorted(game.actions))
+
+
+def test_expert_wins_every_task_type_on_train_and_eval_seeds():
+    for seed in list(range(300)) + eval_seeds(120):
+        game = HouseholdGame(seed)
+        steps = play(game, HouseholdGame.expert_command)
+        assert game.won and len(steps) < game.max_steps, (seed, game.goal)
+        assert [s[2] for s in steps] == [0.0] * (len(steps) - 1) + [10.0]
+        assert all(SENTENCES.fullmatch(s[1]) for s in steps), [s[1] for s in steps]
+
+
+def test_expert_wins_a_forced_task_type_and_recovers_from_random_play():
+    rng = random.Random(0)
+    for seed in range(60):
+        for task_type in HOUSEHOLD_TASK_TYPES:
+            game = HouseholdGame(seed, max_steps=60, task_type=task_type)
+            assert game.task_type == task_type
+            moves = iter(range(rng.randint(0, 15)))     # a random prefix, then the expert takes over
+            play(game, lambda g: rng.choice(g.last[3]["admissible_commands"]) if next(moves, None) is not None
+                 else g.expert_command())
+            assert game.won, (seed, task_type)
+
+
+def test_same_seed_same_game_and_different_seeds_different_rooms():
+    a, b = HouseholdGame(11), HouseholdGame(11)
+    assert a.goal == b.goal and a.reset() == b.reset()
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    for _ in range(20):
+        out_a = a.step(rng_a.choice(a.last[3]["admissible_commands"]))
+        out_b = b.step(rng_b.choice(b.last[3]["admissible_commands"]))
+        assert out_a == out_b
+    assert a.reset() == HouseholdGame(11).reset()           # reset replays the same room
+    rooms = {(HouseholdGame(s).goal, str(HouseholdGame(s).initial_contents)) for s in range(200)}
+    assert len(rooms) == 200
+
+
+def test_admissible_commands_are_sorted_and_list_every_other_receptacle():
+    game = HouseholdGame(4)
+    _, info = game.reset()
+    assert info["admissible_commands"] == sorted(set(info["admissible_commands"]))
+    go_to = {c for c in info["admissible_commands"] if c.startswith("go to ")}
+    assert go_to == {f"go to {r}" for r in game.receptacles}
+    obs, _, _, info = game.step(f"go to {game.receptacles[0]}")
+    assert f"go to {game.receptacles[0]}" not in info["admissible_commands"]
+    assert f"examine {game.receptacles[0]}" in info["admissible_commands"]
+
+
+def test_unknown_and_inadmissible_commands_change_nothing():
+    game = HouseholdGame(2)
+    game.reset()
+    obj = next(o for o in game.where if kind_of(o) == game.goal_object)
+    for command in ["dance", f"take {obj} from {game.where[obj]}", "go to bathtub 1", ""]:
+        before, steps = state(game), game.steps
+        obs, reward, done, info = game.step(command)
+        assert obs == "Nothing happens." and reward == 0.0 and not info["valid_action"]
+        assert state(game) == before and game.steps == steps + 1
+    _, _, _, info = game.step(f"go to {game.receptacles[0]}")
+    assert info["valid_action"]
+
+
+def test_closed_containers_hide_their_contents_until_opened():
+    game = next(g for g in map(HouseholdGame, range(100))
+                if any(g.initial_contents[r] and r in g.is_open for r in g.receptacles))
+    box = next(r for r in game.receptacles if game.contents[r] and r in game.is_open)
+    obs, _, _, info = game.step(f"go to {box}")
+    assert obs == f"You arrive at {box}. The {box} is closed."
+    assert not any(c.startswith("take") for c in info["admissible_commands"])
+    obs, _, _, info = game.step(f"open {box}")
+    assert obs.startswith(f"You open the {box}. The {box} is open. In it, you see a ")
+    assert any(c.startswith("take") for c in info["admissible_commands"])
+    assert f"close {box}" in info["admissible_commands"]
+
+
+def test_any_instance_of_the_goal_receptacle_type_counts_and_transforms_are_required():
+    # pick_and_place into the instance the expert would not choose
+    game = next(g for g in (HouseholdGame(s, task_type="pick_and_place") for s in range(200))
+                if sum(kind_of(r) == g.goal_receptacle for r in g.receptacles) >= 2)
+    last = [r for r in game.receptacles if kind_of(r) == game.goal_receptacle][-1]
+
+    def to_last_instance(g):
+        if g.holding is None:
+            return g.expert_command()
+        return (f"go to {last}" if g.location != last else f"open {last}" if not g.is_open.get(last, True)
+                else f"move {g.holding} to {last}")
+    play(game, to_last_instance)
+    assert game.won and game.where[game.contents[last][-1]] == last
+    # a heat task is not won by an unheated object in the target
+    game = HouseholdGame(3, task_type="pick_heat_then_place")
+    target = next(r for r in game.receptacles if kind_of(r) == game.goal_receptacle)
+    game.reset()
+    while game.holding is None:
+        game.step(game.expert_command())
+    for command in [f"go to {target}", f"open {target}", f"move {game.holding} to {target}"]:
+        obs, reward, done, info = game.step(command)
+    assert obs.startswith("You move") and reward == 0.0 and not done and not game.won
+
+
+def test_reward_only_on_the_winning_step_and_done_at_max_steps():
+    game = HouseholdGame(6, max_steps=5)
+    steps = play(game, lambda g: "look")
+    assert len(steps) == 5 and [s[3] for s in steps] == [False] * 4 + [True]
+    assert not game.won and sum(s[2] for s in steps) == 0.0 and not steps[-1][4]["won"]
+    assert game.step("look") == (steps[-1][1], 0.0, True, steps[-1][4])    # a done game is not stepped again
+    game = HouseholdGame(7)
+    steps = play(game, HouseholdGame.expert_command)
+    assert [s[3] for s in steps] == [False] * (len(steps) - 1) + [True] and steps[-1][4]["won"]
+
+
+def test_batched_env_keeps_done_games_done():
+    env = HouseholdEnv(max_steps=30)
+    obs, infos = env.reset([0, 6, 1])
+    assert len(obs) == 3 and [i["seed"] for i in infos] == [0, 6, 1] and all(i["valid_action"] for i in infos)
+    assert set(infos[0]) == {"goal", "admissible_commands", "won", "task_type", "valid_action", "seed"}
+    while not env.games[0].done:
+        obs, rewards, dones, infos = env.step([env.expert_commands()[0], "look", "inventory"])
+    assert rewards[0] == 10.0 and dones == [True, False, False] and infos[0]["won"]
+    last = obs[0]
+    obs, rewards, dones, infos = env.step(env.expert_commands())
+    assert obs[0] == last and rewards[0] == 0.0 and dones[0] and infos[0]["won"] and not dones[1]
+    with pytest.raises(ValueError, match="3 games"):
+        env.step(["look"])
+    obs, infos = env.reset([5, 5], task_types=["pick_two_obj_and_place", "look_at_obj_in_light"])
+    assert [i["task_type"] for i in infos] == ["pick_two_obj_and_place", "look_at_obj_in_light"]
+
+
+def test_train_and_eval_seeds_are_split_and_balanced_over_task_types():
+    train = [household_task_type(s) for s in range(600)]
+    held_out = eval_seeds(120)
+    assert all(s >= EVAL_SEED_OFFSET for s in held_out) and len(set(held_out)) == 120
+    for task_type in HOUSEHOLD_TASK_TYPES:
+        assert train.count(task_type) == 100
+        assert [household_task_type(s) for s in held_out].count(task_type) == 20
+    assert HouseholdGame(held_out[0]).task_type == household_task_type(held_out[0])
+
+
+def test_render_prompt_shows_goal_recent_history_and_observation():
+    history = [(f"go to shelf {i}", f"You arrive at shelf {i}. On the shelf {i}, you see nothing.")
+               for i in range(1, 6)]
+    prompt = render_prompt("put some cd on desk.", history, history[-1][1], history_length=2)
+    assert "put some cd on desk." in prompt and prompt.endswith("Your next action:")
+    assert prompt.count("> go to") == 2 and "shelf 4" in prompt and "shelf 3" not in prompt
+    assert prompt.count(history[-1][1]) == 1                      # the current observation, once
+    prompt = render_prompt("put some cd on desk.", history, "Nothing happens.", history_length=0)
+    assert "> " not in prompt and "Nothing happens." in prompt
+    game = HouseholdGame(8)
+    obs, _ = game.reset()
+    assert obs in render_prompt(game.goal, [], obs) and len(render_prompt(game.goal, [], obs).split()) < 100
+
+
+def test_bad_task_type_and_bad_seed_give_clear_errors():
+    with pytest.raises(ValueError, match="pick_heat_then_place"):
+        HouseholdGame(0, task_type="heat")
+    with pytest.raises(ValueError, match="non-negative"):
+        HouseholdGame(-1)
+    with pytest.raises(ValueError, match="look_at_obj_in_light"):
+        HouseholdEnv().reset([0], task_types=["nap"])
+
+
+# ---------------------------------------------------------------- PA-MoE agent: LoRA, tiny LM, routers, GRPO/GiGPO, metrics
+
+def tiny_gpt(seed=0, vocab=30):
+    torch.manual_seed(seed)
+    return TinyGPT(GPTConfig(vocab, dim=16, layers=2, heads=2, max_len=64))
+
+
+def randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model):
+        layer.lora_B.data.normal_(0, 0.5, generator=g)
+
+
+def test_lora_at_init_equals_base():
+    model = tiny_gpt()
+    ids = torch.randint(0, 30, (3, 9))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    before = model(ids, mask)[0]
+    wrapped = add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], num_experts=3, rank=4)
+    assert len(wrapped) == 8
+    with route(model, torch.tensor([0, 1, 2])):
+        assert torch.equal(model(ids, mask)[0], before)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_lora_merge_equals_unmerged():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), num_experts=3, rank=2, alpha=4.0)
+    layer.lora_B.data.normal_()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        for expert in range(3):
+            layer.expert_index = torch.full((4,), expert)
+            unmerged = layer(x)
+            weight = layer.base.weight.clone()
+            layer.merge(expert)
+            merged = layer(x)
+            layer.unmerge()
+            assert torch.allclose(merged, unmerged, atol=1e-6)
+            assert torch.allclose(layer.base.weight, weight, atol=1e-6)
+
+
+def test_lora_only_the_selected_expert_gets_gradient():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), num_experts=4, rank=2)
+    layer.lora_B.data.normal_()
+    layer.expert_index = torch.tensor([1, 1, 3])
+    layer(torch.randn(3, 7, 6)).sum().backward()
+    for expert in range(4):
+        used = expert in (1, 3)
+        assert (layer.lora_A.grad[expert].abs().sum() > 0) == used
+        assert (layer.lora_B.grad[expert].abs().sum() > 0) == used
+    assert layer.base.weight.grad is None
+
+
+def test_lora_mixed_expert_batch_equals_each_sample_alone():
+    model = tiny_gpt()
+    add_lora(model, ["q_proj", "v_proj", "up_proj"], num_experts=3, rank=4)
+    randomize_lora(model)
+    ids = torch.randint(0, 30, (4, 7))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    index = torch.tensor([2, 0, -1, 1])
+    with route(model, index):
+        batched = model(ids, mask)[0]
+    for i in range(4):
+        with route(model, index[i:i + 1]):
+            assert torch.allclose(model(ids[i:i + 1], mask[i:i + 1])[0], batched[i:i + 1], atol=1e-5)
+
+
+def test_add_lora_names_the_layers_when_nothing_matches():
+    with pytest.raises(ValueError, match="q_proj"):
+        add_lora(tiny_gpt(), ["c_attn"])
+
+
+def test_token_router_gates_and_gradient():
+    router = TokenRouter(8, 4, k=2)
+    nn.init.normal_(router.gate.weight)
+    x = torch.randn(3, 5, 8)
+    gates, routing = router(x)
+    assert ((gates > 0).sum(-1) == 2).all()
+    assert torch.allclose(gates.gather(-1, routing.chosen), routing.log_probs.gather(-1, routing.chosen).exp())
+    gates.sum().backward()
+    assert router.gate.weight.grad.abs().sum() > 0
+
+
+def test_prompt_cache_scoring_equals_full_sequences():
+    """Scoring commands against the cached prompt gives the same log-likelihoods as running each
+    prompt + command sequence in full."""
+    model = tiny_gpt(vocab=40)
+    tokenizer = WordTokenizer([f"w{i}" for i in range(36)])
+    args = train_agent.parse_args(["--routing", "phase", "--experts", "2", "--rank", "2"])
+    agent = train_agent.Agent(model, tokenizer, args).eval()
+    randomize_lora(agent.base)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    commands = [[[13, 14], [15]], [[16], [17, 18, 19], [20]]]
+    experts = torch.tensor([1, 0])
+    log_pi, _ = agent.command_log_probs(prompts, commands, experts)
+    for b in range(2):
+        scores = []
+        for command in commands[b]:
+            sequence = prompts[b] + command + [tokenizer.eos_id]
+            ids = torch.tensor([sequence])
+            with route(agent.base, experts[b:b + 1]):
+                hidden, _ = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))
+            logp = agent.base.logits(hidden).log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
+            scores.append(logp[len(prompts[b]) - 1:].sum())
+        expected = torch.stack(scores).log_softmax(0)
+        assert torch.allclose(log_pi[b, :len(commands[b])], expected, atol=1e-5)
+    assert log_pi[0, 2] == -math.inf
+
+
+def test_phase_router_shapes_sampling_and_temperature():
+    torch.manual_seed(0)
+    router = PhaseRouter(16, 4, hidden=8)
+    b = 6
+    args = (torch.randn(b, 5, 16), torch.ones(b, 5, dtype=torch.bool), torch.randn(b, 3, 16),
+            torch.ones(b, 3, dtype=torch.bool), torch.randn(b, 5, 16), torch.tensor([1, 2, 3, 4, 5, 5]))
+    router.eval()
+    hot, cold = router(*args, temperature=2.0), router(*args, temperature=0.5)
+    assert torch.allclose(hot.logits * 2.0, cold.logits * 0.5, atol=1e-5)
+    assert torch.equal(cold.choose(greedy=True), cold.logits.argmax(-1))
+    entropy = lambda r: -(r.probs * r.log_probs).sum(-1).mean()
+    assert entropy(hot) > entropy(cold)
+
+
+def test_switch_loss_counts_and_uses_the_soft_surrogate():
+    logits = torch.randn(6, 3, requires_grad=True)
+    probs = logits.softmax(-1)
+    chosen = torch.tensor([0, 1, 1, 2, 2, 2])
+    episode = torch.tensor([0, 0, 0, 1, 1, 2])
+    loss = switch_loss(probs, chosen, episode)
+    assert loss.item() == pytest.approx((1 / 2 + 0 / 1) / 2)     # episode 2 has one step: no pairs
+    loss.backward()
+    assert logits.grad.abs().sum() > 0                           # gradient of 1 - sum_k p_t p_t+1
+
+
+def test_balance_and_diversity_losses():
+    assert phase_balance_loss(torch.full((5, 4), 0.25)).item() == pytest.approx(0.0)
+    assert phase_balance_loss(torch.tensor([[1.0, 0, 0, 0]] * 3)).item() == pytest.approx(0.75 ** 2 + 3 * 0.0625)
+    probs = torch.full((2, 2), 0.5)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    same = torch.log_softmax(torch.randn(2, 1, 3), -1).expand(2, 2, 3)
+    assert diversity_loss(probs, same, mask, 0.1).item() == pytest.approx(0.1 * 0.25)   # KL = 0: full margin
+    apart = torch.log(torch.tensor([[[0.98, 0.01, 0.01], [0.01, 0.01, 0.98]]] * 2))
+    assert diversity_loss(probs, apart, mask, 0.1).item() == 0.0                        # KL > margin: off
+
+
+def test_grpo_and_gigpo_advantages_on_a_hand_made_batch():
+    E = train_agent.Episode
+    episodes = [E(0, "pick_and_place", 0, observations=["a", "b"], rewards=[0.0, 10.0]),
+                E(0, "pick_and_place", 0, observations=["a", "c"], rewards=[0.0, 0.0]),
+                E(1, "pick_and_place", 1, observations=["a"], rewards=[-0.1]),
+                E(1, "pick_and_place", 1, observations=["a"], rewards=[-0.1])]
+    grpo = train_agent.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=False)
+    assert np.allclose(grpo[0], [5, 5]) and np.allclose(grpo[1], [-5, -5]) and np.allclose(grpo[2], [0])
+    gigpo = train_agent.compute_advantages(episodes, "gigpo", 0.5, 1.0, use_std=False)
+    # anchor "a" in group 0: step returns 5 and 0 -> +-2.5; "b" and "c" are alone -> 0; group 1 all equal
+    assert np.allclose(gigpo[0], [5 + 2.5, 5 + 0]) and np.allclose(gigpo[1], [-5 - 2.5, -5 + 0])
+    assert np.allclose(gigpo[2], [0]) and np.allclose(gigpo[3], [0])
+    with_std = train_agent.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=True)
+    assert np.allclose(with_std[0], [1, 1], atol=1e-5) and np.allclose(with_std[1], [-1, -1], atol=1e-5)
+    assert np.allclose(train_agent.discounted_returns([1.0, 0.0, 2.0], 0.5), [1.5, 1.0, 2.0])
+
+
+def test_switch_counters_on_hand_made_routes():
+    assert count_switches([0, 0, 1, 1, 0, 2]) == 3 and count_switches([3]) == 0 and count_switches([]) == 0
+    E = train_agent.Episode
+    assert E(0, "x", 0, experts=[1, 1, 2, 1]).switches() == (2, 2)
+    routes = [torch.tensor([[0, 0, 1], [2, 2, 2]]), torch.tensor([[1, 1], [2, 0]])]   # (layers, tokens) per step
+    per_token, per_step = E(0, "x", 0, token_routes=routes).switches()
+    # layer 0 along 0,0,1,1,1: 1 switch; layer 1 along 2,2,2,2,0: 1 -> mean 1; majority 2 then... 2 (ties low)
+    assert per_token == 1.0 and per_step == 1
+
+
+def test_utilisation_occupancy_and_conflict():
+    assert expert_utilisation([0, 1, 1, 1], ["a", "a", "b", "b"], 2) == {"a": [0.5, 0.5], "b": [0.0, 1.0]}
+    shares = loss_shares(torch.tensor([1.0, -1.0, 2.0]), ["a", "b", "b"])
+    assert shares == {"a": 0.25, "b": 0.75}
+    assert parameter_occupancy([shares, {"a": 0.6, "b": 0.4}], ["a", "b", "c"]) == {"a": 0.5, "b": 0.5, "c": 0.0}
+    g = torch.tensor([1.0, 2.0])
+    assert gradient_conflict({"a": g, "b": -g}) == pytest.approx(1.0)
+    assert gradient_conflict({"a": g, "b": 2 * g, "c": torch.tensor([2.0, -1.0])}) == pytest.approx(0.0)
+
+
+@pytest.fixture(scope="module")
+def base_cache(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("base") / "tiny_lm.pt")
+    config = PretrainConfig(episodes=40, steps=30, max_steps=8)
+    load_or_pretrain(path, config, progress=False)
+    return path
+
+
+AGENT_FAST = ["--iterations", "2", "--tasks-per-batch", "2", "--group-size", "3", "--max-steps", "8",
+              "--eval-every", "1", "--eval-episodes", "6", "--pretrain-episodes", "40", "--pretrain-steps", "30",
+              "--no-progress", "--threads", "1", "--conflict-every", "1"]
+
+
+def run_agent(tmp_path, base_cache, *flags):
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--output-dir", str(tmp_path), *flags])
+    return train_agent.train(args)
+
+
+def test_router_gradient_flows_from_the_rl_loss(base_cache, tmp_path):
+    for routing in ("phase", "token"):
+        args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing,
+                                                    "--balance-weight", "0", "--switch-weight", "0",
+                                                    "--diversity-weight", "0"])
+        base, tokenizer = train_agent.load_base(args)
+        agent = train_agent.Agent(base, tokenizer, args)
+        randomize_lora(agent.base)
+        env = HouseholdEnv(args.max_steps)
+        torch.manual_seed(0)
+        episodes = train_agent.rollout(agent, env, [3, 3, 3, 4, 4, 4], [0, 0, 0, 1, 1, 1], args, 1.0, True,
+                                       torch.Generator().manual_seed(0))
+        advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]     # any non-zero signal
+        loss, _, _ = train_agent.minibatch_loss(agent, episodes, advantages, args, 1.0)
+        loss.backward()
+        router_params = list(agent.router.parameters()) if routing == "phase" else \
+            [p for layer in lora_layers(agent.base) for p in layer.router.parameters()]
+        assert sum(p.grad.abs().sum() for p in router_params if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
+def test_agent_smoke_run_per_routing(tmp_path, base_cache, routing):
+    summary = run_agent(tmp_path, base_cache, "--routing", routing, "--kl-coef", "0.01")
+    assert summary["status"] == "finished" and summary["env_steps"] > 0
+    assert set(summary["success_per_task"]) == set(train_agent.HOUSEHOLD_TASK_TYPES)
+    assert summary["gradient_conflict"] is not None
+    lines = [json.loads(l) for l in open(tmp_path / f"{routing}_gigpo_s1" / "log.jsonl")]
+    assert "config" in lines[0] and any("eval" in l for l in lines)
+    assert all("informative_episodes" in l for l in lines if "train_success" in l)
+    if routing == "single":
+        assert summary["switches_per_episode"] == 0
+
+
+@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
+def test_update_trains_only_the_experts_and_routers(base_cache, routing):
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--kl-coef", "0.01"])
+    base, tokenizer = train_agent.load_base(args)
+    agent = train_agent.Agent(base, tokenizer, args)
+    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    trainable = {id(p) for p in agent.trainable_parameters()}
+    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
+    stats, shares = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    assert "policy_loss" in stats and stats["informative_episodes"] == 4 and abs(sum(shares.values()) - 1) < 1e-6
+    assert math.isfinite(stats["kl_to_base"]) and stats["kl_to_base"] >= -1e-6
+    for name, p in agent.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        if id(p) not in trainable:
+            assert not changed, name                       # the frozen base never moves
+    assert any(not torch.equal(before[n], p.detach()) for n, p in agent.named_parameters() if "lora_B" in n)
+    # a batch with no learning signal is skipped
+    assert train_agent.update(agent, optimizer, episodes, [np.zeros(len(e.actions)) for e in episodes], args, 1.0,
+                              np.random.default_rng(0)) == ({"informative_episodes": 0}, None)
+
+
+def test_agent_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, base_cache, monkeypatch):
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache])
+    base, tokenizer = train_agent.load_base(args)
+    agent = train_agent.Agent(base, tokenizer, args)
+    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [5, 5], [0, 0], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    nan = torch.tensor(math.nan, requires_grad=True)
+    monkeypatch.setattr(train_agent, "minibatch_loss", lambda *a: (nan, nan.view(1), {}))
+    ones = [np.ones(len(e.actions)) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters())
+    assert train_agent.update(agent, optimizer, episodes, ones, args, 1.0, np.random.default_rng(0)) == (None, None)
+    monkeypatch.setattr(train_agent, "update", lambda *a: (None, None))
+    summary = run_agent(tmp_path, base_cache)
+    assert summary["status"] == "diverged" and summary["checkpoint"] in summary["message"]
+    assert torch.load(summary["checkpoint"], weights_only=True)["iteration"] == 0
+
+
+def test_agent_same_seed_same_log_and_eval_only(tmp_path, base_cache):
+    a = run_agent(tmp_path / "a", base_cache, "--algo", "grpo")
+    b = run_agent(tmp_path / "b", base_cache, "--algo", "grpo")
+    assert a["success"] == b["success"] and a["env_steps"] == b["env_steps"]
+    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", a["checkpoint"],
+                                                          "--eval-episodes", "6"]))
+    assert evaluated["status"] == "evaluated" and 0 <= evaluated["success"] <= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--routing", "hop"], "invalid choice"),
+    (["--token-k", "5", "--routing", "token"], "larger than --experts"),
+    (["--routing", "phase", "--experts", "1"], "at least 2 experts"),
+    (["--eval-only"], "needs --checkpoint"),
+])
+def test_agent_bad_cli_values(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train_agent.parse_args(flags)
+    assert message in capsys.readouterr().err

@@ -90,21 +90,27 @@ class Args:
     checkpoint: str = arg("", "checkpoint to evaluate with --eval-only")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
+def parse_dataclass(cls, argv, description, validate):
+    """An argparse CLI from a dataclass: one flag per field, its help from the field's metadata; bools get
+    --flag/--no-flag. `validate(args)` raising ValueError becomes a usage error naming the bad value."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=f.type, default=f.default, choices=f.metadata["choices"],
                                 help=f.metadata["help"] + " (default: %(default)s)")
-    args = Args(**vars(parser.parse_args(argv)))
+    args = cls(**vars(parser.parse_args(argv)))
     try:
         validate(args)
     except ValueError as error:
         parser.error(str(error))
     return args
+
+
+def parse_args(argv=None):
+    return parse_dataclass(Args, argv, __doc__, validate)
 
 
 def task_list(args):

@@ -1,0 +1,631 @@
+"""PA-MoE: K LoRA experts on a frozen language model, routed per phase, trained by GRPO or GiGPO.
+
+    python train_agent.py                                   # PA-MoE: phase routing, GiGPO, tiny transformer
+    python train_agent.py --routing token                   # or single / trajectory
+    python train_agent.py --eval-only --checkpoint runs/NAME/checkpoint.pt
+
+The method (arXiv 2602.17038): one frozen base LM, K LoRA experts (experts.LoRALinear), and a router
+(router.PhaseRouter) that picks one expert per environment step from the observation aligned with the
+goal and the recent history, so that the phases of a task (search, pick up, transform, place) can go to
+different experts. The granularities it is compared with: single (one LoRA), token (a learned router in
+every adapted layer, per token), trajectory (one expert per episode, chosen at the first step).
+
+The policy scores every admissible command by the LM's log-likelihood of the command given the prompt
+(envs.render_prompt) and samples from the softmax over commands. The frozen base is tiny_lm.TinyGPT,
+pretrained on random play (the stand-in for a pretrained LLM); only the experts and the routers train.
+
+RL: groups of G rollouts per task seed; GRPO advantages (Shao et al. 2024) or GiGPO's (arXiv 2505.10978:
+episode groups plus anchor-state step groups); a PPO-clipped objective over the rollout's log-probs
+with several epochs per batch; the router learns from the same clipped objective on the log-probability
+of the expert it chose, plus PA-MoE's balance, diversity and switch losses.
+
+Writes runs/NAME/log.jsonl and runs/NAME/checkpoint.pt; the last line printed is a JSON summary.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from envs import HOUSEHOLD_TASK_TYPES, EVAL_SEED_OFFSET, HouseholdEnv, eval_seeds, render_prompt
+from experts import add_lora, lora_layers, lora_parameters, route
+from moe_rl import (count_switches, expert_utilisation, gradient_conflict, loss_shares, majority_expert,
+                    parameter_count, parameter_occupancy)
+from router import PhaseRouter, TokenRouter, diversity_loss, phase_balance_loss, switch_loss
+from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain, pad
+from train_dqn import arg, parse_dataclass
+
+ROUTINGS = ("single", "token", "trajectory", "phase")
+ALGOS = ("grpo", "gigpo")
+ENVS = ("household",)
+
+
+@dataclass
+class Args:
+    # the method
+    routing: str = arg("phase", "expert granularity: single (one LoRA, no MoE), token (a router per adapted layer "
+                       "and token), trajectory (one expert per episode), phase (PA-MoE: one expert per step)", ROUTINGS)
+    algo: str = arg("gigpo", "advantages: grpo (episode groups) or gigpo (episode + anchor-state step groups)", ALGOS)
+    experts: int = arg(4, "number of LoRA experts K (single uses 1)")
+    token_k: int = arg(1, "experts per token for --routing token")
+    rank: int = arg(8, "LoRA rank r")
+    lora_alpha: float = arg(16.0, "LoRA alpha (scale alpha / r)")
+    lora_dropout: float = arg(0.05, "dropout on the adapter input")
+    target_modules: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated names of the linear layers to adapt")
+    # the phase router (PA-MoE Sec. 3.2)
+    router_hidden: int = arg(64, "router LSTM and MLP width (paper: 256 on a 1.5B model)")
+    router_history: int = arg(5, "L, the (action, observation) pairs the router's LSTM reads")
+    router_temperature_start: float = arg(2.0, "router softmax temperature at the start (annealed linearly)")
+    router_temperature_end: float = arg(0.5, "router softmax temperature at the end of the annealing")
+    router_anneal_iterations: int = arg(0, "iterations over which the temperature anneals (0 = all of them)")
+    balance_weight: float = arg(0.001, "lambda_bal, load-balance loss weight (0 = off)")
+    diversity_weight: float = arg(0.01, "lambda_div, expert diversity loss weight (0 = off)")
+    diversity_margin: float = arg(0.1, "tau_div: pairs of experts whose KL is below it are pushed apart")
+    diversity_steps: int = arg(32, "steps per minibatch on which every expert's policy is computed for L_div")
+    switch_weight: float = arg(0.05, "lambda_s, expert-switch penalty weight (0 = off)")
+    # the environment
+    env: str = arg("household", "environment", ENVS)
+    max_steps: int = arg(30, "step limit of an episode")
+    history_length: int = arg(2, "past (action, observation) pairs in the prompt")
+    # RL
+    iterations: int = arg(30, "training iterations (one batch of rollouts and its update each)")
+    tasks_per_batch: int = arg(8, "distinct task seeds per batch")
+    group_size: int = arg(8, "G, rollouts per task seed (the GRPO/GiGPO group)")
+    gamma: float = arg(0.95, "discount of GiGPO's step returns")
+    step_advantage_weight: float = arg(1.0, "omega, weight of GiGPO's step advantage")
+    normalize_std: bool = arg(True, "divide advantages by the group's std (GiGPO 'w/ std'); --no-normalize-std is 'w/o std'")
+    invalid_penalty: float = arg(0.1, "reward penalty for a command that is not admissible")
+    learning_rate: float = arg(1e-3, "Adam learning rate of the experts and routers")
+    update_epochs: int = arg(2, "passes over each batch")
+    minibatch_episodes: int = arg(16, "episodes per minibatch")
+    clip_coef: float = arg(0.2, "PPO clipping epsilon")
+    kl_coef: float = arg(0.0, "weight of KL(policy || frozen base) over the admissible commands (paper: 0.01)")
+    max_grad_norm: float = arg(1.0, "gradient-norm clipping")
+    # evaluation and logging
+    eval_every: int = arg(10, "evaluate on held-out seeds every this many iterations (and before training)")
+    eval_episodes: int = arg(120, "held-out evaluation episodes (balanced over the six task types)")
+    eval_greedy_actions: bool = arg(False, "argmax commands at evaluation (default: sample them; the router is argmax either way)")
+    conflict_every: int = arg(5, "measure the gradient conflict every this many iterations (0 = never)")
+    # the frozen base
+    base_cache: str = arg("runs/tiny_lm.pt", "where the pretrained tiny LM is cached (pretrained on first use)")
+    pretrain_episodes: int = arg(600, "random-play episodes in the base model's pretraining corpus")
+    pretrain_steps: int = arg(2500, "pretraining steps of the base model")
+    # the run
+    seed: int = arg(1, "seed of the training tasks, sampling and initialisation")
+    threads: int = arg(2, "torch CPU threads")
+    output_dir: str = arg("runs", "runs are written to OUTPUT_DIR/RUN_NAME")
+    run_name: str = arg("", "run directory name (default: routing_algo_sSEED)")
+    progress: bool = arg(True, "show a progress bar")
+    eval_only: bool = arg(False, "only evaluate --checkpoint")
+    checkpoint: str = arg("", "checkpoint to evaluate with --eval-only")
+
+
+def validate(args):
+    for name in ("experts", "token_k", "rank", "router_hidden", "router_history", "max_steps", "iterations",
+                 "tasks_per_batch", "group_size", "update_epochs", "minibatch_episodes", "eval_every",
+                 "eval_episodes", "threads", "diversity_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.routing == "token" and args.token_k > args.experts:
+        raise ValueError(f"--token-k {args.token_k} is larger than --experts {args.experts}")
+    if args.routing != "single" and args.experts < 2:
+        raise ValueError(f"--routing {args.routing} needs at least 2 experts, got --experts {args.experts}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if min(args.router_temperature_start, args.router_temperature_end) <= 0:
+        raise ValueError("router temperatures must be positive")
+    if args.eval_only and not args.checkpoint:
+        raise ValueError("--eval-only needs --checkpoint PATH")
+    if not [t for t in args.target_modules.split(",") if t.strip()]:
+        raise ValueError("--target-modules is empty")
+
+
+def parse_args(argv=None):
+    return parse_dataclass(Args, argv, __doc__, validate)
+
+
+# --- advantages (GRPO, Shao et al. 2024; GiGPO, arXiv 2505.10978 Sec. 4) -------------------------------
+
+def group_normalize(values, groups, use_std, eps=1e-6):
+    """(x - mean of x's group) / (std of the group, or 1): the group-relative baseline of GRPO/GiGPO."""
+    values = np.asarray(values, np.float64)
+    out = np.zeros_like(values)
+    keys = list(groups)
+    for key in set(keys):
+        members = np.array([i for i, k in enumerate(keys) if k == key])
+        centred = values[members] - values[members].mean()
+        out[members] = centred / (values[members].std() + eps) if use_std else centred
+    return out
+
+
+def discounted_returns(rewards, gamma):
+    """R_t = sum_{k >= t} gamma^(k - t) r_k for one episode."""
+    out, running = np.zeros(len(rewards)), 0.0
+    for t in reversed(range(len(rewards))):
+        running = rewards[t] + gamma * running
+        out[t] = running
+    return out
+
+
+def compute_advantages(episodes, algo, gamma, omega, use_std):
+    """One advantage per step of every episode (a list of arrays).
+    GRPO: A = A_E, the episode return normalised within its group (same task seed).
+    GiGPO: A = A_E + omega * A_S, where A_S normalises the discounted step return within its anchor-state
+    group: the steps of the same task group whose observation is identical (GiGPO Eq. 5-8)."""
+    returns = [sum(e.rewards) for e in episodes]
+    episode_adv = group_normalize(returns, [e.group for e in episodes], use_std)
+    advantages = [np.full(len(e.rewards), a) for e, a in zip(episodes, episode_adv)]
+    if algo == "gigpo":
+        step_returns = [discounted_returns(e.rewards, gamma) for e in episodes]
+        flat = np.concatenate(step_returns)
+        anchors = [(e.group, obs) for e in episodes for obs in e.observations]
+        step_adv = group_normalize(flat, anchors, use_std)
+        offset = 0
+        for i, e in enumerate(episodes):
+            advantages[i] = advantages[i] + omega * step_adv[offset:offset + len(e.rewards)]
+            offset += len(e.rewards)
+    return advantages
+
+
+# --- the agent --------------------------------------------------------------------------------------------
+
+class Agent(nn.Module):
+    """The frozen base LM with its LoRA experts, and the phase router for phase/trajectory routing."""
+
+    def __init__(self, base, tokenizer, args):
+        super().__init__()
+        self.base, self.tokenizer, self.routing = base, tokenizer, args.routing
+        num_experts = 1 if args.routing == "single" else args.experts
+        router_factory = (lambda dim: TokenRouter(dim, num_experts, args.token_k)) if args.routing == "token" else None
+        add_lora(base, [t.strip() for t in args.target_modules.split(",") if t.strip()], num_experts, args.rank,
+                 args.lora_alpha, args.lora_dropout, router_factory)
+        dim = base.config.dim
+        self.router = PhaseRouter(dim, num_experts, args.router_hidden) if args.routing in ("trajectory", "phase") else None
+        self.num_experts = num_experts
+        self.max_prompt = base.config.max_len - 16
+        self._encoded = {}
+
+    def trainable_parameters(self):
+        return lora_parameters(self.base) + (list(self.router.parameters()) if self.router else [])
+
+    def encode_text(self, text):
+        """Token ids of a text, memoised (commands and observations repeat); the memo is bounded."""
+        if text not in self._encoded:
+            if len(self._encoded) > 200_000:
+                self._encoded.clear()
+            self._encoded[text] = self.tokenizer.encode(text)
+        return self._encoded[text]
+
+    @torch.no_grad()
+    def frozen_encodings(self, texts):
+        """Enc(.) of PA-MoE: the frozen base's final hidden states (no adapter), one (t, d) tensor per text."""
+        ids, mask = pad([self.encode_text(t)[-self.max_prompt:] or [self.tokenizer.unk_id] for t in texts],
+                        self.tokenizer.pad_id)
+        with route(self.base, torch.full((len(texts),), -1)):
+            hidden, _ = self.base(ids, mask)
+        return [h[m] for h, m in zip(hidden, mask)]
+
+    def command_log_probs(self, prompts, commands, expert_index):
+        """log pi(command | prompt) over each step's admissible commands: the softmax over the commands of
+        the LM's log-likelihood of each (its tokens and <eos>). The prompt runs once; every command
+        attends to its cached keys and values, which are never copied per command.
+        prompts: b id lists; commands: b lists of id lists; expert_index (b,) or None (token routing).
+        Returns (b, c) log-probs (-inf on padding) and, for token routing, the per-layer chosen experts
+        of every command token (layers, b, c, l)."""
+        b, c = len(prompts), max(len(cs) for cs in commands)
+        prompt_ids, prompt_mask = pad([p[-self.max_prompt:] for p in prompts], self.tokenizer.pad_id, left=True)
+        flat = [cmd for cs in commands for cmd in cs + [[]] * (c - len(cs))]
+        command_ids, command_mask = pad(flat, self.tokenizer.pad_id)                  # (b*c, l)
+        repeat = lambda t: t.repeat_interleave(c, 0)
+        with route(self.base, expert_index):
+            prompt_hidden, past = self.base(prompt_ids, prompt_mask)
+        with route(self.base, None if expert_index is None else repeat(expert_index)):
+            command_hidden, _ = self.base(command_ids, command_mask, past, prompt_mask)
+        token_routes = None
+        if self.routing == "token":
+            token_routes = torch.stack([layer.last_routing.chosen[..., 0] for layer in lora_layers(self.base)])
+            token_routes = token_routes.view(-1, b, c, command_ids.shape[1])
+        # the first command token is predicted from the last prompt position, the others from the command's
+        hidden = torch.cat([repeat(prompt_hidden[:, -1:]), command_hidden], 1)        # (b*c, l+1, d)
+        lengths = command_mask.sum(1)
+        targets = torch.cat([command_ids, torch.full((b * c, 1), self.tokenizer.pad_id)], 1)
+        targets[torch.arange(b * c), lengths] = self.tokenizer.eos_id
+        target_mask = torch.arange(targets.shape[1]) <= lengths.unsqueeze(1)
+        token_log_probs = self.base.logits(hidden).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        scores = (token_log_probs * target_mask).sum(1).view(b, c)
+        exists = torch.tensor([[j < len(cs) for j in range(c)] for cs in commands])
+        return scores.masked_fill(~exists, -math.inf).log_softmax(-1), token_routes
+
+    def route_steps(self, inputs, temperature):
+        """Run the phase router on a list of stored inputs (obs encoding, goal encoding, pair history)."""
+        obs, obs_mask = stack_padded([x[0] for x in inputs])
+        goal, goal_mask = stack_padded([x[1] for x in inputs])
+        history, history_mask = stack_padded([x[2] for x in inputs])
+        return self.router(obs, obs_mask, goal, goal_mask, history, history_mask.sum(1), temperature)
+
+
+def stack_padded(tensors):
+    """List of (t_i, d) -> (n, max t, d) right-padded, and the (n, max t) mask."""
+    width = max(t.shape[0] for t in tensors)
+    out = tensors[0].new_zeros(len(tensors), width, tensors[0].shape[1])
+    mask = torch.zeros(len(tensors), width, dtype=torch.bool)
+    for i, t in enumerate(tensors):
+        out[i, :len(t)], mask[i, :len(t)] = t, True
+    return out, mask
+
+
+# --- rollouts ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Episode:
+    seed: int
+    task_type: str
+    group: int
+    prompts: list = field(default_factory=list)          # token ids per step
+    commands: list = field(default_factory=list)         # admissible command token ids per step
+    actions: list = field(default_factory=list)          # index of the chosen command
+    log_probs: list = field(default_factory=list)        # rollout policy log-prob of the chosen command
+    base_log_probs: list = field(default_factory=list)   # frozen base's log-probs over commands (for the KL)
+    experts: list = field(default_factory=list)          # expert of each step (-1: token routing)
+    router_inputs: list = field(default_factory=list)    # the phase router's inputs where it decided
+    router_log_probs: list = field(default_factory=list) # rollout router log-prob of the chosen expert
+    token_routes: list = field(default_factory=list)     # (layers, l) experts of the chosen command's tokens
+    observations: list = field(default_factory=list)     # the observation each step acted on (GiGPO anchor)
+    rewards: list = field(default_factory=list)
+    won: bool = False
+
+    def switches(self):
+        """Expert switches in this episode: (per decision, per step). For token routing the first counts
+        along the chosen commands' tokens (mean over adapted layers), the second along each step's
+        majority expert; for the other routings both count along steps."""
+        if not self.token_routes:
+            return count_switches(self.experts), count_switches(self.experts)
+        tokens = torch.cat(self.token_routes, 1)                                   # (layers, tokens)
+        per_token = float(np.mean([count_switches(row.tolist()) for row in tokens]))
+        return per_token, count_switches([majority_expert(r) for r in self.token_routes])
+
+
+@torch.no_grad()
+def rollout(agent, env, seeds, groups, args, temperature, train, generator):
+    """Play one episode per seed with the current policy; returns the Episodes. Dropout is off while
+    acting (eval mode) and on in the update, as in PPO fine-tuning of LMs with LoRA dropout."""
+    agent.eval()
+    n = len(seeds)
+    observations, infos = env.reset(seeds)
+    goals = [info["goal"] for info in infos]
+    episodes = [Episode(s, info["task_type"], g) for s, info, g in zip(seeds, infos, groups)]
+    histories = [[] for _ in range(n)]
+    pair_encodings = [[] for _ in range(n)]
+    goal_encodings = agent.frozen_encodings(goals) if agent.router else None
+    experts = [0] * n
+    last_actions = [""] * n
+    done = [False] * n
+    for t in range(args.max_steps):
+        active = [i for i in range(n) if not done[i]]
+        if not active:
+            break
+        prompts = [agent.encode_text(render_prompt(goals[i], histories[i], observations[i], args.history_length,
+                                                   infos[i]["admissible_commands"])) for i in active]
+        commands = [[agent.encode_text(c) for c in infos[i]["admissible_commands"]] for i in active]
+        router_inputs = router_log_probs = None
+        if agent.router is not None and (args.routing == "phase" or t == 0):
+            encodings = agent.frozen_encodings([observations[i] for i in active] +
+                                               [f"{last_actions[i]} {observations[i]}" for i in active])
+            router_inputs = []
+            for j, i in enumerate(active):
+                pair_encodings[i].append(encodings[len(active) + j].mean(0))
+                router_inputs.append((encodings[j], goal_encodings[i],
+                                      torch.stack(pair_encodings[i][-args.router_history:])))
+            routing = agent.route_steps(router_inputs, temperature)
+            chosen = routing.choose(greedy=not train, generator=generator)
+            router_log_probs = routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+            for j, i in enumerate(active):
+                experts[i] = int(chosen[j])
+        expert_index = None if args.routing == "token" else torch.tensor([experts[i] for i in active])
+        log_pi, token_routes = agent.command_log_probs(prompts, commands, expert_index)
+        if train or not args.eval_greedy_actions:
+            actions = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
+        else:
+            actions = log_pi.argmax(1)
+        base_log_pi = None
+        if train and args.kl_coef > 0:
+            base_log_pi, _ = agent.command_log_probs(prompts, commands, torch.full((len(active),), -1))
+        step_commands = ["look"] * n
+        for j, i in enumerate(active):
+            step_commands[i] = infos[i]["admissible_commands"][int(actions[j])]
+        next_observations, rewards, dones, next_infos = env.step(step_commands)
+        for j, i in enumerate(active):
+            e = episodes[i]
+            e.prompts.append(prompts[j])
+            e.commands.append(commands[j])
+            e.actions.append(int(actions[j]))
+            e.log_probs.append(float(log_pi[j, actions[j]]))
+            e.experts.append(-1 if args.routing == "token" else experts[i])
+            e.observations.append(observations[i])
+            penalty = 0.0 if next_infos[i]["valid_action"] else args.invalid_penalty
+            e.rewards.append(float(rewards[i]) - penalty)
+            if base_log_pi is not None:
+                e.base_log_probs.append(base_log_pi[j, :len(commands[j])].clone())
+            if router_inputs is not None:
+                e.router_inputs.append(router_inputs[j])
+                e.router_log_probs.append(float(router_log_probs[j]))
+            if token_routes is not None:
+                length = len(commands[j][int(actions[j])]) or 1
+                e.token_routes.append(token_routes[:, j, int(actions[j]), :length].clone())
+            histories[i].append((step_commands[i], next_observations[i]))
+            last_actions[i] = step_commands[i]
+            if dones[i]:
+                done[i], e.won = True, bool(next_infos[i]["won"])
+        observations, infos = next_observations, next_infos
+    return episodes
+
+
+# --- the update -------------------------------------------------------------------------------------------
+
+def clipped_surrogate(log_prob, old_log_prob, advantage, clip):
+    """PPO's clipped objective per decision, as a loss: -min(r A, clip(r, 1-eps, 1+eps) A)."""
+    ratio = (log_prob - old_log_prob).exp()
+    loss = -torch.min(ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage)
+    return loss, ratio
+
+
+def minibatch_loss(agent, episodes, advantages, args, temperature):
+    """The PA-MoE loss L_RL + L_bal + L_div + L_switch on some whole episodes; returns (loss, per-step policy
+    loss, stats). Steps are in episode order, so the switch loss sees consecutive steps."""
+    steps = [(e, t) for e in episodes for t in range(len(e.actions))]
+    advantage = torch.tensor(np.concatenate(advantages), dtype=torch.float32)
+    old = torch.tensor([e.log_probs[t] for e, t in steps])
+    expert_index = None if args.routing == "token" else torch.tensor([e.experts[t] for e, t in steps])
+    log_pi, _ = agent.command_log_probs([e.prompts[t] for e, t in steps], [e.commands[t] for e, t in steps],
+                                        expert_index)
+    actions = torch.tensor([e.actions[t] for e, t in steps])
+    policy_loss, ratio = clipped_surrogate(log_pi.gather(1, actions.unsqueeze(1)).squeeze(1), old, advantage,
+                                           args.clip_coef)
+    loss = policy_loss.mean()
+    stats = {"policy_loss": loss.item(), "clip_fraction": ((ratio - 1).abs() > args.clip_coef).float().mean().item(),
+             "approx_kl": ((ratio - 1) - ratio.log()).mean().item()}
+    if args.kl_coef > 0:
+        base = torch.stack([torch.cat([e.base_log_probs[t], torch.zeros(log_pi.shape[1] - len(e.base_log_probs[t]))])
+                            for e, t in steps])                                  # (b, c), 0 on padding
+        kl = (log_pi.exp() * (log_pi - base).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1)   # KL(pi || base)
+        loss = loss + args.kl_coef * kl.mean()
+        stats["kl_to_base"] = kl.mean().item()
+    if args.routing == "token" and args.balance_weight:
+        balance = torch.stack([layer.last_routing.balance_loss() for layer in lora_layers(agent.base)]).mean()
+        loss = loss + args.balance_weight * balance
+        stats["balance_loss"] = balance.item()
+    if agent.router is not None:
+        decided = [(e, t) for e, t in steps if t < len(e.router_inputs)]   # phase: every step; trajectory: t = 0
+        routing = agent.route_steps([e.router_inputs[t] for e, t in decided], temperature)
+        chosen = torch.tensor([e.experts[t] for e, t in decided])
+        router_advantage = advantage[[i for i, (e, t) in enumerate(steps) if t < len(e.router_inputs)]]
+        router_loss, _ = clipped_surrogate(routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1),
+                                           torch.tensor([e.router_log_probs[t] for e, t in decided]),
+                                           router_advantage, args.clip_coef)
+        balance = phase_balance_loss(routing.probs)
+        loss = loss + router_loss.mean() + args.balance_weight * balance
+        stats.update(router_loss=router_loss.mean().item(), balance_loss=balance.item(),
+                     router_entropy=-(routing.probs * routing.log_probs).sum(-1).mean().item())
+        if args.routing == "phase":
+            episode_ids = torch.tensor([k for k, e in enumerate(episodes) for _ in e.actions])
+            switch = switch_loss(routing.probs, chosen, episode_ids)
+            loss = loss + args.switch_weight * switch
+            stats["switch_loss"] = switch.item()
+            if args.diversity_weight:
+                pick = torch.randperm(len(steps))[:args.diversity_steps]
+                sub = [steps[i] for i in pick]
+                k = agent.num_experts
+                all_experts, _ = agent.command_log_probs([e.prompts[t] for e, t in sub for _ in range(k)],
+                                                         [e.commands[t] for e, t in sub for _ in range(k)],
+                                                         torch.arange(k).repeat(len(sub)))
+                all_experts = all_experts.view(len(sub), k, -1)
+                command_mask = torch.isfinite(all_experts[:, 0])
+                diversity = diversity_loss(routing.probs[pick], all_experts.masked_fill(~command_mask[:, None], 0),
+                                           command_mask, args.diversity_margin)
+                loss = loss + args.diversity_weight * diversity
+                stats["diversity_loss"] = diversity.item()
+    return loss, policy_loss, stats
+
+
+def update(agent, optimizer, episodes, advantages, args, temperature, rng):
+    """update_epochs passes of minibatches of whole episodes. Returns averaged stats and the batch's
+    per-task-type loss shares (from the first epoch, where the ratio is 1: the |A|-weighted decisions)."""
+    # Episodes whose every advantage is 0 (a group that all failed or all won the same way) carry no
+    # policy gradient, so they are left out (as DAPO's dynamic sampling does); the auxiliary losses are
+    # then averaged over the episodes that remain.
+    kept = [i for i, a in enumerate(advantages) if np.abs(a).max() > 0]
+    if not kept:
+        return {"informative_episodes": 0}, None
+    episodes, advantages = [episodes[i] for i in kept], [advantages[i] for i in kept]
+    agent.train()
+    parameters = agent.trainable_parameters()
+    all_stats, shares = [], None
+    for epoch in range(args.update_epochs):
+        order = rng.permutation(len(episodes))
+        per_step, types = [], []
+        for start in range(0, len(episodes), args.minibatch_episodes):
+            chosen = order[start:start + args.minibatch_episodes]
+            batch = [episodes[i] for i in chosen]
+            loss, policy_loss, stats = minibatch_loss(agent, batch, [advantages[i] for i in chosen], args, temperature)
+            if not torch.isfinite(loss):
+                return None, None
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stats["grad_norm"] = float(nn.utils.clip_grad_norm_(parameters, args.max_grad_norm))
+            optimizer.step()
+            all_stats.append(stats)
+            per_step.append(policy_loss.detach())
+            types += [e.task_type for e in batch for _ in e.actions]
+        if epoch == 0:
+            shares = loss_shares(torch.cat(per_step), types)
+    stats = {k: float(np.mean([s[k] for s in all_stats if k in s])) for k in all_stats[0]}
+    return {**stats, "informative_episodes": len(episodes)}, shares
+
+
+def measure_gradient_conflict(agent, episodes, advantages, args, temperature):
+    """Per-task-type gradients of the RL loss over the trainable parameters, and their conflict score."""
+    parameters = agent.trainable_parameters()
+    gradients = {}
+    for task_type in sorted({e.task_type for e in episodes}):
+        chosen = [i for i, e in enumerate(episodes) if e.task_type == task_type]
+        if not any(np.abs(advantages[i]).sum() > 0 for i in chosen):
+            continue   # no learning signal from this task type in the batch
+        loss, _, _ = minibatch_loss(agent, [episodes[i] for i in chosen], [advantages[i] for i in chosen], args,
+                                    temperature)
+        grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+        gradients[task_type] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                                          for g, p in zip(grads, parameters)])
+    return gradient_conflict(gradients), len(gradients)
+
+
+# --- evaluation, checkpoints, the loop ----------------------------------------------------------------------
+
+def episode_metrics(episodes, num_experts):
+    """Success per task type, switches per episode, expert utilisation per task type."""
+    success = {t: [] for t in HOUSEHOLD_TASK_TYPES}
+    for e in episodes:
+        success[e.task_type].append(float(e.won))
+    switches = np.array([e.switches() for e in episodes])
+    decisions = [(int(x), e.task_type) for e in episodes for r in (e.token_routes or [e.experts])
+                 for x in torch.as_tensor(r).flatten()]
+    return {"success": float(np.mean([e.won for e in episodes])),
+            "success_per_task": {t: float(np.mean(v)) if v else None for t, v in success.items()},
+            "episode_length": float(np.mean([len(e.actions) for e in episodes])),
+            "switches_per_episode": float(switches[:, 0].mean()),
+            "step_switches_per_episode": float(switches[:, 1].mean()),
+            "utilisation": expert_utilisation([d[0] for d in decisions], [d[1] for d in decisions], num_experts)}
+
+
+def evaluate(agent, env, args, num_episodes, seed):
+    seeds = eval_seeds(num_episodes)
+    episodes = rollout(agent, env, seeds, list(range(len(seeds))), args, args.router_temperature_end, False,
+                       torch.Generator().manual_seed(seed + 12345))
+    return episode_metrics(episodes, agent.num_experts)
+
+
+def load_base(args):
+    """The frozen base LM and its tokenizer: the cached tiny LM (pretrained on random play on first use)."""
+    config = PretrainConfig(episodes=args.pretrain_episodes, steps=args.pretrain_steps, seed=0,
+                            max_steps=args.max_steps, history_length=args.history_length)
+    return load_or_pretrain(args.base_cache, config, args.progress)
+
+
+def save_checkpoint(path, agent, optimizer, args, iteration):
+    tmp = path + ".tmp"
+    torch.save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": asdict(args),
+                "gpt": asdict(agent.base.config), "words": agent.tokenizer.words[4:], "iteration": iteration}, tmp)
+    os.replace(tmp, path)   # atomic: a crash mid-save never leaves a broken checkpoint
+
+
+def evaluate_checkpoint(path, episodes):
+    """Evaluate a saved agent on held-out seeds, rebuilt from the checkpoint alone (its own config)."""
+    start = time.time()
+    state = torch.load(path, weights_only=True)
+    saved = Args(**state["args"])
+    agent = Agent(TinyGPT(GPTConfig(**state["gpt"])), WordTokenizer(state["words"]), saved)
+    agent.load_state_dict(state["agent"])
+    metrics = evaluate(agent, HouseholdEnv(saved.max_steps), saved, episodes, saved.seed)
+    summary = {"status": "evaluated", "checkpoint": path, "iteration": state["iteration"], **metrics,
+               "wall_seconds": time.time() - start}
+    print(json.dumps(summary))
+    return summary
+
+
+def train(args):
+    """Train (or, with --eval-only, evaluate) and return the run summary."""
+    if args.eval_only:
+        return evaluate_checkpoint(args.checkpoint, args.eval_episodes)
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    base, tokenizer = load_base(args)
+    torch.manual_seed(args.seed)          # after pretraining, which seeds itself: the experts' init
+    agent = Agent(base, tokenizer, args)
+    rng = np.random.default_rng(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    env = HouseholdEnv(args.max_steps)
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=args.learning_rate)
+    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.routing}_{args.algo}_s{args.seed}")
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path, log_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
+    log = open(log_path, "w")
+    trainable = sum(p.numel() for p in agent.trainable_parameters())
+    log.write(json.dumps({"config": asdict(args), "trainable_parameters": trainable,
+                          "parameters": parameter_count(agent)}) + "\n")
+    anneal = args.router_anneal_iterations or args.iterations
+    batch_shares, conflicts, env_steps, saved_iteration = [], [], 0, None
+    record = untrained = None
+    bar = tqdm(range(args.iterations + 1), disable=not args.progress, dynamic_ncols=True, unit="it")
+    train_start = time.time()
+    for iteration in bar:
+        temperature = args.router_temperature_start + (args.router_temperature_end - args.router_temperature_start) \
+            * min(1.0, iteration / anneal)
+        if iteration % args.eval_every == 0 or iteration == args.iterations:
+            record = {"iteration": iteration, "env_steps": env_steps, "eval": evaluate(agent, env, args, args.eval_episodes, args.seed),
+                      "wall_seconds": time.time() - train_start}
+            if conflicts:
+                record["gradient_conflict"] = conflicts[-1]
+            record["occupancy"] = parameter_occupancy(batch_shares, HOUSEHOLD_TASK_TYPES)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            untrained = untrained or record["eval"]
+            save_checkpoint(checkpoint_path, agent, optimizer, args, iteration)
+            saved_iteration = iteration
+            bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}")
+        if iteration == args.iterations:
+            break
+        task_seeds = [int(s) for s in rng.integers(0, EVAL_SEED_OFFSET, args.tasks_per_batch)]
+        seeds = [s for s in task_seeds for _ in range(args.group_size)]
+        groups = [g for g in range(args.tasks_per_batch) for _ in range(args.group_size)]
+        episodes = rollout(agent, env, seeds, groups, args, temperature, True, generator)
+        env_steps += sum(len(e.actions) for e in episodes)
+        advantages = compute_advantages(episodes, args.algo, args.gamma, args.step_advantage_weight, args.normalize_std)
+        if args.conflict_every and iteration % args.conflict_every == 0:
+            conflicts.append(measure_gradient_conflict(agent, episodes, advantages, args, temperature)[0])
+        stats, shares = update(agent, optimizer, episodes, advantages, args, temperature, rng)
+        if stats is None:
+            bar.close()
+            where = f"the last good checkpoint is {checkpoint_path} (iteration {saved_iteration})" if saved_iteration \
+                is not None else "no checkpoint was saved yet"
+            message = f"the loss became non-finite at iteration {iteration}; stopping. {where}"
+            print(message, file=sys.stderr)
+            summary = {"status": "diverged", "message": message, "checkpoint": checkpoint_path if saved_iteration is not None else None}
+            print(json.dumps(summary))
+            log.close()
+            return summary
+        if shares:
+            batch_shares.append(shares)
+        train_metrics = episode_metrics(episodes, agent.num_experts)
+        elapsed = time.time() - train_start
+        log.write(json.dumps({"iteration": iteration + 1, "env_steps": env_steps, "temperature": temperature,
+                              "train_success": train_metrics["success"], "train_return": float(np.mean([sum(e.rewards) for e in episodes])),
+                              "train_switches_per_episode": train_metrics["switches_per_episode"],
+                              "loss_shares": shares, **stats, "wall_seconds": elapsed,
+                              "env_steps_per_second": env_steps / elapsed}) + "\n")
+        bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}", train_success=f"{train_metrics['success']:.2f}",
+                        sps=f"{env_steps / elapsed:.0f}")
+    bar.close()
+    log.close()
+    final = record["eval"]
+    summary = {"status": "finished", "run_dir": run_dir, "iterations": args.iterations, "env_steps": env_steps,
+               "success": final["success"], "success_per_task": final["success_per_task"],
+               "untrained_success": untrained["success"],
+               "switches_per_episode": final["switches_per_episode"],
+               "step_switches_per_episode": final["step_switches_per_episode"],
+               "utilisation": final["utilisation"],
+               "occupancy": parameter_occupancy(batch_shares, HOUSEHOLD_TASK_TYPES),
+               "gradient_conflict": float(np.mean(conflicts)) if conflicts else None,
+               "wall_seconds": time.time() - start, "env_steps_per_second": env_steps / (time.time() - train_start),
+               "trainable_parameters": trainable, "parameters": parameter_count(agent), "checkpoint": checkpoint_path}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    summary = train(parse_args())
+    sys.exit(0 if summary["status"] in ("finished", "evaluated") else 1)
