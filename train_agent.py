@@ -566,7 +566,8 @@ def train(args):
         temperature = args.router_temperature_start + (args.router_temperature_end - args.router_temperature_start) \
             * min(1.0, iteration / anneal)
         if iteration % args.eval_every == 0 or iteration == args.iterations:
-            record = {"iteration": iteration, "env_steps": env_steps, "eval": evaluate(agent, env, args, args.eval_episodes, args.seed),
+            metrics = evaluate(agent, env, args, args.eval_episodes, args.seed)
+            record = {"iteration": iteration, "env_steps": env_steps, "eval": metrics,
                       "wall_seconds": time.time() - train_start}
             if conflicts:
                 record["gradient_conflict"] = conflicts[-1]
@@ -594,7 +595,8 @@ def train(args):
                 is not None else "no checkpoint was saved yet"
             message = f"the loss became non-finite at iteration {iteration}; stopping. {where}"
             print(message, file=sys.stderr)
-            summary = {"status": "diverged", "message": message, "checkpoint": checkpoint_path if saved_iteration is not None else None}
+            summary = {"status": "diverged", "message": message,
+                       "checkpoint": checkpoint_path if saved_iteration is not None else None}
             print(json.dumps(summary))
             log.close()
             return summary
@@ -602,13 +604,15 @@ def train(args):
             batch_shares.append(shares)
         train_metrics = episode_metrics(episodes, agent.num_experts)
         elapsed = time.time() - train_start
+        train_return = float(np.mean([sum(e.rewards) for e in episodes]))
         log.write(json.dumps({"iteration": iteration + 1, "env_steps": env_steps, "temperature": temperature,
-                              "train_success": train_metrics["success"], "train_return": float(np.mean([sum(e.rewards) for e in episodes])),
+                              "train_success": train_metrics["success"], "train_return": train_return,
                               "train_switches_per_episode": train_metrics["switches_per_episode"],
                               "loss_shares": shares, **stats, "wall_seconds": elapsed,
                               "env_steps_per_second": env_steps / elapsed}) + "\n")
-        bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}", train_success=f"{train_metrics['success']:.2f}",
-                        sps=f"{env_steps / elapsed:.0f}")
+        log.flush()
+        bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}",
+                        train_success=f"{train_metrics['success']:.2f}", sps=f"{env_steps / elapsed:.0f}")
     bar.close()
     log.close()
     final = record["eval"]
