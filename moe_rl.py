@@ -8,6 +8,8 @@ References:
 - Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep RL" (arXiv 2302.12902): tau-dormant neurons.
 - PA-MoE (arXiv 2602.17038): the agent metrics at the end of this file (expert switches per episode,
   utilisation, parameter occupancy, gradient conflict). The agent's network is in train_agent.py.
+- RSPO (arXiv 2510.23027): the router shift ratio of router-aware importance sampling (RAIS), last in
+  this file; train_agent.py --is-mode rais uses it.
 
 The dense baseline is Dopamine's classic-control network: encoder Dense(H)+ReLU, Dense(H)+ReLU, head.
 
@@ -241,3 +243,19 @@ def gradient_conflict(gradients):
     values = [max(0.0, -float(torch.nn.functional.cosine_similarity(gradients[a], gradients[b], dim=0)))
               for i, a in enumerate(names) for b in names[i + 1:]]
     return sum(values) / len(values) if values else 0.0
+
+
+# --- RAIS: router-aware importance sampling (RSPO, Zhang et al., arXiv 2510.23027) -------------------------
+
+def router_shift_ratio(new_log_probs, old_log_probs, chosen, gamma_min=0.0):
+    """The router shift ratio of one token (or one decision), for any router:
+        shift = mean over routing layers and over the experts the OLD router chose of
+                |log r_new(e) - log r_old(e)|,      gamma = max(exp(-shift), gamma_min).
+    new_log_probs, old_log_probs: (..., layers, experts), every expert's router log-probability now and at
+    rollout time; chosen: (..., layers, k) long, the experts the old router picked. A token router has
+    one layer per adapted projection and its top-k; a phase router is one layer with k = 1, its decision
+    shared by all the step's tokens. Returns (gamma (...), shift (...)), both without gradient: gamma
+    only rescales an importance weight (the paper: letting gradient through it collapses training)."""
+    with torch.no_grad():
+        shift = (new_log_probs.gather(-1, chosen) - old_log_probs.gather(-1, chosen)).abs().mean((-1, -2))
+        return torch.exp(-shift).clamp(min=gamma_min), shift

@@ -4,6 +4,7 @@
 """
 import json
 import math
+import os
 import random
 import re
 
@@ -20,7 +21,7 @@ from envs import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, HouseholdEnv, H
                   scale_observation)
 from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, route
 from moe_rl import (BIG_GATES, PLACEMENTS, MoELayer, QNetwork, count_switches, dormant_fraction, expert_utilisation,
-                    gradient_conflict, loss_shares, parameter_occupancy, tokenize)
+                    gradient_conflict, loss_shares, parameter_occupancy, router_shift_ratio, tokenize)
 from router import (PhaseRouter, SoftMoERouter, TaskRouter, TokenRouter, TopKRouter, balance_loss, diversity_loss,
                     phase_balance_loss, switch_loss)
 from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain
@@ -770,6 +771,7 @@ def test_switch_counters_on_hand_made_routes():
     E = train_agent.Episode
     assert E(0, "x", 0, experts=[1, 1, 2, 1]).switches() == (2, 2)
     routes = [torch.tensor([[0, 0, 1], [2, 2, 2]]), torch.tensor([[1, 1], [2, 0]])]   # (layers, tokens) per step
+    routes = [r.unsqueeze(-1) for r in routes]                                         # top-1: (layers, tokens, 1)
     per_token, per_step = E(0, "x", 0, token_routes=routes).switches()
     # layer 0 along 0,0,1,1,1: 1 switch; layer 1 along 2,2,2,2,0: 1 -> mean 1; majority 2 then... 2 (ties low)
     assert per_token == 1.0 and per_step == 1
@@ -891,8 +893,148 @@ def test_agent_same_seed_same_log_and_eval_only(tmp_path, base_cache):
     (["--token-k", "5", "--routing", "token"], "larger than --experts"),
     (["--routing", "phase", "--experts", "1"], "at least 2 experts"),
     (["--eval-only"], "needs --checkpoint"),
+    (["--is-mode", "gmpo"], "invalid choice"),
+    (["--gamma-min", "1.5"], "--gamma-min must be in [0, 1]"),
+    (["--sequence-clip-coef", "0"], "--sequence-clip-coef must be positive"),
 ])
 def test_agent_bad_cli_values(flags, message, capsys):
     with pytest.raises(SystemExit):
         train_agent.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+# ---- RAIS: router-aware importance sampling (issue 4) ----
+
+def test_router_shift_ratio_is_one_unchanged_monotone_floored_and_detached():
+    torch.manual_seed(0)
+    router = TokenRouter(8, 4, k=2)
+    nn.init.normal_(router.gate.weight)
+    x = torch.randn(5, 3, 8)                                   # 5 tokens, 3 routing layers (same router here)
+    _, old = router(x)
+    _, new = router(x)
+    gamma, shift = router_shift_ratio(new.log_probs, old.log_probs, old.chosen)
+    assert torch.equal(gamma, torch.ones(5)) and torch.equal(shift, torch.zeros(5))
+    # a phase router's decision: one layer, k = 1
+    log_probs = torch.log_softmax(torch.randn(6, 4), -1)
+    chosen = torch.randint(0, 4, (6, 1, 1))
+    assert torch.equal(router_shift_ratio(log_probs[:, None], log_probs[:, None], chosen)[0], torch.ones(6))
+    # falls monotonically as the chosen expert's log-prob moves, either way
+    gammas = []
+    for delta in [0.0, 0.1, 0.3, 1.0, 3.0]:
+        moved = old.log_probs.clone()
+        moved.scatter_add_(-1, old.chosen, torch.full(old.chosen.shape, delta))
+        gammas.append(router_shift_ratio(moved, old.log_probs, old.chosen)[0])
+        assert torch.allclose(router_shift_ratio(old.log_probs, moved, old.chosen)[0], gammas[-1])
+    assert all((a > b).all() for a, b in zip(gammas, gammas[1:]))
+    assert torch.allclose(gammas[2], torch.full((5,), math.exp(-0.3)))
+    # the shift averages over layers and the old top-k; the experts the old router did not choose don't count
+    not_chosen = ~F.one_hot(old.chosen, 4).sum(-2).bool()
+    assert torch.equal(router_shift_ratio(old.log_probs + 5.0 * not_chosen, old.log_probs, old.chosen)[0],
+                       torch.ones(5))
+    moved = old.log_probs + torch.randn(5, 3, 4)
+    expected = (moved.gather(-1, old.chosen) - old.log_probs.gather(-1, old.chosen)).abs().mean((-1, -2))
+    assert torch.allclose(router_shift_ratio(moved, old.log_probs, old.chosen)[1], expected)
+    # floored at gamma_min
+    far = router_shift_ratio(old.log_probs + 50 * F.one_hot(old.chosen[..., 0], 4), old.log_probs, old.chosen,
+                             gamma_min=0.3)[0]
+    assert torch.equal(far, torch.full((5,), 0.3))
+    # detached: no gradient reaches the router through gamma
+    _, live = router(x)
+    gamma, shift = router_shift_ratio(live.log_probs * 1.5, old.log_probs, old.chosen, 0.1)
+    assert not gamma.requires_grad and not shift.requires_grad and gamma.grad_fn is None
+
+
+def gmpo_by_hand(log_ratio, advantage, lengths, eps):
+    """GMPO (arXiv 2507.20673) with one advantage per sequence: -mean_i A_i exp(mean_t clipped log r_t)."""
+    losses, start = [], 0
+    for a, n in zip(advantage, lengths):
+        lr = log_ratio[start:start + n]
+        clipped = torch.minimum(lr, lr.clamp(-eps, eps)) if a >= 0 else torch.maximum(lr, lr.clamp(-eps, eps))
+        losses.append(-a * clipped.mean().exp())
+        start += n
+    return torch.stack(losses).mean()
+
+
+def test_is_modes_match_ppo_gspo_and_gmpo_and_rais_with_gamma_one_is_gmpo():
+    torch.manual_seed(1)
+    lengths = [3, 5, 2]
+    episode = torch.tensor([k for k, n in enumerate(lengths) for _ in range(n)])
+    log_ratio = (torch.randn(10) * 0.5).requires_grad_()
+    per_episode = torch.tensor([1.5, -0.7, 0.4])
+    advantage = per_episode[episode]
+    objective = train_agent.policy_objective
+    # token: PPO's clipped surrogate, averaged over steps
+    loss, terms, weights, clipped = objective(log_ratio, advantage, episode, "token", 0.2)
+    ppo, ratio = train_agent.clipped_surrogate(log_ratio, torch.zeros(10), advantage, 0.2)
+    assert torch.allclose(loss, ppo.mean()) and torch.equal(clipped, (ratio - 1).abs() > 0.2)
+    # sequence: GSPO with one advantage per episode, value and gradient
+    loss, _, weights, _ = objective(log_ratio, advantage, episode, "sequence", 0.05)
+    s = torch.stack([log_ratio[episode == k].mean().exp() for k in range(3)])
+    gspo = -torch.min(s * per_episode, s.clamp(0.95, 1.05) * per_episode).mean()
+    assert torch.allclose(loss, gspo) and torch.allclose(weights, s.detach()[episode])
+    g1, = torch.autograd.grad(loss, log_ratio)
+    g2, = torch.autograd.grad(gspo, log_ratio)
+    assert torch.allclose(g1, g2) and g1.abs().sum() > 0
+    # rais with gamma = 1 is its aggregation without gamma (GMPO), value and gradient
+    rais, _, _, _ = objective(log_ratio, advantage, episode, "rais", 0.4, torch.zeros(10))
+    plain, _, _, _ = objective(log_ratio, advantage, episode, "rais", 0.4)
+    by_hand = gmpo_by_hand(log_ratio, per_episode, lengths, 0.4)
+    assert torch.allclose(rais, plain) and torch.allclose(rais, by_hand)
+    g1, = torch.autograd.grad(rais, log_ratio)
+    g2, = torch.autograd.grad(by_hand, log_ratio)
+    assert torch.allclose(g1, g2) and g1.abs().sum() > 0
+    # gamma < 1 scales each weight before clipping: the same as shifting the log-ratios by log gamma
+    log_gamma = torch.log(torch.full((10,), 0.6))
+    scaled, _, weights, _ = objective(log_ratio, advantage, episode, "rais", 0.4, log_gamma)
+    assert torch.allclose(scaled, gmpo_by_hand(log_ratio + log_gamma, per_episode, lengths, 0.4))
+    assert torch.allclose(weights, 0.6 * log_ratio.detach().exp())
+    assert not torch.allclose(scaled, rais)
+
+
+def test_rollout_records_the_old_router_so_gamma_is_one_until_it_moves(base_cache):
+    for routing in ("phase", "token", "trajectory"):
+        args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing,
+                                                    "--lora-dropout", "0", "--is-mode", "rais"])
+        base, tokenizer = train_agent.load_base(args)
+        torch.manual_seed(0)
+        agent = train_agent.Agent(base, tokenizer, args)
+        randomize_lora(agent.base)
+        routers = list(agent.router.parameters()) if agent.router else \
+            [p for n, p in agent.named_parameters() if "router" in n]
+        with torch.no_grad():
+            for p in routers:
+                p.normal_(0, 0.3)
+        episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4], [0, 0, 1, 1], args, 1.0,
+                                       True, torch.Generator().manual_seed(0))
+        advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
+        agent.train()
+        _, _, stats = train_agent.minibatch_loss(agent, episodes, advantages, args, 1.0)
+        assert stats["router_shift"] < 1e-5 and stats["gamma_min"] > 1 - 1e-5, routing
+        assert abs(stats["is_weight_mean"] - 1) < 1e-4, routing         # the policy did not move either
+        with torch.no_grad():
+            for p in routers:
+                p.add_(torch.randn_like(p) * 0.3)
+        _, _, stats = train_agent.minibatch_loss(agent, episodes, advantages, args, 1.0)
+        assert stats["router_shift"] > 1e-3 and stats["gamma_mean"] < 1, routing
+        assert stats["gamma_min"] >= args.gamma_min
+
+
+@pytest.mark.parametrize("routing, mode", [("token", "sequence"), ("token", "rais"), ("phase", "rais"),
+                                           ("single", "sequence")])
+def test_is_mode_updates_log_their_statistics(tmp_path, base_cache, routing, mode):
+    assert run_agent(tmp_path, base_cache, "--routing", routing, "--is-mode", mode)["status"] == "finished"
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--is-mode", mode,
+                                                "--update-epochs", "3", "--minibatch-episodes", "2"])
+    base, tokenizer = train_agent.load_base(args)
+    agent = train_agent.Agent(base, tokenizer, args)
+    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
+    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    keys = {"is_weight_mean", "is_weight_var", "clip_fraction", "grad_norm", "grad_norm_var"}
+    keys |= set() if routing == "single" else {"router_shift", "gamma_mean", "gamma_min"}
+    assert keys <= set(stats), keys - set(stats)
+    assert stats["is_weight_var"] > 0 and 0 <= stats["clip_fraction"] <= 1 and stats["grad_norm_var"] > 0
+    if routing != "single":     # three epochs at lr 1e-2 move the routers
+        assert stats["router_shift"] > 0 and args.gamma_min <= stats["gamma_min"] <= stats["gamma_mean"] < 1

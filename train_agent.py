@@ -19,6 +19,12 @@ episode groups plus anchor-state step groups); a PPO-clipped objective over the 
 with several epochs per batch; the router learns from the same clipped objective on the log-probability
 of the expert it chose, plus PA-MoE's balance, diversity and switch losses.
 
+Importance sampling (--is-mode): token (PPO's ratio per decision), sequence (GSPO, arXiv 2507.18071: one
+length-normalised ratio per episode) or rais (RSPO, arXiv 2510.23027: each decision's ratio times the
+router shift ratio of moe_rl.router_shift_ratio, clipped per decision, geometric mean over the episode
+as in GMPO, arXiv 2507.20673). A decision is one environment step: the policy is a softmax over whole
+commands, so a step is the unit that has a probability, and an episode is the "sequence".
+
 Writes runs/NAME/log.jsonl and runs/NAME/checkpoint.pt; the last line printed is a JSON summary.
 """
 import json
@@ -36,7 +42,7 @@ from tqdm import tqdm
 from envs import HOUSEHOLD_TASK_TYPES, EVAL_SEED_OFFSET, HouseholdEnv, eval_seeds, render_prompt
 from experts import add_lora, lora_layers, lora_parameters, route
 from moe_rl import (count_switches, expert_utilisation, gradient_conflict, loss_shares, majority_expert,
-                    parameter_count, parameter_occupancy)
+                    parameter_count, parameter_occupancy, router_shift_ratio)
 from router import PhaseRouter, TokenRouter, diversity_loss, phase_balance_loss, switch_loss
 from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain, pad
 from train_dqn import arg, parse_dataclass
@@ -44,6 +50,7 @@ from train_dqn import arg, parse_dataclass
 ROUTINGS = ("single", "token", "trajectory", "phase")
 ALGOS = ("grpo", "gigpo")
 ENVS = ("household",)
+IS_MODES = ("token", "sequence", "rais")
 
 
 @dataclass
@@ -87,6 +94,16 @@ class Args:
     clip_coef: float = arg(0.2, "PPO clipping epsilon")
     kl_coef: float = arg(0.0, "weight of KL(policy || frozen base) over the admissible commands (paper: 0.01)")
     max_grad_norm: float = arg(1.0, "gradient-norm clipping")
+    # importance sampling (RAIS: RSPO, arXiv 2510.23027)
+    is_mode: str = arg("token", "importance weights: token (PPO ratio per step, clipped), sequence (GSPO: the "
+                       "episode's geometric-mean ratio, clipped once), rais (router-aware: each step's ratio "
+                       "times the router shift ratio gamma, clipped per step, geometric mean over the episode)",
+                       IS_MODES)
+    sequence_clip_coef: float = arg(0.05, "--is-mode sequence: clip range of the episode ratio (GSPO clips "
+                                    "sequence ratios far tighter than token ratios)")
+    geometric_clip_coef: float = arg(0.4, "--is-mode rais: clip range of each step's log-ratio, (-eps, eps) "
+                                     "(GMPO's 0.4)")
+    gamma_min: float = arg(0.5, "--is-mode rais: floor of the router shift ratio gamma")
     # evaluation and logging
     eval_every: int = arg(10, "evaluate on held-out seeds every this many iterations (and before training)")
     eval_episodes: int = arg(120, "held-out evaluation episodes (balanced over the six task types)")
@@ -120,6 +137,11 @@ def validate(args):
         raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if min(args.router_temperature_start, args.router_temperature_end) <= 0:
         raise ValueError("router temperatures must be positive")
+    if not 0 <= args.gamma_min <= 1:
+        raise ValueError(f"--gamma-min must be in [0, 1], got {args.gamma_min}")
+    for name in ("clip_coef", "sequence_clip_coef", "geometric_clip_coef"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eval_only and not args.checkpoint:
         raise ValueError("--eval-only needs --checkpoint PATH")
     if not [t for t in args.target_modules.split(",") if t.strip()]:
@@ -216,8 +238,8 @@ class Agent(nn.Module):
         the LM's log-likelihood of each (its tokens and <eos>). The prompt runs once; every command
         attends to its cached keys and values, which are never copied per command.
         prompts: b id lists; commands: b lists of id lists; expert_index (b,) or None (token routing).
-        Returns (b, c) log-probs (-inf on padding) and, for token routing, the per-layer chosen experts
-        of every command token (layers, b, c, l)."""
+        Returns (b, c) log-probs (-inf on padding) and, for token routing, each adapted layer's routing of
+        every command token: chosen experts (layers, b, c, l, k) and router log-probs (layers, b, c, l, e)."""
         b, c = len(prompts), max(len(cs) for cs in commands)
         prompt_ids, prompt_mask = pad([p[-self.max_prompt:] for p in prompts], self.tokenizer.pad_id, left=True)
         flat = [cmd for cs in commands for cmd in cs + [[]] * (c - len(cs))]
@@ -229,8 +251,10 @@ class Agent(nn.Module):
             command_hidden, _ = self.base(command_ids, command_mask, past, prompt_mask)
         token_routes = None
         if self.routing == "token":
-            token_routes = torch.stack([layer.last_routing.chosen[..., 0] for layer in lora_layers(self.base)])
-            token_routes = token_routes.view(-1, b, c, command_ids.shape[1])
+            routings = [layer.last_routing for layer in lora_layers(self.base)]
+            token_routes = tuple(torch.stack([getattr(r, name) for r in routings]).view(len(routings), b, c,
+                                                                                         command_ids.shape[1], -1)
+                                 for name in ("chosen", "log_probs"))
         # the first command token is predicted from the last prompt position, the others from the command's
         hidden = torch.cat([repeat(prompt_hidden[:, -1:]), command_hidden], 1)        # (b*c, l+1, d)
         lengths = command_mask.sum(1)
@@ -274,8 +298,9 @@ class Episode:
     base_log_probs: list = field(default_factory=list)   # frozen base's log-probs over commands (for the KL)
     experts: list = field(default_factory=list)          # expert of each step (-1: token routing)
     router_inputs: list = field(default_factory=list)    # the phase router's inputs where it decided
-    router_log_probs: list = field(default_factory=list) # rollout router log-prob of the chosen expert
-    token_routes: list = field(default_factory=list)     # (layers, l) experts of the chosen command's tokens
+    router_log_probs: list = field(default_factory=list) # rollout router's log-probs of every expert (e,)
+    token_routes: list = field(default_factory=list)     # (layers, l, k) experts of the chosen command's tokens
+    token_router_log_probs: list = field(default_factory=list)  # (layers, l, e) their rollout router log-probs
     observations: list = field(default_factory=list)     # the observation each step acted on (GiGPO anchor)
     rewards: list = field(default_factory=list)
     won: bool = False
@@ -286,9 +311,9 @@ class Episode:
         majority expert; for the other routings both count along steps."""
         if not self.token_routes:
             return count_switches(self.experts), count_switches(self.experts)
-        tokens = torch.cat(self.token_routes, 1)                                   # (layers, tokens)
+        tokens = torch.cat(self.token_routes, 1)[..., 0]                          # (layers, tokens): top-1
         per_token = float(np.mean([count_switches(row.tolist()) for row in tokens]))
-        return per_token, count_switches([majority_expert(r) for r in self.token_routes])
+        return per_token, count_switches([majority_expert(r[..., 0]) for r in self.token_routes])
 
 
 @torch.no_grad()
@@ -324,7 +349,7 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
                                       torch.stack(pair_encodings[i][-args.router_history:])))
             routing = agent.route_steps(router_inputs, temperature)
             chosen = routing.choose(greedy=not train, generator=generator)
-            router_log_probs = routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+            router_log_probs = routing.log_probs
             for j, i in enumerate(active):
                 experts[i] = int(chosen[j])
         expert_index = None if args.routing == "token" else torch.tensor([experts[i] for i in active])
@@ -354,10 +379,11 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
                 e.base_log_probs.append(base_log_pi[j, :len(commands[j])].clone())
             if router_inputs is not None:
                 e.router_inputs.append(router_inputs[j])
-                e.router_log_probs.append(float(router_log_probs[j]))
+                e.router_log_probs.append(router_log_probs[j].clone())
             if token_routes is not None:
                 length = len(commands[j][int(actions[j])]) or 1
-                e.token_routes.append(token_routes[:, j, int(actions[j]), :length].clone())
+                e.token_routes.append(token_routes[0][:, j, int(actions[j]), :length].clone())
+                e.token_router_log_probs.append(token_routes[1][:, j, int(actions[j]), :length].clone())
             histories[i].append((step_commands[i], next_observations[i]))
             last_actions[i] = step_commands[i]
             if dones[i]:
@@ -375,21 +401,108 @@ def clipped_surrogate(log_prob, old_log_prob, advantage, clip):
     return loss, ratio
 
 
+def per_episode_mean(values, episode):
+    """Mean of per-step values within each episode: (n,) values, (n,) episode index 0..E-1 -> (E,)."""
+    count = torch.bincount(episode).to(values.dtype)
+    return torch.zeros_like(count).index_add(0, episode, values) / count
+
+
+def policy_objective(log_ratio, advantage, episode, mode, clip, log_gamma=None):
+    """The clipped policy loss of --is-mode from each step's log(pi / pi_old), advantage and episode index.
+    token:    r_t = pi / pi_old; -min(r A, clip(r, 1-eps, 1+eps) A), averaged over steps (PPO / GRPO).
+    sequence: GSPO: s_i = exp(mean over episode i of log r_t), clipped to [1-eps, 1+eps]; averaged over
+              each episode's steps, then over episodes.
+    rais:     RSPO: w_t = gamma_t r_t; log w_t clipped to (-eps, eps) on the side the advantage pushes it;
+              G_i = exp(mean over episode i of the clipped log w_t), loss -A G_i (GMPO's geometric mean),
+              averaged like sequence. log_gamma None (or 0) is GMPO itself.
+    GiGPO gives each step its own advantage, so the two episode-level modes take the "-token" form of
+    GSPO (Sec. 4.3): step t's term has the episode's ratio as its value, the step's own log-prob gradient
+    and the step's advantage. With one advantage per episode it is exactly GSPO's / GMPO's objective.
+    Returns (loss, per-step loss terms, importance weights before clipping, clipped mask)."""
+    if mode == "token":
+        ratio = log_ratio.exp()
+        terms = -torch.min(ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage)
+        return terms.mean(), terms, ratio.detach(), (ratio - 1).abs() > clip
+    if mode == "sequence":
+        log_s = per_episode_mean(log_ratio, episode)[episode]
+        s = (log_s.detach() + log_ratio - log_ratio.detach()).exp()     # value s_i, gradient of log r_t
+        terms = -torch.min(s * advantage, s.clamp(1 - clip, 1 + clip) * advantage)
+        return per_episode_mean(terms, episode).mean(), terms, s.detach(), (s - 1).abs() > clip
+    if mode == "rais":
+        log_w = log_ratio if log_gamma is None else log_ratio + log_gamma
+        sign = torch.where(advantage >= 0, 1.0, -1.0)
+        clipped_log_w = sign * torch.min(sign * log_w, sign * log_w.clamp(-clip, clip))
+        log_g = per_episode_mean(clipped_log_w, episode)[episode]
+        terms = -advantage * (log_g.detach() + clipped_log_w - clipped_log_w.detach()).exp()
+        return per_episode_mean(terms, episode).mean(), terms, log_w.exp().detach(), log_w.abs() > clip
+    raise ValueError(f"unknown importance-sampling mode {mode!r}; valid: {', '.join(IS_MODES)}")
+
+
+def token_router_shift(routes, steps, actions, gamma_min):
+    """RAIS's gamma for token routing, per step: the router shift ratio of each of the chosen command's
+    tokens (moe_rl.router_shift_ratio over the adapted layers and the old top-k), combined over the
+    tokens by a geometric mean (the aggregation RSPO applies to the weights). routes: the (chosen,
+    log-probs) of Agent.command_log_probs now; the rollout's are stored in the episodes.
+    Returns (gamma (n,), shift (n,))."""
+    pad = lambda tensors: nn.utils.rnn.pad_sequence([x.transpose(0, 1) for x in tensors], batch_first=True)
+    old = pad([e.token_router_log_probs[t] for e, t in steps])               # (n, l, layers, e)
+    chosen = pad([e.token_routes[t] for e, t in steps])                       # (n, l, layers, k)
+    length = torch.tensor([e.token_routes[t].shape[1] for e, t in steps])
+    new = routes[1][:, torch.arange(len(steps)), actions, :old.shape[1]].permute(1, 2, 0, 3)
+    gamma, shift = router_shift_ratio(new, old, chosen)                       # (n, l)
+    valid = (torch.arange(old.shape[1]) < length.unsqueeze(1)).float()
+    mean = lambda x: (x * valid).sum(1) / length
+    return mean(gamma.clamp(min=gamma_min).log()).exp(), mean(shift)
+
+
+@torch.no_grad()
+def phase_router_log_probs(agent, inputs, temperature):
+    """The phase router's log-probs without dropout, as at rollout time: RAIS compares these with the
+    rollout's, so that gamma measures how the router's parameters moved, not dropout noise."""
+    mode = agent.router.training
+    agent.router.eval()
+    log_probs = agent.route_steps(inputs, temperature).log_probs
+    agent.router.train(mode)
+    return log_probs
+
+
 def minibatch_loss(agent, episodes, advantages, args, temperature):
     """The PA-MoE loss L_RL + L_bal + L_div + L_switch on some whole episodes; returns (loss, per-step policy
     loss, stats). Steps are in episode order, so the switch loss sees consecutive steps."""
     steps = [(e, t) for e in episodes for t in range(len(e.actions))]
+    episode = torch.tensor([k for k, e in enumerate(episodes) for _ in e.actions])
     advantage = torch.tensor(np.concatenate(advantages), dtype=torch.float32)
     old = torch.tensor([e.log_probs[t] for e, t in steps])
     expert_index = None if args.routing == "token" else torch.tensor([e.experts[t] for e, t in steps])
-    log_pi, _ = agent.command_log_probs([e.prompts[t] for e, t in steps], [e.commands[t] for e, t in steps],
-                                        expert_index)
+    log_pi, routes = agent.command_log_probs([e.prompts[t] for e, t in steps], [e.commands[t] for e, t in steps],
+                                             expert_index)
     actions = torch.tensor([e.actions[t] for e, t in steps])
-    policy_loss, ratio = clipped_surrogate(log_pi.gather(1, actions.unsqueeze(1)).squeeze(1), old, advantage,
-                                           args.clip_coef)
-    loss = policy_loss.mean()
-    stats = {"policy_loss": loss.item(), "clip_fraction": ((ratio - 1).abs() > args.clip_coef).float().mean().item(),
-             "approx_kl": ((ratio - 1) - ratio.log()).mean().item()}
+    # the router shift since the rollout: per step, from the phase router's decision or the token routers
+    gamma = shift = routing = None
+    if agent.router is not None:
+        decided = [(e, t) for e, t in steps if t < len(e.router_inputs)]   # phase: every step; trajectory: t = 0
+        inputs = [e.router_inputs[t] for e, t in decided]
+        routing = agent.route_steps(inputs, temperature)
+        chosen = torch.tensor([e.experts[t] for e, t in decided])
+        old_router = torch.stack([e.router_log_probs[t] for e, t in decided])
+        gamma, shift = router_shift_ratio(phase_router_log_probs(agent, inputs, temperature)[:, None],
+                                          old_router[:, None], chosen[:, None, None], args.gamma_min)
+        first = np.cumsum([0] + [len(e.router_inputs) for e in episodes])
+        decision = torch.tensor([first[k] + min(t, len(e.router_inputs) - 1)
+                                 for k, e in enumerate(episodes) for t in range(len(e.actions))])
+        gamma, shift = gamma[decision], shift[decision]                       # a step's latest decision
+    elif args.routing == "token":
+        gamma, shift = token_router_shift(routes, steps, actions, args.gamma_min)
+    log_ratio = log_pi.gather(1, actions.unsqueeze(1)).squeeze(1) - old
+    clip = {"token": args.clip_coef, "sequence": args.sequence_clip_coef, "rais": args.geometric_clip_coef}
+    loss, policy_loss, weights, clipped = policy_objective(
+        log_ratio, advantage, episode, args.is_mode, clip[args.is_mode],
+        gamma.log() if args.is_mode == "rais" and gamma is not None else None)
+    stats = {"policy_loss": loss.item(), "clip_fraction": clipped.float().mean().item(),
+             "is_weight_mean": weights.mean().item(), "is_weight_var": weights.var(unbiased=False).item(),
+             "approx_kl": (log_ratio.exp() - 1 - log_ratio).mean().item()}
+    if gamma is not None:
+        stats.update(router_shift=shift.mean().item(), gamma_mean=gamma.mean().item(), gamma_min=gamma.min().item())
     if args.kl_coef > 0:
         base = torch.stack([torch.cat([e.base_log_probs[t], torch.zeros(log_pi.shape[1] - len(e.base_log_probs[t]))])
                             for e, t in steps])                                  # (b, c), 0 on padding
@@ -401,20 +514,16 @@ def minibatch_loss(agent, episodes, advantages, args, temperature):
         loss = loss + args.balance_weight * balance
         stats["balance_loss"] = balance.item()
     if agent.router is not None:
-        decided = [(e, t) for e, t in steps if t < len(e.router_inputs)]   # phase: every step; trajectory: t = 0
-        routing = agent.route_steps([e.router_inputs[t] for e, t in decided], temperature)
-        chosen = torch.tensor([e.experts[t] for e, t in decided])
         router_advantage = advantage[[i for i, (e, t) in enumerate(steps) if t < len(e.router_inputs)]]
         router_loss, _ = clipped_surrogate(routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1),
-                                           torch.tensor([e.router_log_probs[t] for e, t in decided]),
+                                           old_router.gather(1, chosen.unsqueeze(1)).squeeze(1),
                                            router_advantage, args.clip_coef)
         balance = phase_balance_loss(routing.probs)
         loss = loss + router_loss.mean() + args.balance_weight * balance
         stats.update(router_loss=router_loss.mean().item(), balance_loss=balance.item(),
                      router_entropy=-(routing.probs * routing.log_probs).sum(-1).mean().item())
         if args.routing == "phase":
-            episode_ids = torch.tensor([k for k, e in enumerate(episodes) for _ in e.actions])
-            switch = switch_loss(routing.probs, chosen, episode_ids)
+            switch = switch_loss(routing.probs, chosen, episode)
             loss = loss + args.switch_weight * switch
             stats["switch_loss"] = switch.item()
             if args.diversity_weight:
@@ -465,6 +574,9 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
         if epoch == 0:
             shares = loss_shares(torch.cat(per_step), types)
     stats = {k: float(np.mean([s[k] for s in all_stats if k in s])) for k in all_stats[0]}
+    if "gamma_min" in stats:
+        stats["gamma_min"] = min(s["gamma_min"] for s in all_stats)
+    stats["grad_norm_var"] = float(np.var([s["grad_norm"] for s in all_stats]))
     return {**stats, "informative_episodes": len(episodes)}, shares
 
 
