@@ -39,13 +39,14 @@ def import_transformers():
 def default_target_modules(model, mlp=False):
     """LoRA targets for a model: the attention projections (and with `mlp` the MLP's) under the names
     that Llama/Qwen/Mistral-style or GPT-2-style models give them."""
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if "q_proj" in names:
         return list(LLAMA_ATTENTION + (LLAMA_MLP if mlp else ()))
     if "c_attn" in names:
         return list(GPT2_ATTENTION + (GPT2_MLP if mlp else ()))
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
     raise ValueError(f"no default LoRA targets for this architecture; name them with --target-modules "
-                     f"(its linear layers are named {sorted(names)})")
+                     f"(its linear layers are named {linear})")
 
 
 def conv1d_to_linear(model):
