@@ -997,6 +997,30 @@ def test_hf_prompt_cache_scoring_equals_plain_full_sequences(tiny_llama):
             assert torch.allclose(batched[row, :len(cs)], plain, atol=1e-4)
 
 
+def test_gpt2_style_model_gets_lora_on_its_attention(tiny_llama, tmp_path):
+    """GPT-2 keeps its projections in transformers' Conv1D: they become nn.Linear, and the default targets
+    are attn.c_attn and attn.c_proj (not the MLP's c_proj)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(tmp_path)
+    agent, args = hf_agent(str(tmp_path), "--routing", "trajectory")
+    wrapped = sorted(n.split("transformer.")[1] for n, m in agent.base.named_modules() if isinstance(m, LoRALinear))
+    assert wrapped == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.1.attn.c_attn", "h.1.attn.c_proj"]
+    randomize_lora(agent.base)
+    agent.eval()
+    observations, infos = HouseholdEnv().reset([3, 4])
+    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2)) for o, i in zip(observations, infos)]
+    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
+    with torch.no_grad():
+        cached, _ = agent.command_log_probs(prompts, commands, torch.tensor([0, 3]))
+        full, _ = agent.command_log_probs_full(prompts, commands, torch.tensor([0, 3]))
+    assert torch.allclose(cached.nan_to_num(0, neginf=0), full.nan_to_num(0, neginf=0), atol=1e-4)
+
+
 def test_free_text_answers_parse_and_bad_ones_are_penalised_invalid_actions(tiny_llama, monkeypatch):
     assert parse_action("<think>the mug</think> <action> Go to desk 1 </action>") == "go to desk 1"
     assert parse_action("go to desk 1") is None
