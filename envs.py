@@ -565,7 +565,8 @@ def gigpo_table(success_per_task, success):
 
 class AlfWorldEnv:
     """ALFWorld's text games (AlfredTWEnv) with HouseholdEnv's interface: reset(seeds) plays game
-    seed % (number of games) of the split (so a GRPO group of equal seeds plays one game G times);
+    (seed mod 1,000,000) mod (number of games) of the split, in path order (so a GRPO group of equal seeds
+    plays one game G times, and the evaluation seeds play the split's first games);
     step(commands) -> observations, rewards, dones, infos (lists). Reward 10 on the winning step (verl-agent
     and GiGPO: 10 * won), done at a win or after max_steps. Infos carry HouseholdEnv's keys: goal,
     admissible_commands, won, task_type (the household name of the ALFWorld type), valid_action (the
@@ -596,7 +597,7 @@ class AlfWorldEnv:
     def reset(self, seeds, task_types=None):
         if task_types is not None:
             raise ValueError("AlfWorldEnv picks games by seed; filter task types with its task_type_ids")
-        files = [self.game_files[s % len(self.game_files)] for s in seeds]
+        files = [self.game_files[s % EVAL_SEED_OFFSET % len(self.game_files)] for s in seeds]   # eval seeds: games 0, 1, ...
         if len(seeds) not in self.batch_envs:              # textworld runs each game of a batch in a process
             self.alfred.game_files = files
             self.batch_envs[len(seeds)] = self.alfred.init_env(batch_size=len(seeds))

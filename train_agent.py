@@ -3,6 +3,8 @@
     python train_agent.py                                   # PA-MoE: phase routing, GiGPO, tiny transformer
     python train_agent.py --routing token                   # or single / trajectory
     python train_agent.py --eval-only --checkpoint runs/NAME/checkpoint.pt
+    python train_agent.py --model Qwen/Qwen2.5-1.5B-Instruct --device cuda --env alfworld --action-mode generate
+    torchrun --nproc_per_node 2 train_agent.py ...            # data parallel over the ranks (README)
 
 The method (arXiv 2602.17038): one frozen base LM, K LoRA experts (experts.LoRALinear), and a router
 (router.PhaseRouter) that picks one expert per environment step from the observation aligned with the
@@ -13,6 +15,8 @@ every adapted layer, per token), trajectory (one expert per episode, chosen at t
 The policy scores every admissible command by the LM's log-likelihood of the command given the prompt
 (envs.render_prompt) and samples from the softmax over commands. The frozen base is tiny_lm.TinyGPT,
 pretrained on random play (the stand-in for a pretrained LLM); only the experts and the routers train.
+With --model, any Hugging Face causal LM is the frozen base (hf_model.py), and --action-mode generate lets
+it answer in free text as verl-agent's ALFWorld agents do (<think>...</think><action>...</action>).
 
 RL: groups of G rollouts per task seed; GRPO advantages (Shao et al. 2024) or GiGPO's (arXiv 2505.10978:
 episode groups plus anchor-state step groups); a PPO-clipped objective over the rollout's log-probs
