@@ -25,6 +25,7 @@ of the expert it chose, plus PA-MoE's balance, diversity and switch losses.
 
 Writes runs/NAME/log.jsonl and runs/NAME/checkpoint.pt; the last line printed is a JSON summary.
 """
+import datetime
 import hashlib
 import json
 import math
@@ -557,7 +558,7 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
     # Episodes whose every advantage is 0 (a group that all failed or all won the same way) carry no
     # policy gradient, so they are left out (as DAPO's dynamic sampling does); the auxiliary losses are
     # then averaged over the episodes that remain.
-    kept = equal_share(agent, [i for i, a in enumerate(advantages) if np.abs(a).max() > 0], len(advantages))
+    kept = equal_share([i for i, a in enumerate(advantages) if np.abs(a).max() > 0], len(advantages))
     if not kept:
         return {"informative_episodes": 0}, None
     episodes, advantages = [episodes[i] for i in kept], [advantages[i] for i in kept]
@@ -571,7 +572,7 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
             chosen = order[start:start + args.minibatch_episodes]
             batch = [episodes[i] for i in chosen]
             loss, policy_loss, stats = minibatch_loss(agent, batch, [advantages[i] for i in chosen], args, temperature)
-            if not torch.isfinite(loss):
+            if not finite_on_every_rank(loss):
                 return None, None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -601,8 +602,26 @@ def init_distributed(args):
     if world_size == 1:
         return 0, 1
     if not distributed():
-        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(model_device(args))
+        # the other ranks wait while rank 0 evaluates, which can take long with a large model
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                             timeout=datetime.timedelta(hours=3))
     return torch.distributed.get_rank(), world_size
+
+
+def collective_device():
+    """Where tensors for a collective must live: the rank's GPU for NCCL, the CPU for gloo."""
+    nccl = distributed() and torch.distributed.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def finite_on_every_rank(loss):
+    """Whether the loss is finite here and, under torchrun, on every rank (so all ranks stop together)."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1).to(collective_device())
+    if distributed():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
 
 
 def all_reduce_gradients(parameters):
@@ -617,13 +636,13 @@ def all_reduce_gradients(parameters):
         p.grad = g.view_as(p)
 
 
-def equal_share(agent, kept, total):
+def equal_share(kept, total):
     """Episodes a rank's update keeps. Alone: the informative ones. Under torchrun every rank must take the
     same number of optimizer steps, so each keeps as many as the rank with the most, topped up with its
     zero-advantage episodes (no policy gradient; they only enter the auxiliary losses)."""
     if not distributed():
         return kept
-    count = torch.tensor([len(kept)], device=next(agent.parameters()).device)
+    count = torch.tensor([len(kept)], device=collective_device())
     torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
     rest = [i for i in range(total) if i not in set(kept)]
     return sorted(kept + rest[:int(count) - len(kept)])
