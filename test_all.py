@@ -1116,7 +1116,7 @@ def test_alfworld_adapter_plays_a_local_game_to_a_win(alfworld_data):
     env.close()
 
 
-def test_alfworld_flags_and_missing_data_give_clear_messages(tmp_path, capsys):
+def test_alfworld_and_model_flags_give_clear_errors(capsys):
     assert alfworld_task_type_ids("") == [1, 2, 3, 4, 5, 6] and alfworld_task_type_ids("2, 6") == [2, 6]
     assert gigpo_table(dict(zip(HOUSEHOLD_TASK_TYPES, range(6))), 0.5) == \
         {"Pick": 0, "Look": 1, "Clean": 2, "Heat": 3, "Cool": 4, "Pick2": 5, "All": 0.5}
@@ -1128,6 +1128,18 @@ def test_alfworld_flags_and_missing_data_give_clear_messages(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert train_agent.parse_args(["--env", "alfworld"]).max_steps == 50
     assert train_agent.parse_args([]).max_steps == 30
+
+
+def test_missing_optional_packages_say_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)                    # import now fails
+    with pytest.raises(ImportError, match="pip install -r requirements-optional.txt"):
+        train_agent.load_base(train_agent.parse_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"]))
+    monkeypatch.setitem(sys.modules, "alfworld.agents.environment.alfred_tw_env", None)
+    with pytest.raises(ImportError, match="pip install -r requirements-optional.txt"):
+        train_agent.make_envs(train_agent.parse_args(["--env", "alfworld"]))
+
+
+def test_alfworld_needs_its_data(tmp_path):
     pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
     with pytest.raises(FileNotFoundError, match="alfworld-download"):
         AlfWorldEnv(str(tmp_path / "nowhere"))
