@@ -96,7 +96,7 @@ class LoRALinear(nn.Module):
 
     def gates(self, x):
         if self.expert_index is not None:
-            index = self.expert_index
+            index = self.expert_index.to(x.device)
             gates = F.one_hot(index.clamp(min=0), self.num_experts).to(x.dtype) * (index >= 0).unsqueeze(-1)
             return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), self.num_experts)   # (N, 1.., K)
         if self.router is not None:
@@ -111,10 +111,11 @@ class LoRALinear(nn.Module):
         if self.merged_expert is not None:
             return out                                              # the adapter is inside W already
         gates = self.gates(x)
+        x = x.to(self.lora_A.dtype)                                 # a bfloat16 base keeps float32 adapters
         low = self.dropout(x) @ self.lora_A.flatten(0, 1).T        # (N, ..., K*r): all K branches at once
         if gates is not None:
             low = (low.unflatten(-1, (self.num_experts, self.rank)) * gates.unsqueeze(-1)).flatten(-2)
-        return out + self.scaling * low @ self.lora_B.transpose(1, 2).flatten(0, 1)   # (K*r, d_out)
+        return out + (self.scaling * low @ self.lora_B.transpose(1, 2).flatten(0, 1)).to(out.dtype)   # (K*r, d_out)
 
     @torch.no_grad()
     def merge(self, expert=0):
@@ -131,18 +132,20 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, target_modules, num_experts=1, rank=8, alpha=16.0, dropout=0.0, router_factory=None):
-    """Freeze `model` and replace every nn.Linear whose name ends with one of `target_modules`
-    (e.g. ("q_proj", "k_proj", "v_proj", "o_proj") for Llama/Qwen/Mistral, ("c_attn",) for GPT-2) by a
-    LoRALinear. router_factory(d_in) -> token router, for token routing. Returns the wrapped names."""
+    """Freeze `model` and replace every nn.Linear whose dotted name ends with one of `target_modules`
+    (e.g. ("q_proj", "k_proj", "v_proj", "o_proj") for Llama/Qwen/Mistral, ("attn.c_attn", "attn.c_proj") for
+    GPT-2) by a LoRALinear on the layer's device. router_factory(d_in) -> token router, for token routing.
+    Returns the wrapped names."""
     model.requires_grad_(False)
     targets = tuple(target_modules)
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and child_name in targets:
+            if isinstance(child, nn.Linear) and any(full == t or full.endswith("." + t) for t in targets):
                 router = router_factory(child.in_features) if router_factory else None
-                setattr(module, child_name, LoRALinear(child, num_experts, rank, alpha, dropout, router))
+                layer = LoRALinear(child, num_experts, rank, alpha, dropout, router)
+                setattr(module, child_name, layer.to(child.weight.device))
                 wrapped.append(full)
     if not wrapped:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})

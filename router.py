@@ -208,7 +208,7 @@ class TokenRouter(nn.Module):
         self.k = k
 
     def forward(self, x):
-        log_probs = self.gate(x).log_softmax(-1)
+        log_probs = self.gate(x.to(self.gate.weight.dtype)).log_softmax(-1)
         chosen = log_probs.topk(self.k, dim=-1).indices
         gates = torch.zeros_like(log_probs).scatter(-1, chosen, log_probs.gather(-1, chosen).exp())
         return gates, TokenRouting(log_probs, chosen)

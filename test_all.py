@@ -1038,3 +1038,285 @@ def test_is_mode_updates_log_their_statistics(tmp_path, base_cache, routing, mod
     assert stats["is_weight_var"] > 0 and 0 <= stats["clip_fraction"] <= 1 and stats["grad_norm_var"] > 0
     if routing != "single":     # three epochs at lr 1e-2 move the routers
         assert stats["router_shift"] > 0 and args.gamma_min <= stats["gamma_min"] <= stats["gamma_mean"] < 1
+
+
+# ---- Hugging Face models, ALFWorld, torchrun (issue 5) ----
+# transformers and alfworld come from requirements-optional.txt, which CI installs; these tests skip only
+# where that package cannot be imported.
+
+import os
+import subprocess
+import sys
+
+from envs import AlfWorldEnv, alfworld_task_type_ids, gigpo_table
+from hf_model import HFBase, parse_action
+
+
+def write_tiny_llama(path):
+    """A 2-layer Llama-style causal LM and a byte-level BPE tokenizer trained on household prompts, saved
+    with save_pretrained: loaded back through --model PATH exactly like a Hub model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    observations, infos = HouseholdEnv().reset(list(range(12)))
+    texts = [render_prompt(i["goal"], [], o, 2, i["admissible_commands"]) for o, i in zip(observations, infos)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts + ["<think> </think> <action> </action>"],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
+    pytest.importorskip("tokenizers", reason="tokenizers is not installed: pip install -r requirements-optional.txt")
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+HF_FAST = ["--iterations", "1", "--tasks-per-batch", "2", "--group-size", "2", "--max-steps", "3", "--eval-every", "1",
+           "--eval-episodes", "2", "--no-progress", "--threads", "1", "--conflict-every", "1", "--max-new-tokens", "4"]
+
+
+def hf_agent(model_dir, *flags):
+    args = train_agent.parse_args(["--model", model_dir, *HF_FAST, *flags])
+    base, tokenizer = train_agent.load_base(args)
+    return train_agent.Agent(base, tokenizer, args), args
+
+
+def test_hf_model_loads_through_model_flag_and_lora_at_init_keeps_its_logits(tiny_llama):
+    args = train_agent.parse_args(["--model", tiny_llama])
+    base, tokenizer = train_agent.load_base(args)
+    assert isinstance(base, HFBase) and not any(p.requires_grad for p in base.parameters())
+    ids = torch.tensor([tokenizer.encode("Your task is to: put a mug in desk.\ngo to desk 1")])
+    with torch.no_grad():
+        before = base.model(ids).logits
+    agent = train_agent.Agent(base, tokenizer, args)
+    assert len(lora_layers(base)) == 8                  # q, k, v, o in each of the 2 layers
+    agent.eval()
+    with torch.no_grad():
+        for expert in range(agent.num_experts):
+            with route(base, torch.tensor([expert])):
+                assert torch.equal(base.model(ids).logits, before)
+        with route(base, torch.tensor([-1])):
+            hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
+        assert torch.allclose(base.logits(hidden), before, atol=1e-5)
+    assert train_agent.target_modules(base, train_agent.parse_args(["--lora-mlp"]))[-3:] == \
+        ["gate_proj", "up_proj", "down_proj"]
+
+
+def test_hf_prompt_cache_scoring_equals_plain_full_sequences(tiny_llama):
+    agent, args = hf_agent(tiny_llama, "--routing", "phase")
+    randomize_lora(agent.base)
+    agent.eval()
+    observations, infos = HouseholdEnv().reset([3, 4])
+    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2, i["admissible_commands"]))
+               for o, i in zip(observations, infos)]
+    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
+    experts = torch.tensor([1, 2])
+    with torch.no_grad():
+        cached, _ = agent.command_log_probs(prompts, commands, experts)
+        batched, _ = agent.command_log_probs_full(prompts, commands, experts)
+        for row, (prompt, cs) in enumerate(zip(prompts, commands)):      # one unpadded sequence at a time
+            scores = []
+            for command in cs:
+                ids = torch.tensor([prompt + command + [agent.tokenizer.eos_id]])
+                with route(agent.base, experts[row:row + 1]):
+                    log_probs = agent.base.model(ids).logits[0, :-1].log_softmax(-1)
+                targets = ids[0, len(prompt):]
+                scores.append(log_probs[len(prompt) - 1:].gather(1, targets[:, None]).sum())
+            plain = torch.stack(scores).log_softmax(0)
+            assert torch.allclose(cached[row, :len(cs)], plain, atol=1e-4)
+            assert torch.allclose(batched[row, :len(cs)], plain, atol=1e-4)
+
+
+def test_gpt2_style_model_gets_lora_on_its_attention(tiny_llama, tmp_path):
+    """GPT-2 keeps its projections in transformers' Conv1D: they become nn.Linear, and the default targets
+    are attn.c_attn and attn.c_proj (not the MLP's c_proj)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(tmp_path)
+    agent, args = hf_agent(str(tmp_path), "--routing", "trajectory")
+    wrapped = sorted(n.split("transformer.")[1] for n, m in agent.base.named_modules() if isinstance(m, LoRALinear))
+    assert wrapped == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.1.attn.c_attn", "h.1.attn.c_proj"]
+    randomize_lora(agent.base)
+    agent.eval()
+    observations, infos = HouseholdEnv().reset([3, 4])
+    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2)) for o, i in zip(observations, infos)]
+    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
+    with torch.no_grad():
+        cached, _ = agent.command_log_probs(prompts, commands, torch.tensor([0, 3]))
+        full, _ = agent.command_log_probs_full(prompts, commands, torch.tensor([0, 3]))
+    assert torch.allclose(cached.nan_to_num(0, neginf=0), full.nan_to_num(0, neginf=0), atol=1e-4)
+
+
+def test_free_text_answers_parse_and_bad_ones_are_penalised_invalid_actions(tiny_llama, monkeypatch):
+    assert parse_action("<think>the mug</think> <action> Go to desk 1 </action>") == "go to desk 1"
+    assert parse_action("go to desk 1") is None
+    assert train_agent.answer_to_command("<think>x</think><action>look</action>") == ("look", True)
+    assert train_agent.answer_to_command("<action>look</action>") == ("look", False)      # no <think>: invalid
+    assert train_agent.answer_to_command("I would look around")[1] is False
+    agent, args = hf_agent(tiny_llama, "--action-mode", "generate", "--routing", "single")
+    answers = ["<think>ok</think><action>look</action>", "no tags at all"]
+    monkeypatch.setattr(train_agent, "sample", lambda base, tokenizer, prompts, *a: [
+        tokenizer.encode(answers[i % 2]) for i in range(len(prompts))])
+    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5], [0, 0], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    assert episodes[0].rewards == [0.0] * 3 and episodes[1].rewards == [-0.1] * 3
+    assert all(math.isfinite(lp) and lp < 0 for e in episodes for lp in e.log_probs)
+
+
+@pytest.mark.parametrize("mode", train_agent.ACTION_MODES)
+def test_hf_model_trains_on_the_household_env(tiny_llama, tmp_path, mode):
+    agent, args = hf_agent(tiny_llama, "--action-mode", mode, "--routing", "phase")
+    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
+    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    assert math.isfinite(stats["policy_loss"]) and stats["informative_episodes"] == 4
+    trainable = {id(p) for p in agent.trainable_parameters()}
+    for name, p in agent.named_parameters():
+        assert torch.equal(before[name], p.detach()) != (id(p) in trainable), name   # experts and router move
+    summary = train_agent.train(train_agent.parse_args(["--model", tiny_llama, *HF_FAST, "--action-mode", mode,
+                                                        "--output-dir", str(tmp_path)]))
+    assert summary["status"] == "finished" and summary["env_steps"] > 0
+    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
+                                                          "--eval-episodes", "2"]))
+    assert evaluated["status"] == "evaluated" and 0 <= evaluated["success"] <= 1
+
+
+def write_alfworld_game(root, splits=("train", "valid_seen")):
+    """A one-room ALFWorld game (put a pencil on the desk), written as alfworld-download lays games out:
+    traj_data.json, initial_state.pddl and game.tw-pddl from the domain and grammar shipped in the alfworld
+    package plus this problem. Object ids are in ALFWorld's mangled form (Desk_bar_...), which the
+    demangler turns into "desk 1"."""
+    import alfworld
+    data = os.path.join(os.path.dirname(alfworld.__file__), "data")
+    domain, grammar = (open(os.path.join(data, name)).read() for name in ("alfred.pddl", "alfred.twl2"))
+    desk, table, drawer = "Desk_bar__plus_01_dot_00", "SideTable_bar__plus_02_dot_00", "Drawer_bar__plus_03_dot_00"
+    pencil = "Pencil_bar__plus_02_dot_10"
+    problem = f"""(define (problem tiny) (:domain alfred)
+ (:objects agent1 - agent PencilType - otype DeskType SideTableType DrawerType - rtype {pencil} - object
+  {desk} {table} {drawer} - receptacle loc_bar_start loc_bar_desk loc_bar_table loc_bar_drawer - location)
+ (:init (atLocation agent1 loc_bar_start) (openable {drawer})
+  (receptacleType {desk} DeskType) (receptacleType {table} SideTableType) (receptacleType {drawer} DrawerType)
+  (receptacleAtLocation {desk} loc_bar_desk) (receptacleAtLocation {table} loc_bar_table)
+  (receptacleAtLocation {drawer} loc_bar_drawer) (objectType {pencil} PencilType) (pickupable {pencil})
+  (inReceptacle {pencil} {table}) (objectAtLocation {pencil} loc_bar_table)
+  (canContain DeskType PencilType) (canContain SideTableType PencilType) (canContain DrawerType PencilType))
+ (:goal (exists (?r - receptacle) (exists (?o - object)
+  (and (inReceptacle ?o ?r) (objectType ?o PencilType) (receptacleType ?r DeskType))))))"""
+    for split in splits:
+        game = os.path.join(root, "json_2.1.1", split, "pick_and_place_simple-Pencil-None-Desk-1", "trial_T0")
+        os.makedirs(game)
+        json.dump({"task_type": "pick_and_place_simple",
+                   "pddl_params": {"object_target": "Pencil", "parent_target": "Desk", "toggle_target": "",
+                                   "mrecep_target": "", "object_sliced": False}},
+                  open(os.path.join(game, "traj_data.json"), "w"))
+        open(os.path.join(game, "initial_state.pddl"), "w").write(problem)
+        json.dump({"pddl_domain": domain, "grammar": grammar.replace("UNKNOWN GOAL", "put some pencil on desk"),
+                   "pddl_problem": problem, "solvable": True}, open(os.path.join(game, "game.tw-pddl"), "w"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def alfworld_data(tmp_path_factory):
+    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    return write_alfworld_game(tmp_path_factory.mktemp("alfworld"))
+
+
+def test_alfworld_adapter_plays_a_local_game_to_a_win(alfworld_data):
+    env = AlfWorldEnv(alfworld_data, "train", [1], max_steps=50)
+    observations, infos = env.reset([0, 7])                  # one game: every seed plays it
+    assert infos[0]["goal"] == "put some pencil on desk." and infos[0]["task_type"] == "pick_and_place"
+    assert "desk 1" in observations[0] and "Welcome" not in observations[0]
+    assert infos[0]["admissible_commands"] == ["go to desk 1", "go to drawer 1", "go to sidetable 1", "inventory",
+                                                "look"]
+    observation, reward, done, info = env.step(["jump", "look"])
+    assert observation[0] == "Nothing happens." and not info[0]["valid_action"] and info[1]["valid_action"]
+    for command in ["go to sidetable 1", "take pencil 1 from sidetable 1", "go to desk 1"]:
+        assert command in info[0]["admissible_commands"]
+        observation, reward, done, info = env.step([command, "look"])
+        assert reward == [0.0, 0.0] and done == [False, False]
+    observation, reward, done, info = env.step(["move pencil 1 to desk 1", "look"])
+    assert info[0]["won"] and reward == [10.0, 0.0] and done == [True, False] and not info[1]["won"]
+    env.close()
+
+
+def test_alfworld_and_model_flags_give_clear_errors(capsys):
+    assert alfworld_task_type_ids("") == [1, 2, 3, 4, 5, 6] and alfworld_task_type_ids("2, 6") == [2, 6]
+    assert gigpo_table(dict(zip(HOUSEHOLD_TASK_TYPES, range(6))), 0.5) == \
+        {"Pick": 0, "Look": 1, "Clean": 2, "Heat": 3, "Cool": 4, "Pick2": 5, "All": 0.5}
+    for flags, message in [(["--env", "alfworld", "--task-types", "1,9"], "unknown ALFWorld task type '9'"),
+                           (["--action-mode", "generate"], "needs a Hugging Face --model"),
+                           (["--dtype", "float16"], "invalid choice: 'float16'")]:
+        with pytest.raises(SystemExit):
+            train_agent.parse_args(flags)
+        assert message in capsys.readouterr().err
+    assert train_agent.parse_args(["--env", "alfworld"]).max_steps == 50
+    assert train_agent.parse_args([]).max_steps == 30
+
+
+def test_missing_optional_packages_say_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)                    # import now fails
+    with pytest.raises(ImportError, match="pip install -r requirements-optional.txt"):
+        train_agent.load_base(train_agent.parse_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"]))
+    monkeypatch.setitem(sys.modules, "alfworld.agents.environment.alfred_tw_env", None)
+    with pytest.raises(ImportError, match="pip install -r requirements-optional.txt"):
+        train_agent.make_envs(train_agent.parse_args(["--env", "alfworld"]))
+
+
+def test_alfworld_needs_its_data(tmp_path):
+    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    with pytest.raises(FileNotFoundError, match="alfworld-download"):
+        AlfWorldEnv(str(tmp_path / "nowhere"))
+
+
+def test_hf_model_trains_on_alfworld(alfworld_data, tiny_llama, tmp_path):
+    summary = train_agent.train(train_agent.parse_args([
+        "--model", tiny_llama, "--env", "alfworld", "--alfworld-data", alfworld_data, "--task-types", "1",
+        *HF_FAST, "--max-steps", "4", "--output-dir", str(tmp_path)]))
+    assert summary["status"] == "finished" and 0 < summary["env_steps"] <= 2 * 2 * 4
+    assert set(summary["alfworld_success"]) == {"Pick", "Look", "Clean", "Heat", "Cool", "Pick2", "All"}
+    assert summary["alfworld_success"]["Look"] is None and 0 <= summary["alfworld_success"]["Pick"] <= 1
+
+
+TORCHRUN_WORKER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import train_agent
+summary = train_agent.train(train_agent.parse_args(sys.argv[1:]))
+json.dump(summary, open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w"))
+"""
+
+
+def test_torchrun_two_processes_keep_the_trainable_parameters_equal(tiny_llama, tmp_path):
+    """2 CPU processes on gloo, each with its own environments: after the updates both ranks hold the same
+    trainable parameters, and they moved. The free-text mode's penalised invalid answers give GiGPO's step
+    advantages a signal even when no episode is won."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(TORCHRUN_WORKER.format(root=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path)))
+    flags = ["--model", tiny_llama, *HF_FAST, "--iterations", "2", "--action-mode", "generate",
+             "--max-new-tokens", "2", "--output-dir", str(tmp_path / "runs")]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(worker), *flags], check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
+    assert ranks[0]["parameter_digest"] == ranks[1]["parameter_digest"]
+    assert ranks[0]["parameter_digest"] != ranks[0]["initial_parameter_digest"]
+    assert ranks[0]["initial_parameter_digest"] == ranks[1]["initial_parameter_digest"]

@@ -3,6 +3,8 @@
     python train_agent.py                                   # PA-MoE: phase routing, GiGPO, tiny transformer
     python train_agent.py --routing token                   # or single / trajectory
     python train_agent.py --eval-only --checkpoint runs/NAME/checkpoint.pt
+    python train_agent.py --model Qwen/Qwen2.5-1.5B-Instruct --device cuda --env alfworld --action-mode generate
+    torchrun --nproc_per_node 2 train_agent.py ...            # data parallel over the ranks (README)
 
 The method (arXiv 2602.17038): one frozen base LM, K LoRA experts (experts.LoRALinear), and a router
 (router.PhaseRouter) that picks one expert per environment step from the observation aligned with the
@@ -13,6 +15,8 @@ every adapted layer, per token), trajectory (one expert per episode, chosen at t
 The policy scores every admissible command by the LM's log-likelihood of the command given the prompt
 (envs.render_prompt) and samples from the softmax over commands. The frozen base is tiny_lm.TinyGPT,
 pretrained on random play (the stand-in for a pretrained LLM); only the experts and the routers train.
+With --model, any Hugging Face causal LM is the frozen base (hf_model.py), and --action-mode generate lets
+it answer in free text as verl-agent's ALFWorld agents do (<think>...</think><action>...</action>).
 
 RL: groups of G rollouts per task seed; GRPO advantages (Shao et al. 2024) or GiGPO's (arXiv 2505.10978:
 episode groups plus anchor-state step groups); a PPO-clipped objective over the rollout's log-probs
@@ -27,6 +31,8 @@ commands, so a step is the unit that has a probability, and an episode is the "s
 
 Writes runs/NAME/log.jsonl and runs/NAME/checkpoint.pt; the last line printed is a JSON summary.
 """
+import datetime
+import hashlib
 import json
 import math
 import os
@@ -39,17 +45,21 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from envs import HOUSEHOLD_TASK_TYPES, EVAL_SEED_OFFSET, HouseholdEnv, eval_seeds, render_prompt
+from envs import (ALFWORLD_EVAL_SPLITS, ALFWORLD_TASK_TYPES, EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, AlfWorldEnv,
+                  HouseholdEnv, alfworld_task_type_ids, eval_seeds, gigpo_table, render_prompt)
 from experts import add_lora, lora_layers, lora_parameters, route
 from moe_rl import (count_switches, expert_utilisation, gradient_conflict, loss_shares, majority_expert,
                     parameter_count, parameter_occupancy, router_shift_ratio)
-from router import PhaseRouter, TokenRouter, diversity_loss, phase_balance_loss, switch_loss
+from router import PhaseRouter, PhaseRouting, TokenRouter, diversity_loss, phase_balance_loss, switch_loss
+from hf_model import DTYPES, default_target_modules, free_text_prompt, load_hf_base, parse_action, sample
 from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain, pad
 from train_dqn import arg, parse_dataclass
 
 ROUTINGS = ("single", "token", "trajectory", "phase")
 ALGOS = ("grpo", "gigpo")
-ENVS = ("household",)
+ENVS = ("household", "alfworld")
+ENV_MAX_STEPS = {"household": 30, "alfworld": 50}
+ACTION_MODES = ("score", "generate")
 IS_MODES = ("token", "sequence", "rais")
 
 
@@ -64,7 +74,10 @@ class Args:
     rank: int = arg(8, "LoRA rank r")
     lora_alpha: float = arg(16.0, "LoRA alpha (scale alpha / r)")
     lora_dropout: float = arg(0.05, "dropout on the adapter input")
-    target_modules: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated names of the linear layers to adapt")
+    target_modules: str = arg("auto", "comma-separated names (or dotted name endings) of the linear layers to adapt; "
+                              "auto: the attention projections, q/k/v/o_proj (Llama, Qwen, Mistral, the tiny "
+                              "transformer) or attn.c_attn/attn.c_proj (GPT-2), and with --lora-mlp the MLP's")
+    lora_mlp: bool = arg(False, "with --target-modules auto, also adapt the MLP projections")
     # the phase router (PA-MoE Sec. 3.2)
     router_hidden: int = arg(64, "router LSTM and MLP width (paper: 256 on a 1.5B model)")
     router_history: int = arg(5, "L, the (action, observation) pairs the router's LSTM reads")
@@ -77,8 +90,9 @@ class Args:
     diversity_steps: int = arg(32, "steps per minibatch on which every expert's policy is computed for L_div")
     switch_weight: float = arg(0.05, "lambda_s, expert-switch penalty weight (0 = off)")
     # the environment
-    env: str = arg("household", "environment", ENVS)
-    max_steps: int = arg(30, "step limit of an episode")
+    env: str = arg("household", "environment: household (envs.HouseholdEnv) or alfworld (the alfworld package's "
+                   "AlfredTWEnv, data from --alfworld-data)", ENVS)
+    max_steps: int = arg(0, "step limit of an episode (0: the environment's, household 30, alfworld 50)")
     history_length: int = arg(2, "past (action, observation) pairs in the prompt")
     # RL
     iterations: int = arg(30, "training iterations (one batch of rollouts and its update each)")
@@ -121,6 +135,28 @@ class Args:
     progress: bool = arg(True, "show a progress bar")
     eval_only: bool = arg(False, "only evaluate --checkpoint")
     checkpoint: str = arg("", "checkpoint to evaluate with --eval-only")
+    # a Hugging Face model, ALFWorld, several processes (README: Real LLMs and ALFWorld)
+    model: str = arg("", "Hugging Face causal LM (Hub name or save_pretrained directory) loaded with "
+                     "AutoModelForCausalLM as the frozen base; empty: the tiny transformer")
+    device: str = arg("cpu", "device of the model and the routers: cpu, cuda, cuda:1 (under torchrun, cuda is "
+                      "cuda:LOCAL_RANK)")
+    dtype: str = arg("float32", "dtype of the frozen --model weights (the LoRA experts stay float32)",
+                     tuple(DTYPES))
+    gradient_checkpointing: bool = arg(False, "recompute the --model's activations in the backward pass (less "
+                                       "memory; commands are then scored as full sequences, without the cache)")
+    trust_remote_code: bool = arg(False, "let --model run its own code from the Hub (only for models you trust)")
+    action_mode: str = arg("score", "score: a softmax over the admissible commands of the LM's likelihood of each; "
+                           "generate: free text with <think> and <action> tags, sampled (needs --model)",
+                           ACTION_MODES)
+    temperature: float = arg(1.0, "sampling temperature of --action-mode generate")
+    max_new_tokens: int = arg(256, "longest answer of --action-mode generate, in tokens")
+    alfworld_data: str = arg("", "ALFWorld data directory (default: $ALFWORLD_DATA; fetch it with alfworld-download)")
+    task_types: str = arg("", "ALFWorld task types to train and evaluate on, comma-separated ids 1-6 "
+                          f"({', '.join(f'{i} {n}' for i, n in ALFWORLD_TASK_TYPES.items())}); default all")
+    eval_split: str = arg("eval_in_distribution", "ALFWorld evaluation split", ALFWORLD_EVAL_SPLITS)
+
+    def __post_init__(self):
+        self.max_steps = self.max_steps or ENV_MAX_STEPS.get(self.env, 0)
 
 
 def validate(args):
@@ -146,6 +182,16 @@ def validate(args):
         raise ValueError("--eval-only needs --checkpoint PATH")
     if not [t for t in args.target_modules.split(",") if t.strip()]:
         raise ValueError("--target-modules is empty")
+    if args.action_mode == "generate" and not args.model:
+        raise ValueError("--action-mode generate needs a Hugging Face --model (the tiny transformer only scores "
+                         "commands)")
+    if args.action_mode == "generate" and args.kl_coef > 0:
+        raise ValueError("--kl-coef is the KL over the admissible commands, only for --action-mode score")
+    if args.temperature <= 0 or args.max_new_tokens < 1:
+        raise ValueError(f"--temperature must be positive and --max-new-tokens at least 1, got {args.temperature} "
+                         f"and {args.max_new_tokens}")
+    if args.env == "alfworld":
+        alfworld_task_type_ids(args.task_types)      # names the bad id and the valid ones
 
 
 def parse_args(argv=None):
@@ -205,12 +251,14 @@ class Agent(nn.Module):
         self.base, self.tokenizer, self.routing = base, tokenizer, args.routing
         num_experts = 1 if args.routing == "single" else args.experts
         router_factory = (lambda dim: TokenRouter(dim, num_experts, args.token_k)) if args.routing == "token" else None
-        add_lora(base, [t.strip() for t in args.target_modules.split(",") if t.strip()], num_experts, args.rank,
-                 args.lora_alpha, args.lora_dropout, router_factory)
+        add_lora(base, target_modules(base, args), num_experts, args.rank, args.lora_alpha, args.lora_dropout,
+                 router_factory)
         dim = base.config.dim
         self.router = PhaseRouter(dim, num_experts, args.router_hidden) if args.routing in ("trajectory", "phase") else None
         self.num_experts = num_experts
-        self.max_prompt = base.config.max_len - 16
+        self.max_prompt = base.config.max_len - (args.max_new_tokens if args.action_mode == "generate" else 16)
+        # without a cache (gradient checkpointing turns it off) commands are scored as whole sequences
+        self.full_sequences = args.gradient_checkpointing
         self._encoded = {}
 
     def trainable_parameters(self):
@@ -231,7 +279,7 @@ class Agent(nn.Module):
                         self.tokenizer.pad_id)
         with route(self.base, torch.full((len(texts),), -1)):
             hidden, _ = self.base(ids, mask)
-        return [h[m] for h, m in zip(hidden, mask)]
+        return [h[m.to(h.device)].float() for h, m in zip(hidden, mask)]
 
     def command_log_probs(self, prompts, commands, expert_index):
         """log pi(command | prompt) over each step's admissible commands: the softmax over the commands of
@@ -239,8 +287,11 @@ class Agent(nn.Module):
         attends to its cached keys and values, which are never copied per command.
         prompts: b id lists; commands: b lists of id lists; expert_index (b,) or None (token routing).
         Returns (b, c) log-probs (-inf on padding) and, for token routing, each adapted layer's routing of
-        every command token: chosen experts (layers, b, c, l, k) and router log-probs (layers, b, c, l, e)."""
+        every command token, on the CPU (the model may sit on another device): chosen experts
+        (layers, b, c, l, k) and router log-probs (layers, b, c, l, e)."""
         b, c = len(prompts), max(len(cs) for cs in commands)
+        if self.full_sequences:
+            return self.command_log_probs_full(prompts, commands, expert_index)
         prompt_ids, prompt_mask = pad([p[-self.max_prompt:] for p in prompts], self.tokenizer.pad_id, left=True)
         flat = [cmd for cs in commands for cmd in cs + [[]] * (c - len(cs))]
         command_ids, command_mask = pad(flat, self.tokenizer.pad_id)                  # (b*c, l)
@@ -251,34 +302,80 @@ class Agent(nn.Module):
             command_hidden, _ = self.base(command_ids, command_mask, past, prompt_mask)
         token_routes = None
         if self.routing == "token":
-            routings = [layer.last_routing for layer in lora_layers(self.base)]
-            token_routes = tuple(torch.stack([getattr(r, name) for r in routings]).view(len(routings), b, c,
-                                                                                         command_ids.shape[1], -1)
-                                 for name in ("chosen", "log_probs"))
+            token_routes = tuple(x.view(x.shape[0], b, c, command_ids.shape[1], -1).cpu()
+                                 for x in token_routing(self.base))
         # the first command token is predicted from the last prompt position, the others from the command's
         hidden = torch.cat([repeat(prompt_hidden[:, -1:]), command_hidden], 1)        # (b*c, l+1, d)
+        command_ids, command_mask = command_ids.to(hidden.device), command_mask.to(hidden.device)
         lengths = command_mask.sum(1)
-        targets = torch.cat([command_ids, torch.full((b * c, 1), self.tokenizer.pad_id)], 1)
+        targets = torch.cat([command_ids, torch.full_like(command_ids[:, :1], self.tokenizer.pad_id)], 1)
         targets[torch.arange(b * c), lengths] = self.tokenizer.eos_id
-        target_mask = torch.arange(targets.shape[1]) <= lengths.unsqueeze(1)
+        target_mask = torch.arange(targets.shape[1], device=hidden.device) <= lengths.unsqueeze(1)
         token_log_probs = self.base.logits(hidden).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        scores = (token_log_probs * target_mask).sum(1).view(b, c)
+        scores = (token_log_probs * target_mask).sum(1).view(b, c).cpu()
         exists = torch.tensor([[j < len(cs) for j in range(c)] for cs in commands])
         return scores.masked_fill(~exists, -math.inf).log_softmax(-1), token_routes
 
+    def sequence_log_probs(self, prompts, continuations, expert_index, temperature=1.0):
+        """sum_t log softmax(logits_t / temperature)[token_t] over each continuation's tokens given its prompt,
+        from whole sequences (prompt left-padded, continuation right-padded) in one forward pass, no cache.
+        The free-text mode's log pi(answer | prompt). Returns (n,) on the CPU and, for token routing, each
+        layer's routing of the continuations' input tokens: chosen (layers, n, l, k), log-probs (layers, n, l, e)."""
+        prompt_ids, prompt_mask = pad([p[-self.max_prompt:] for p in prompts], self.tokenizer.pad_id, left=True)
+        ids, mask = pad(continuations, self.tokenizer.pad_id)
+        with route(self.base, expert_index):
+            hidden, _ = self.base(torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1))
+        start = prompt_ids.shape[1]
+        token_routes = None
+        if self.routing == "token":
+            token_routes = tuple(x[:, :, start:].cpu() for x in token_routing(self.base))
+        logits = self.base.logits(hidden[:, start - 1:-1]) / temperature              # predicts each continuation token
+        ids, mask = ids.to(logits.device), mask.to(logits.device)
+        token_log_probs = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return (token_log_probs * mask).sum(1).cpu(), token_routes
+
+    def command_log_probs_full(self, prompts, commands, expert_index):
+        """command_log_probs from whole (prompt, command, <eos>) sequences: c times the compute, no cache."""
+        b, c = len(prompts), max(len(cs) for cs in commands)
+        flat = [cmd + [self.tokenizer.eos_id] for cs in commands for cmd in cs + [[]] * (c - len(cs))]
+        scores, token_routes = self.sequence_log_probs([p for p in prompts for _ in range(c)], flat,
+                                                       None if expert_index is None else expert_index.repeat_interleave(c))
+        if token_routes is not None:
+            token_routes = tuple(x[:, :, :-1].reshape(x.shape[0], b, c, -1, x.shape[-1]) for x in token_routes)
+        exists = torch.tensor([[j < len(cs) for j in range(c)] for cs in commands])
+        return scores.view(b, c).masked_fill(~exists, -math.inf).log_softmax(-1), token_routes
+
+    def action_log_probs(self, prompts, actions, expert_index, args):
+        """(b, c) log pi of each step's candidate actions: its admissible commands (score mode), or its one
+        sampled answer (generate mode, c = 1, at the sampling temperature)."""
+        if args.action_mode == "generate":
+            scores, token_routes = self.sequence_log_probs(prompts, [a[0] for a in actions], expert_index,
+                                                           args.temperature)
+            return scores.unsqueeze(1), None if token_routes is None else tuple(x.unsqueeze(2) for x in token_routes)
+        return self.command_log_probs(prompts, actions, expert_index)
+
     def route_steps(self, inputs, temperature):
-        """Run the phase router on a list of stored inputs (obs encoding, goal encoding, pair history)."""
+        """Run the phase router on a list of stored inputs (obs encoding, goal encoding, pair history).
+        The decision comes back on the CPU, with its gradient."""
         obs, obs_mask = stack_padded([x[0] for x in inputs])
         goal, goal_mask = stack_padded([x[1] for x in inputs])
         history, history_mask = stack_padded([x[2] for x in inputs])
-        return self.router(obs, obs_mask, goal, goal_mask, history, history_mask.sum(1), temperature)
+        routing = self.router(obs, obs_mask, goal, goal_mask, history, history_mask.sum(1), temperature)
+        return PhaseRouting(routing.logits.cpu(), routing.log_probs.cpu())
+
+
+def token_routing(model):
+    """What every token router of the model decided in its last forward, stacked over the adapted layers:
+    chosen experts (layers, ..., k) and router log-probs (layers, ..., e)."""
+    routings = [layer.last_routing for layer in lora_layers(model)]
+    return torch.stack([r.chosen for r in routings]), torch.stack([r.log_probs for r in routings])
 
 
 def stack_padded(tensors):
     """List of (t_i, d) -> (n, max t, d) right-padded, and the (n, max t) mask."""
     width = max(t.shape[0] for t in tensors)
     out = tensors[0].new_zeros(len(tensors), width, tensors[0].shape[1])
-    mask = torch.zeros(len(tensors), width, dtype=torch.bool)
+    mask = torch.zeros(len(tensors), width, dtype=torch.bool, device=out.device)
     for i, t in enumerate(tensors):
         out[i, :len(t)], mask[i, :len(t)] = t, True
     return out, mask
@@ -335,9 +432,14 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
         active = [i for i in range(n) if not done[i]]
         if not active:
             break
-        prompts = [agent.encode_text(render_prompt(goals[i], histories[i], observations[i], args.history_length,
-                                                   infos[i]["admissible_commands"])) for i in active]
-        commands = [[agent.encode_text(c) for c in infos[i]["admissible_commands"]] for i in active]
+        if args.action_mode == "generate":
+            prompts = [agent.tokenizer.encode(agent.tokenizer.chat(free_text_prompt(
+                goals[i], histories[i], observations[i], infos[i]["admissible_commands"], args.history_length)))
+                for i in active]
+        else:
+            prompts = [agent.encode_text(render_prompt(goals[i], histories[i], observations[i], args.history_length,
+                                                       infos[i]["admissible_commands"])) for i in active]
+            commands = [[agent.encode_text(c) for c in infos[i]["admissible_commands"]] for i in active]
         router_inputs = router_log_probs = None
         if agent.router is not None and (args.routing == "phase" or t == 0):
             encodings = agent.frozen_encodings([observations[i] for i in active] +
@@ -353,17 +455,29 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
             for j, i in enumerate(active):
                 experts[i] = int(chosen[j])
         expert_index = None if args.routing == "token" else torch.tensor([experts[i] for i in active])
-        log_pi, token_routes = agent.command_log_probs(prompts, commands, expert_index)
-        if train or not args.eval_greedy_actions:
-            actions = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
+        if args.action_mode == "generate":
+            with route(agent.base, expert_index):
+                answers = sample(agent.base, agent.tokenizer, [p[-agent.max_prompt:] for p in prompts],
+                                 args.temperature, args.max_new_tokens, generator)
+            commands = [[answer] for answer in answers]
+            # log pi_old recomputed by the same full-sequence pass the update uses (verl's old_log_prob)
+            log_pi, token_routes = agent.action_log_probs(prompts, commands, expert_index, args)
+            actions = torch.zeros(len(active), dtype=torch.long)
         else:
-            actions = log_pi.argmax(1)
+            log_pi, token_routes = agent.command_log_probs(prompts, commands, expert_index)
+            if train or not args.eval_greedy_actions:
+                actions = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
+            else:
+                actions = log_pi.argmax(1)
         base_log_pi = None
         if train and args.kl_coef > 0:
             base_log_pi, _ = agent.command_log_probs(prompts, commands, torch.full((len(active),), -1))
-        step_commands = ["look"] * n
+        step_commands, well_formed = ["look"] * n, [True] * n
         for j, i in enumerate(active):
-            step_commands[i] = infos[i]["admissible_commands"][int(actions[j])]
+            if args.action_mode == "generate":
+                step_commands[i], well_formed[i] = answer_to_command(agent.tokenizer.decode(answers[j]))
+            else:
+                step_commands[i] = infos[i]["admissible_commands"][int(actions[j])]
         next_observations, rewards, dones, next_infos = env.step(step_commands)
         for j, i in enumerate(active):
             e = episodes[i]
@@ -373,7 +487,7 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
             e.log_probs.append(float(log_pi[j, actions[j]]))
             e.experts.append(-1 if args.routing == "token" else experts[i])
             e.observations.append(observations[i])
-            penalty = 0.0 if next_infos[i]["valid_action"] else args.invalid_penalty
+            penalty = 0.0 if next_infos[i]["valid_action"] and well_formed[i] else args.invalid_penalty
             e.rewards.append(float(rewards[i]) - penalty)
             if base_log_pi is not None:
                 e.base_log_probs.append(base_log_pi[j, :len(commands[j])].clone())
@@ -390,6 +504,16 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
                 done[i], e.won = True, bool(next_infos[i]["won"])
         observations, infos = next_observations, next_infos
     return episodes
+
+
+def answer_to_command(text):
+    """A free-text answer -> (command, well formed). As verl-agent's ALFWorld projection: the command is
+    the <action> content, and an answer without <action> or without <think>...</think> is invalid (its last
+    30 characters go to the environment, which answers "Nothing happens.", and it is penalised)."""
+    command = parse_action(text)
+    if command is None:
+        return text[-30:], False
+    return command, "<think>" in text and "</think>" in text
 
 
 # --- the update -------------------------------------------------------------------------------------------
@@ -474,8 +598,8 @@ def minibatch_loss(agent, episodes, advantages, args, temperature):
     advantage = torch.tensor(np.concatenate(advantages), dtype=torch.float32)
     old = torch.tensor([e.log_probs[t] for e, t in steps])
     expert_index = None if args.routing == "token" else torch.tensor([e.experts[t] for e, t in steps])
-    log_pi, routes = agent.command_log_probs([e.prompts[t] for e, t in steps], [e.commands[t] for e, t in steps],
-                                             expert_index)
+    log_pi, routes = agent.action_log_probs([e.prompts[t] for e, t in steps], [e.commands[t] for e, t in steps],
+                                            expert_index, args)
     actions = torch.tensor([e.actions[t] for e, t in steps])
     # the router shift since the rollout: per step, from the phase router's decision or the token routers
     gamma = shift = routing = None
@@ -526,7 +650,7 @@ def minibatch_loss(agent, episodes, advantages, args, temperature):
             switch = switch_loss(routing.probs, chosen, episode)
             loss = loss + args.switch_weight * switch
             stats["switch_loss"] = switch.item()
-            if args.diversity_weight:
+            if args.diversity_weight and args.action_mode == "score":   # L_div needs the policy over commands
                 pick = torch.randperm(len(steps))[:args.diversity_steps]
                 sub = [steps[i] for i in pick]
                 k = agent.num_experts
@@ -548,7 +672,7 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
     # Episodes whose every advantage is 0 (a group that all failed or all won the same way) carry no
     # policy gradient, so they are left out (as DAPO's dynamic sampling does); the auxiliary losses are
     # then averaged over the episodes that remain.
-    kept = [i for i, a in enumerate(advantages) if np.abs(a).max() > 0]
+    kept = equal_share([i for i, a in enumerate(advantages) if np.abs(a).max() > 0], len(advantages))
     if not kept:
         return {"informative_episodes": 0}, None
     episodes, advantages = [episodes[i] for i in kept], [advantages[i] for i in kept]
@@ -562,10 +686,12 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
             chosen = order[start:start + args.minibatch_episodes]
             batch = [episodes[i] for i in chosen]
             loss, policy_loss, stats = minibatch_loss(agent, batch, [advantages[i] for i in chosen], args, temperature)
-            if not torch.isfinite(loss):
+            if not finite_on_every_rank(loss):
                 return None, None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if distributed():
+                all_reduce_gradients(parameters)
             stats["grad_norm"] = float(nn.utils.clip_grad_norm_(parameters, args.max_grad_norm))
             optimizer.step()
             all_stats.append(stats)
@@ -578,6 +704,73 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
         stats["gamma_min"] = min(s["gamma_min"] for s in all_stats)
     stats["grad_norm_var"] = float(np.var([s["grad_norm"] for s in all_stats]))
     return {**stats, "informative_episodes": len(episodes)}, shares
+
+
+# --- several processes (torchrun): data parallelism over the trainable parameters ------------------------
+
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(args):
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) join the process group, NCCL on GPUs and gloo on
+    the CPU; otherwise (0, 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not distributed():
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(model_device(args))
+        # the other ranks wait while rank 0 evaluates, which can take long with a large model
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                             timeout=datetime.timedelta(hours=3))
+    return torch.distributed.get_rank(), world_size
+
+
+def collective_device():
+    """Where tensors for a collective must live: the rank's GPU for NCCL, the CPU for gloo."""
+    nccl = distributed() and torch.distributed.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def finite_on_every_rank(loss):
+    """Whether the loss is finite here and, under torchrun, on every rank (so all ranks stop together)."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1).to(collective_device())
+    if distributed():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
+
+
+def all_reduce_gradients(parameters):
+    """Average the trainable parameters' gradients over the ranks in one flat all-reduce: what
+    DistributedDataParallel does, written out, because only the small LoRA experts and routers train
+    (the frozen model needs no wrapper) and a rank's step count is set by equal_share."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for p, g in zip(parameters, flat.split([p.numel() for p in parameters])):
+        p.grad = g.view_as(p)
+
+
+def equal_share(kept, total):
+    """Episodes a rank's update keeps. Alone: the informative ones. Under torchrun every rank must take the
+    same number of optimizer steps, so each keeps as many as the rank with the most, topped up with its
+    zero-advantage episodes (no policy gradient; they only enter the auxiliary losses)."""
+    if not distributed():
+        return kept
+    count = torch.tensor([len(kept)], device=collective_device())
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    rest = [i for i in range(total) if i not in set(kept)]
+    return sorted(kept + rest[:int(count) - len(kept)])
+
+
+def parameter_digest(parameters):
+    """sha1 of the trainable parameters' bytes: equal on every rank while they stay in sync."""
+    digest = hashlib.sha1()
+    for p in parameters:
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def measure_gradient_conflict(agent, episodes, advantages, args, temperature):
@@ -621,17 +814,56 @@ def evaluate(agent, env, args, num_episodes, seed):
     return episode_metrics(episodes, agent.num_experts)
 
 
+def target_modules(base, args):
+    """The LoRA targets: --target-modules, or for auto the attention projections (and with --lora-mlp the
+    MLP's) under the architecture's names."""
+    if args.target_modules != "auto":
+        return [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    return default_target_modules(base, args.lora_mlp)
+
+
+def model_device(args):
+    """--device, where under torchrun "cuda" is the rank's own GPU."""
+    if args.device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return args.device
+
+
 def load_base(args):
-    """The frozen base LM and its tokenizer: the cached tiny LM (pretrained on random play on first use)."""
+    """The frozen base LM and its tokenizer: the --model from Hugging Face, or the cached tiny LM
+    (pretrained on random play on first use)."""
+    if args.model:
+        return load_hf_base(args.model, model_device(args), args.dtype, args.trust_remote_code,
+                            args.gradient_checkpointing)
     config = PretrainConfig(episodes=args.pretrain_episodes, steps=args.pretrain_steps, seed=0,
                             max_steps=args.max_steps, history_length=args.history_length)
     return load_or_pretrain(args.base_cache, config, args.progress)
 
 
+def make_envs(args):
+    """(training env, evaluation env): one HouseholdEnv (seeds split train and evaluation), or ALFWorld's
+    train split and --eval-split."""
+    if args.env == "alfworld":
+        types = alfworld_task_type_ids(args.task_types)
+        return (AlfWorldEnv(args.alfworld_data, "train", types, args.max_steps),
+                AlfWorldEnv(args.alfworld_data, args.eval_split, types, args.max_steps))
+    env = HouseholdEnv(args.max_steps)
+    return env, env
+
+
 def save_checkpoint(path, agent, optimizer, args, iteration):
+    """The agent, the optimizer and the config. With a --model only the trainable weights are saved (the
+    frozen model is reloaded from --model); the tiny LM is saved whole."""
+    state = agent.state_dict()
+    extra = {}
+    if args.model:
+        trainable = {name for name, p in agent.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
+    else:
+        extra = {"gpt": asdict(agent.base.config), "words": agent.tokenizer.words[4:]}
     tmp = path + ".tmp"
-    torch.save({"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "args": asdict(args),
-                "gpt": asdict(agent.base.config), "words": agent.tokenizer.words[4:], "iteration": iteration}, tmp)
+    torch.save({"agent": state, "optimizer": optimizer.state_dict(), "args": asdict(args), "iteration": iteration,
+                **extra}, tmp)
     os.replace(tmp, path)   # atomic: a crash mid-save never leaves a broken checkpoint
 
 
@@ -640,11 +872,21 @@ def evaluate_checkpoint(path, episodes):
     start = time.time()
     state = torch.load(path, weights_only=True)
     saved = Args(**state["args"])
-    agent = Agent(TinyGPT(GPTConfig(**state["gpt"])), WordTokenizer(state["words"]), saved)
-    agent.load_state_dict(state["agent"])
-    metrics = evaluate(agent, HouseholdEnv(saved.max_steps), saved, episodes, saved.seed)
+    if saved.model:
+        agent = Agent(*load_base(saved), saved).to(model_device(saved))
+        missing, unexpected = agent.load_state_dict(state["agent"], strict=False)
+        trainable = {name for name, p in agent.named_parameters() if p.requires_grad}
+        if unexpected or trainable & set(missing):
+            raise ValueError(f"{path} does not match --model {saved.model}: missing {sorted(trainable & set(missing))}, "
+                             f"unexpected {unexpected}")
+    else:
+        agent = Agent(TinyGPT(GPTConfig(**state["gpt"])), WordTokenizer(state["words"]), saved)
+        agent.load_state_dict(state["agent"])
+    metrics = evaluate(agent, make_envs(saved)[1], saved, episodes, saved.seed)
     summary = {"status": "evaluated", "checkpoint": path, "iteration": state["iteration"], **metrics,
                "wall_seconds": time.time() - start}
+    if saved.env == "alfworld":
+        summary["alfworld_success"] = gigpo_table(metrics["success_per_task"], metrics["success"])
     print(json.dumps(summary))
     return summary
 
@@ -655,30 +897,35 @@ def train(args):
         return evaluate_checkpoint(args.checkpoint, args.eval_episodes)
     torch.set_num_threads(args.threads)
     start = time.time()
+    rank, world_size = init_distributed(args)
+    main = rank == 0                      # rank 0 evaluates, logs and saves; every rank runs its own envs
     base, tokenizer = load_base(args)
-    torch.manual_seed(args.seed)          # after pretraining, which seeds itself: the experts' init
-    agent = Agent(base, tokenizer, args)
-    rng = np.random.default_rng(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    env = HouseholdEnv(args.max_steps)
+    torch.manual_seed(args.seed)          # after pretraining, which seeds itself: the experts' init (equal on all ranks)
+    agent = Agent(base, tokenizer, args).to(model_device(args))
+    rng = np.random.default_rng(args.seed + 1_000_003 * rank)
+    generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
+    env, eval_env = make_envs(args)
     optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=args.learning_rate)
+    initial_digest = parameter_digest(agent.trainable_parameters())
     run_dir = os.path.join(args.output_dir, args.run_name or f"{args.routing}_{args.algo}_s{args.seed}")
     os.makedirs(run_dir, exist_ok=True)
     checkpoint_path, log_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
-    log = open(log_path, "w")
+    log = open(log_path if main else os.devnull, "w")
     trainable = sum(p.numel() for p in agent.trainable_parameters())
     log.write(json.dumps({"config": asdict(args), "trainable_parameters": trainable,
                           "parameters": parameter_count(agent)}) + "\n")
     anneal = args.router_anneal_iterations or args.iterations
     batch_shares, conflicts, env_steps, saved_iteration = [], [], 0, None
     record = untrained = None
-    bar = tqdm(range(args.iterations + 1), disable=not args.progress, dynamic_ncols=True, unit="it")
+    bar = tqdm(range(args.iterations + 1), disable=not (args.progress and main), dynamic_ncols=True, unit="it")
     train_start = time.time()
     for iteration in bar:
         temperature = args.router_temperature_start + (args.router_temperature_end - args.router_temperature_start) \
             * min(1.0, iteration / anneal)
-        if iteration % args.eval_every == 0 or iteration == args.iterations:
-            metrics = evaluate(agent, env, args, args.eval_episodes, args.seed)
+        if main and (iteration % args.eval_every == 0 or iteration == args.iterations):
+            metrics = evaluate(agent, eval_env, args, args.eval_episodes, args.seed)
+            if args.env == "alfworld":
+                metrics["alfworld_success"] = gigpo_table(metrics["success_per_task"], metrics["success"])
             record = {"iteration": iteration, "env_steps": env_steps, "eval": metrics,
                       "wall_seconds": time.time() - train_start}
             if conflicts:
@@ -698,7 +945,7 @@ def train(args):
         episodes = rollout(agent, env, seeds, groups, args, temperature, True, generator)
         env_steps += sum(len(e.actions) for e in episodes)
         advantages = compute_advantages(episodes, args.algo, args.gamma, args.step_advantage_weight, args.normalize_std)
-        if args.conflict_every and iteration % args.conflict_every == 0:
+        if main and args.conflict_every and iteration % args.conflict_every == 0:
             conflicts.append(measure_gradient_conflict(agent, episodes, advantages, args, temperature)[0])
         stats, shares = update(agent, optimizer, episodes, advantages, args, temperature, rng)
         if stats is None:
@@ -723,10 +970,15 @@ def train(args):
                               "loss_shares": shares, **stats, "wall_seconds": elapsed,
                               "env_steps_per_second": env_steps / elapsed}) + "\n")
         log.flush()
-        bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}",
-                        train_success=f"{train_metrics['success']:.2f}", sps=f"{env_steps / elapsed:.0f}")
+        if main:
+            bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}",
+                            train_success=f"{train_metrics['success']:.2f}", sps=f"{env_steps / elapsed:.0f}")
     bar.close()
     log.close()
+    digest = parameter_digest(agent.trainable_parameters())
+    if not main:      # the other ranks report what the test of data parallelism compares
+        return {"status": "finished", "rank": rank, "world_size": world_size, "env_steps": env_steps,
+                "parameter_digest": digest, "initial_parameter_digest": initial_digest}
     final = record["eval"]
     summary = {"status": "finished", "run_dir": run_dir, "iterations": args.iterations, "env_steps": env_steps,
                "success": final["success"], "success_per_task": final["success_per_task"],
@@ -737,7 +989,11 @@ def train(args):
                "occupancy": parameter_occupancy(batch_shares, HOUSEHOLD_TASK_TYPES),
                "gradient_conflict": float(np.mean(conflicts)) if conflicts else None,
                "wall_seconds": time.time() - start, "env_steps_per_second": env_steps / (time.time() - train_start),
-               "trainable_parameters": trainable, "parameters": parameter_count(agent), "checkpoint": checkpoint_path}
+               "trainable_parameters": trainable, "parameters": parameter_count(agent), "checkpoint": checkpoint_path,
+               "rank": rank, "world_size": world_size, "parameter_digest": digest,
+               "initial_parameter_digest": initial_digest}
+    if args.env == "alfworld":
+        summary["alfworld_success"] = final["alfworld_success"]
     print(json.dumps(summary))
     return summary
 
