@@ -15,6 +15,8 @@ Measured in one run, on one machine, so the numbers compare as ratios:
    N = 1, 2, 4, 8, 16, relative to N = 1, and the cost of one update of all N seeds.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -97,7 +99,8 @@ def seed_scaling(routing_flags, seed_counts, steps, repeats):
                                          "--final-eval-episodes", "10", "--no-progress",
                                          "--output-dir", "/tmp/moe_rl_benchmark", "--run-name", f"scaling_{n}"])
             start = time.perf_counter()
-            train_dqn.train(args)
+            with contextlib.redirect_stdout(io.StringIO()):   # the runs' JSON summaries
+                train_dqn.train(args)
             best[n] = min(best[n], time.perf_counter() - start)
     return {n: {"wall_seconds": s, "vs_1_seed": s / best[seed_counts[0]], "per_seed_vs_1_seed": s / best[seed_counts[0]] / n}
             for n, s in best.items()}

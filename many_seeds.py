@@ -169,7 +169,10 @@ def clip_grad_norm_per_seed(parameters, max_norm, num_seeds):
     """torch.nn.utils.clip_grad_norm_ for each seed on its own: seed i's gradients (every parameter's
     slice i) are scaled by min(1, max_norm / (||g_i|| + 1e-6)), ||g_i|| the norm over all of seed i's
     gradients. Returns the (S,) norms before clipping."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    parameters = [p for p in parameters if p.grad is not None]
+    if num_seeds == 1:   # torch's own foreach clipping: the same result in fewer ops
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True).view(1)
+    grads = [p.grad for p in parameters]
     norms = torch.stack([g.reshape(num_seeds, -1).norm(dim=1) for g in grads]).norm(dim=0)   # (S,)
     scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
