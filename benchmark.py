@@ -16,6 +16,7 @@ Measured in one run, on one machine, so the numbers compare as ratios:
 """
 import argparse
 import contextlib
+import copy
 import io
 import json
 import os
@@ -51,7 +52,7 @@ def update_setup(flags, seeds, task_set, buffer_rows=10_000):
     """A seed-batched network, target, optimizer and a filled replay buffer for `seeds` seeds."""
     args = train_dqn.parse_args([*flags, "--seeds", str(seeds)])
     network = train_dqn.make_seed_networks(args, task_set, train_dqn.seed_list(args))
-    target = train_dqn.copy.deepcopy(network)
+    target = copy.deepcopy(network)
     optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     rng = np.random.default_rng(0)
     buffer = train_dqn.ReplayBuffer(buffer_rows, task_set.observation_size, [np.random.default_rng(s) for s in range(seeds)])
@@ -118,7 +119,8 @@ def main():
                         help="routings whose multi-seed scaling is measured")
     parser.add_argument("--scaling-steps", type=int, default=5000, help="env steps of each scaling run")
     parser.add_argument("--scaling-repeats", type=int, default=2, help="repeats of each scaling run (best kept)")
-    parser.add_argument("--out", default="results/benchmark.json", help="where the JSON results go")
+    parser.add_argument("--out", default="results/benchmark.json",
+                        help="the JSON results; parts not measured in this run keep their figures from the file")
     args = parser.parse_args()
     for name in ("max_steps", "scaling_steps", "scaling_repeats"):
         if getattr(args, name) < 1:
@@ -126,8 +128,9 @@ def main():
     if min(args.scaling_seeds) < 1:
         parser.error(f"--scaling-seeds must all be at least 1, got {args.scaling_seeds}")
     torch.set_num_threads(1)
-    results = {"command": "python benchmark.py " + " ".join(sys.argv[1:]),
-               "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1}}
+    command = "python benchmark.py " + " ".join(sys.argv[1:])
+    results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1},
+               "commands": {part: command for part in args.parts}}
 
     if "costs" in args.parts:
         costs = update_costs({name: (flags, 1) for name, flags in ROUTINGS.items()})
@@ -176,6 +179,9 @@ def main():
         results.update(time_to_475=table, runs=runs)
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    results["commands"] = {**previous.get("commands", {}), **results["commands"]}
+    results = {**previous, **results}   # the parts not measured this time keep their earlier figures
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwrote {args.out}")

@@ -900,6 +900,8 @@ def test_agent_bad_cli_values(flags, message, capsys):
 
 # ---- Many seeds in one process (issue 6) ----
 
+import copy  # noqa: E402
+
 from many_seeds import clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks  # noqa: E402
 
 SEEDED_ARCHITECTURES = [("dense", "middle", "soft"), ("topk", "middle", "soft"), ("topk", "all", "soft"),
@@ -954,7 +956,7 @@ def test_batched_updates_reproduce_the_single_seed_updates(routing):
     setups = []
     for seeds in ([1, 2, 3], [2]):
         network = train_dqn.make_seed_networks(args, task_set, seeds)
-        target = train_dqn.copy.deepcopy(network)
+        target = copy.deepcopy(network)
         optimizer = torch.optim.Adam(network.parameters(), lr=1e-2, eps=args.adam_eps, fused=True)
         setups.append((network, target, optimizer))
     rng = np.random.default_rng(0)
