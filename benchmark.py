@@ -1,7 +1,8 @@
 """Benchmark: how fast each routing trains on CartPole-v1, and what one update costs.
 
-    python benchmark.py                      # the README's table (about 10 minutes on 2 CPU cores)
-    python benchmark.py --costs-only         # just the per-update costs (about a minute)
+    python benchmark.py                      # the README's tables (about 20 minutes on 2 CPU cores)
+    python benchmark.py --parts costs        # just the per-update costs (about a minute)
+    python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N)
 
 Measured in one run, on one machine, so the numbers compare as ratios:
 1. time to a greedy evaluation return of 475 (mean of 10 episodes, checked every 1000 steps) for each
@@ -9,11 +10,17 @@ Measured in one run, on one machine, so the numbers compare as ratios:
    the final 20-episode evaluation of the model that got there;
 2. the cost of one DQN update (Double DQN targets, Huber loss, backward, clipping, Adam) and of one
    action selection, per routing, relative to dense. Timings are interleaved across routings and the
-   best of several repeats is kept, which cancels most of the noise of a shared machine.
+   best of several repeats is kept, which cancels most of the noise of a shared machine;
+3. many seeds in one process: the wall time of a fixed-length `train_dqn.py --seeds N` run for
+   N = 1, 2, 4, 8, 16, relative to N = 1, and the cost of one update of all N seeds.
 """
 import argparse
+import contextlib
+import copy
+import io
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -41,26 +48,32 @@ def time_to_475(name, flags, seed, max_steps):
             "env_steps": summary["env_steps"] if reached else None, "steps_per_second": summary["steps_per_second"]}
 
 
-def update_costs(repeats=5, updates=100):
-    """Milliseconds per DQN update and per single-state action selection, best of `repeats`."""
+def update_setup(flags, seeds, task_set, buffer_rows=10_000):
+    """A seed-batched network, target, optimizer and a filled replay buffer for `seeds` seeds."""
+    args = train_dqn.parse_args([*flags, "--seeds", str(seeds)])
+    network = train_dqn.make_seed_networks(args, task_set, train_dqn.seed_list(args))
+    target = copy.deepcopy(network)
+    optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    rng = np.random.default_rng(0)
+    buffer = train_dqn.ReplayBuffer(buffer_rows, task_set.observation_size, [np.random.default_rng(s) for s in range(seeds)])
+    for _ in range(buffer_rows):
+        buffer.add(rng.uniform(-1, 1, (seeds, 4)), rng.integers(2, size=seeds), 1.0, rng.uniform(-1, 1, (seeds, 4)),
+                   rng.random(seeds) < 0.02, 0)
+    return network, target, optimizer, args, buffer
+
+
+def update_costs(setups, repeats=5, updates=100):
+    """Milliseconds per DQN update (all seeds at once) and per action selection (one state per seed), best
+    of `repeats`, interleaved across `setups` {name: (flags, seeds)}."""
     task_set = TaskSet(["CartPole-v1"])
     mask = torch.from_numpy(task_set.action_mask)
-    rng = np.random.default_rng(0)
-    buffer = train_dqn.ReplayBuffer(10_000, task_set.observation_size, rng)
-    for _ in range(10_000):
-        buffer.add(rng.uniform(-1, 1, 4), rng.integers(2), 1.0, rng.uniform(-1, 1, 4), rng.random() < 0.02, 0)
-    setups = {}
-    for name, flags in ROUTINGS.items():
-        args = train_dqn.parse_args(flags)
-        torch.manual_seed(0)
-        network, target = train_dqn.make_network(args, task_set), train_dqn.make_network(args, task_set)
-        optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-        setups[name] = (network, target, optimizer, args)
-    batches = [buffer.sample(128) for _ in range(updates)]
-    obs, task = torch.from_numpy(task_set.obs[0][None]), torch.zeros(1, dtype=torch.long)
-    best = {name: [np.inf, np.inf] for name in ROUTINGS}
+    built = {name: update_setup(flags, seeds, task_set) for name, (flags, seeds) in setups.items()}
+    best = {name: [np.inf, np.inf] for name in setups}
     for _ in range(repeats):
-        for name, (network, target, optimizer, args) in setups.items():
+        for name, (network, target, optimizer, args, buffer) in built.items():
+            batches = [buffer.sample(128) for _ in range(updates)]
+            seeds = args.seeds
+            obs, task = torch.from_numpy(np.repeat(task_set.obs[0][None], seeds, 0)), torch.zeros(seeds, dtype=torch.long)
             start = time.perf_counter()
             for batch in batches:
                 train_dqn.dqn_update(network, target, optimizer, batch, mask, args)
@@ -70,50 +83,107 @@ def update_costs(repeats=5, updates=100):
                 for _ in range(updates):
                     train_dqn.masked_q(network, obs, task, mask)[0].argmax(1)
             best[name][1] = min(best[name][1], (time.perf_counter() - start) / updates * 1e3)
-    dense_update, dense_act = best["dense"]
-    return {name: {"update_ms": u, "update_vs_dense": u / dense_update, "act_ms": a, "act_vs_dense": a / dense_act,
-                   "parameters": sum(p.numel() for p in setups[name][0].parameters())}
+    return {name: {"seeds": built[name][3].seeds, "update_ms": u, "act_ms": a,
+                   "parameters_per_seed": sum(p[0].numel() for p in built[name][0].parameters())}
             for name, (u, a) in best.items()}
+
+
+def seed_scaling(routing_flags, seed_counts, steps, repeats):
+    """Wall seconds of one train_dqn.py run of `steps` env steps with --seeds N, for each N, without
+    stopping when solved; one evaluation (10 episodes per seed) at the end. Runs are interleaved over N
+    and the best of `repeats` is kept."""
+    best = {n: np.inf for n in seed_counts}
+    for _ in range(repeats):
+        for n in seed_counts:
+            args = train_dqn.parse_args([*routing_flags, "--seeds", str(n), "--total-steps", str(steps),
+                                         "--no-stop-when-solved", "--eval-frequency", str(steps),
+                                         "--final-eval-episodes", "10", "--no-progress",
+                                         "--output-dir", "/tmp/moe_rl_benchmark", "--run-name", f"scaling_{n}"])
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):   # the runs' JSON summaries
+                train_dqn.train(args)
+            best[n] = min(best[n], time.perf_counter() - start)
+    return {n: {"wall_seconds": s, "vs_1_seed": s / best[seed_counts[0]], "per_seed_vs_1_seed": s / best[seed_counts[0]] / n}
+            for n, s in best.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["costs", "scaling", "475"], choices=["costs", "scaling", "475"],
+                        help="what to measure: update costs per routing, multi-seed scaling, time to 475")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the time-to-475 runs")
     parser.add_argument("--max-steps", type=int, default=50_000, help="give up on 475 after this many env steps")
-    parser.add_argument("--out", default="results/benchmark.json", help="where the JSON results go")
-    parser.add_argument("--costs-only", action="store_true", help="measure only the update and action costs")
+    parser.add_argument("--scaling-seeds", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                        help="--seeds values of the scaling runs (the first is the reference)")
+    parser.add_argument("--scaling-routings", nargs="+", default=["dense"], choices=list(ROUTINGS),
+                        help="routings whose multi-seed scaling is measured")
+    parser.add_argument("--scaling-steps", type=int, default=5000, help="env steps of each scaling run")
+    parser.add_argument("--scaling-repeats", type=int, default=2, help="repeats of each scaling run (best kept)")
+    parser.add_argument("--out", default="results/benchmark.json",
+                        help="the JSON results; parts not measured in this run keep their figures from the file")
     args = parser.parse_args()
+    for name in ("max_steps", "scaling_steps", "scaling_repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if min(args.scaling_seeds) < 1:
+        parser.error(f"--scaling-seeds must all be at least 1, got {args.scaling_seeds}")
     torch.set_num_threads(1)
+    command = "python benchmark.py " + " ".join(sys.argv[1:])
+    results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1},
+               "commands": {part: command for part in args.parts}}
 
-    costs = update_costs()
-    print("\nCost of one update (batch 128) and one action selection, CartPole-v1, 1 thread:")
-    print(f"{'routing':8} {'params':>7} {'update ms':>10} {'x dense':>8} {'act ms':>8} {'x dense':>8}")
-    for name, c in costs.items():
-        print(f"{name:8} {c['parameters']:>7} {c['update_ms']:>10.3f} {c['update_vs_dense']:>8.2f} "
-              f"{c['act_ms']:>8.3f} {c['act_vs_dense']:>8.2f}")
+    if "costs" in args.parts:
+        costs = update_costs({name: (flags, 1) for name, flags in ROUTINGS.items()})
+        dense_update, dense_act = costs["dense"]["update_ms"], costs["dense"]["act_ms"]
+        print("\nCost of one update (batch 128) and one action selection, CartPole-v1, 1 thread:")
+        print(f"{'routing':8} {'params':>7} {'update ms':>10} {'x dense':>8} {'act ms':>8} {'x dense':>8}")
+        for name, c in costs.items():
+            c.update(update_vs_dense=c["update_ms"] / dense_update, act_vs_dense=c["act_ms"] / dense_act)
+            print(f"{name:8} {c['parameters_per_seed']:>7} {c['update_ms']:>10.3f} {c['update_vs_dense']:>8.2f} "
+                  f"{c['act_ms']:>8.3f} {c['act_vs_dense']:>8.2f}")
+        results["update_costs"] = costs
 
-    if args.costs_only:
-        return
-    runs = [time_to_475(name, flags, seed, args.max_steps) for name, flags in ROUTINGS.items() for seed in args.seeds]
-    print(f"\nTime to a greedy eval return of 475 on CartPole-v1 (seeds {args.seeds}, train_dqn.py defaults):")
-    print(f"{'routing':8} {'reached':>8} {'median s':>9} {'max s':>7} {'median steps':>13} {'steps/s':>8}")
-    table = {}
-    for name in ROUTINGS:
-        mine = [r for r in runs if r["routing"] == name]
-        hit = [r for r in mine if r["reached"]]
-        row = {"reached": f"{len(hit)}/{len(mine)}",
-               "median_seconds": float(np.median([r["wall_seconds"] for r in hit])) if hit else None,
-               "max_seconds": max(r["wall_seconds"] for r in hit) if hit else None,
-               "median_steps": float(np.median([r["env_steps"] for r in hit])) if hit else None,
-               "steps_per_second": float(np.mean([r["steps_per_second"] for r in mine]))}
-        table[name] = row
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
-        print(f"{name:8} {row['reached']:>8} {fmt(row['median_seconds'], '9.1f')} {fmt(row['max_seconds'], '7.1f')} "
-              f"{fmt(row['median_steps'], '13.0f')} {row['steps_per_second']:>8.0f}")
+    if "scaling" in args.parts:
+        results["seed_scaling"] = {}
+        for name in args.scaling_routings:
+            counts = args.scaling_seeds
+            updates = update_costs({n: (ROUTINGS[name], n) for n in counts}, repeats=3, updates=50)
+            runs = seed_scaling(ROUTINGS[name], counts, args.scaling_steps, args.scaling_repeats)
+            print(f"\nMany seeds in one process, {name}: {args.scaling_steps} env steps per seed, one update per "
+                  f"2 steps, 1 thread (best of {args.scaling_repeats}, interleaved):")
+            print(f"{'seeds':>5} {'wall s':>7} {'x 1 seed':>9} {'per seed':>9} {'update ms':>10} {'x 1 seed':>9}")
+            for n in counts:
+                runs[n].update(update_ms=updates[n]["update_ms"], update_vs_1_seed=updates[n]["update_ms"] / updates[counts[0]]["update_ms"])
+                r = runs[n]
+                print(f"{n:>5} {r['wall_seconds']:>7.1f} {r['vs_1_seed']:>9.2f} {r['per_seed_vs_1_seed']:>9.2f} "
+                      f"{r['update_ms']:>10.2f} {r['update_vs_1_seed']:>9.2f}")
+            results["seed_scaling"][name] = {"steps": args.scaling_steps, "by_seeds": runs}
+
+    if "475" in args.parts:
+        runs = [time_to_475(name, flags, seed, args.max_steps) for name, flags in ROUTINGS.items() for seed in args.seeds]
+        print(f"\nTime to a greedy eval return of 475 on CartPole-v1 (seeds {args.seeds}, train_dqn.py defaults):")
+        print(f"{'routing':8} {'reached':>8} {'median s':>9} {'max s':>7} {'median steps':>13} {'steps/s':>8}")
+        table = {}
+        for name in ROUTINGS:
+            mine = [r for r in runs if r["routing"] == name]
+            hit = [r for r in mine if r["reached"]]
+            row = {"reached": f"{len(hit)}/{len(mine)}",
+                   "median_seconds": float(np.median([r["wall_seconds"] for r in hit])) if hit else None,
+                   "max_seconds": max(r["wall_seconds"] for r in hit) if hit else None,
+                   "median_steps": float(np.median([r["env_steps"] for r in hit])) if hit else None,
+                   "steps_per_second": float(np.mean([r["steps_per_second"] for r in mine]))}
+            table[name] = row
+            fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+            print(f"{name:8} {row['reached']:>8} {fmt(row['median_seconds'], '9.1f')} {fmt(row['max_seconds'], '7.1f')} "
+                  f"{fmt(row['median_steps'], '13.0f')} {row['steps_per_second']:>8.0f}")
+        results.update(time_to_475=table, runs=runs)
+
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    results["commands"] = {**previous.get("commands", {}), **results["commands"]}
+    results = {**previous, **results}   # the parts not measured this time keep their earlier figures
     with open(args.out, "w") as f:
-        json.dump({"update_costs": costs, "time_to_475": table, "runs": runs,
-                   "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}, f, indent=1)
+        json.dump(results, f, indent=1)
     print(f"\nwrote {args.out}")
 
 

@@ -2,11 +2,14 @@
 
     python -m pytest -q test_all.py
 """
+import copy
 import json
 import math
 import os
 import random
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,10 +19,12 @@ import torch.nn.functional as F
 
 import train_agent
 import train_dqn
-from envs import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, HouseholdEnv, HouseholdGame,
-                  TaskSet, active_tasks, eval_seeds, household_task_type, kind_of, normalized_score, render_prompt,
-                  scale_observation)
+from envs import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, AlfWorldEnv, HouseholdEnv, HouseholdGame,
+                  TaskSet, active_tasks, alfworld_task_type_ids, eval_seeds, gigpo_table, household_task_type, kind_of,
+                  normalized_score, render_prompt, scale_observation)
 from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, route
+from hf_model import HFBase, parse_action
+from many_seeds import clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
 from moe_rl import (BIG_GATES, PLACEMENTS, MoELayer, QNetwork, count_switches, dormant_fraction, expert_utilisation,
                     gradient_conflict, loss_shares, parameter_occupancy, router_shift_ratio, tokenize)
 from router import (PhaseRouter, SoftMoERouter, TaskRouter, TokenRouter, TopKRouter, balance_loss, diversity_loss,
@@ -1044,13 +1049,6 @@ def test_is_mode_updates_log_their_statistics(tmp_path, base_cache, routing, mod
 # transformers and alfworld come from requirements-optional.txt, which CI installs; these tests skip only
 # where that package cannot be imported.
 
-import os
-import subprocess
-import sys
-
-from envs import AlfWorldEnv, alfworld_task_type_ids, gigpo_table
-from hf_model import HFBase, parse_action
-
 
 def write_tiny_llama(path):
     """A 2-layer Llama-style causal LM and a byte-level BPE tokenizer trained on household prompts, saved
@@ -1320,3 +1318,208 @@ def test_torchrun_two_processes_keep_the_trainable_parameters_equal(tiny_llama, 
     assert ranks[0]["parameter_digest"] == ranks[1]["parameter_digest"]
     assert ranks[0]["parameter_digest"] != ranks[0]["initial_parameter_digest"]
     assert ranks[0]["initial_parameter_digest"] == ranks[1]["initial_parameter_digest"]
+
+
+# ---- Many seeds in one process (issue 6) ----
+
+SEEDED_ARCHITECTURES = [("dense", "middle", "soft"), ("topk", "middle", "soft"), ("topk", "all", "soft"),
+                        ("soft", "all", "soft"), ("task", "final", "soft"), ("big", "middle", "soft"),
+                        ("big", "middle", "topk"), ("big", "middle", "task")]
+
+
+@pytest.mark.parametrize("routing, placement, gate", SEEDED_ARCHITECTURES)
+def test_seed_batched_network_is_each_seed_alone(routing, placement, gate):
+    nets = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        nets.append(QNetwork(6, 3, routing, placement, hidden=32, num_tokens=4, expert_hidden=16, num_experts=3,
+                             big_gate=gate, balance_loss_weight=0.1, z_loss_weight=0.01))
+    batched = stack_networks(nets)
+    obs, task = torch.randn(3, 5, 6), torch.randint(0, 3, (3, 5))
+    q, out = batched(obs.flatten(0, 1), task.flatten())
+    aux = out.aux_loss.expand(3)
+    (q.pow(2).sum() + aux.sum()).backward()
+    grads = dict(batched.named_parameters())
+    for i, net in enumerate(nets):
+        q_i, out_i = net(obs[i], task[i])
+        torch.testing.assert_close(q.view(3, 5, 3)[i], q_i, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(aux[i], out_i.aux_loss, rtol=1e-5, atol=1e-6)
+        (q_i.pow(2).sum() + out_i.aux_loss).backward()
+        for name, p in net.named_parameters():   # seed i's gradient is its own network's, nothing else
+            torch.testing.assert_close(grads[name].grad[i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_seed_i_starts_from_the_weights_of_the_single_run_with_that_seed():
+    args = train_dqn.parse_args(["--routing", "soft", "--seed", "3", "--seeds", "3"])
+    task_set = TaskSet(["CartPole-v1"])
+    assert train_dqn.seed_list(args) == [3, 4, 5]
+    state = train_dqn.make_seed_networks(args, task_set, train_dqn.seed_list(args)).state_dict()
+    for i, seed in enumerate([3, 4, 5]):
+        single = train_dqn.make_seed_networks(args, task_set, [seed]).state_dict()
+        torch.manual_seed(seed)
+        plain = train_dqn.make_network(args, task_set).state_dict()
+        for name in plain:
+            assert torch.equal(state[name][i], plain[name]) and torch.equal(single[name][0], plain[name])
+    assert not torch.equal(state["encoder.weight"][0], state["encoder.weight"][1])
+
+
+@pytest.mark.parametrize("routing", ["dense", "soft", "topk"])
+def test_batched_updates_reproduce_the_single_seed_updates(routing):
+    flags = ["--routing", routing, "--hidden", "32", "--expert-hidden", "16", "--tokens", "4", "--max-grad-norm", "0.5"]
+    if routing == "topk":
+        flags += ["--balance-loss-weight", "0.01", "--z-loss-weight", "0.001"]
+    args = train_dqn.parse_args(flags)
+    task_set = TaskSet(["CartPole-v1"])
+    mask = torch.from_numpy(task_set.action_mask)
+    setups = []
+    for seeds in ([1, 2, 3], [2]):
+        network = train_dqn.make_seed_networks(args, task_set, seeds)
+        target = copy.deepcopy(network)
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-2, eps=args.adam_eps, fused=True)
+        setups.append((network, target, optimizer))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        batch = [torch.from_numpy(a) for a in (rng.uniform(-1, 1, (3, 16, 4)).astype(np.float32), rng.integers(0, 2, (3, 16)),
+                                               np.ones((3, 16), np.float32), rng.uniform(-1, 1, (3, 16, 4)).astype(np.float32),
+                                               (rng.random((3, 16)) < 0.1).astype(np.float32), np.zeros((3, 16), np.int64))]
+        stats_batched = train_dqn.dqn_update(*setups[0], batch, mask, args)
+        stats_single = train_dqn.dqn_update(*setups[1], [b[1:2] for b in batch], mask, args)
+        np.testing.assert_allclose(stats_batched[1], stats_single[0], rtol=1e-5, atol=1e-6)
+    after_batched, after_single = setups[0][0].state_dict(), setups[1][0].state_dict()
+    for name in after_single:
+        torch.testing.assert_close(after_batched[name][1], after_single[name][0], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_clipping_is_per_seed():
+    weight, bias = torch.zeros(3, 4, 5, requires_grad=True), torch.zeros(3, 5, requires_grad=True)
+    weight.grad, bias.grad = torch.randn(3, 4, 5), torch.randn(3, 5)
+    weight.grad[0] *= 1e-3
+    bias.grad[0] *= 1e-3                                    # seed 0 is under the limit, seeds 1-2 above
+    weight.grad[2] *= 100
+    expected = []
+    for i in range(3):                                      # torch's clip on each seed's own gradients
+        w, b = torch.zeros(4, 5, requires_grad=True), torch.zeros(5, requires_grad=True)
+        w.grad, b.grad = weight.grad[i].clone(), bias.grad[i].clone()
+        torch.nn.utils.clip_grad_norm_([w, b], 1.0)
+        expected.append((w.grad, b.grad))
+    before = torch.cat([weight.grad.flatten(1), bias.grad], 1).norm(dim=1)
+    norms = clip_grad_norm_per_seed([weight, bias], 1.0, 3)
+    torch.testing.assert_close(norms, before)
+    for i, (w, b) in enumerate(expected):
+        torch.testing.assert_close(weight.grad[i], w)
+        torch.testing.assert_close(bias.grad[i], b)
+    after = torch.cat([weight.grad.flatten(1), bias.grad], 1).norm(dim=1)
+    assert after[0] < 0.01 and after[1] == pytest.approx(1.0, rel=1e-4) and after[2] == pytest.approx(1.0, rel=1e-4)
+
+
+def per_seed_records(summary, seed):
+    timing = {"wall_seconds", "steps_per_second"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_log(summary) if r.get("seed") == seed]
+
+
+@pytest.mark.parametrize("setting", ["single", "mtrl"])
+def test_seed_i_of_a_batched_run_is_the_single_run_with_that_seed(tmp_path, setting):
+    batched, _ = run(tmp_path, "--routing", "soft", "--setting", setting, "--seed", "1", "--seeds", "2", "--run-name", "b")
+    single, _ = run(tmp_path, "--routing", "soft", "--setting", setting, "--seed", "2", "--run-name", "s")
+    mine, alone = per_seed_records(batched, 2), per_seed_records(single, 2)
+    assert len(mine) == len(alone) == 2
+    for a, b in zip(mine, alone):   # same exploration, replay samples and episodes; losses equal up to rounding
+        assert a["eval_return"] == b["eval_return"] and a["train_return"] == b["train_return"]
+        assert a["td_loss"] == pytest.approx(b["td_loss"], rel=1e-4)
+    assert per_seed_records(batched, 1)[0]["td_loss"] != mine[0]["td_loss"]   # and the seeds differ
+
+
+@pytest.mark.parametrize("architecture, setting", list(zip(ARCHITECTURES, ["single", "mtrl", "crl"] * 5)),
+                         ids=lambda a: "-".join(a[1::2]) if isinstance(a, list) else a)
+def test_seeds_smoke_every_routing(tmp_path, architecture, setting):
+    summary, args = run(tmp_path, *architecture, "--setting", setting, "--seed", "4", "--seeds", "2",
+                        "--total-steps", "200")
+    assert summary["status"] == "finished" and summary["seeds"] == [4, 5]
+    tasks = train_dqn.task_list(args)
+    assert [r["seed"] for r in summary["per_seed"]] == [4, 5]
+    for task in tasks:   # the summary's mean is the mean of the seeds' final evaluations
+        values = [r["final_eval_return"][task] for r in summary["per_seed"]]
+        assert summary["final_eval_return"][task] == pytest.approx(np.mean(values))
+        assert summary["ci95"]["final_eval_return"][task] == pytest.approx(mean_and_ci95(values)[1])
+    log = read_log(summary)
+    assert log[0]["seeds"] == [4, 5]
+    assert [r["seed"] for r in log[1:] if "seed" in r] == [4, 5, 4, 5]
+    steps = [r["step"] for r in log[1:] if "over_seeds" in r]     # one line over the seeds per evaluation
+    assert steps == sorted({r["step"] for r in log[1:] if "seed" in r}) and steps[-1] == summary["env_steps"] >= 200
+    for record in log[1:]:
+        if "seed" in record:
+            assert 0.0 <= record["dormant_fraction"]["overall"] <= 1.0
+            assert bool(record["expert_load"]) == (architecture[1] != "dense")
+    state = torch.load(summary["checkpoint"], weights_only=True)
+    assert state["seeds"] == [4, 5] and all(v.shape[0] == 2 for v in state["network"].values())
+
+
+def test_mean_and_ci95_on_hand_made_values():
+    assert mean_and_ci95([3.0]) == (3.0, None)
+    mean, half = mean_and_ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+
+
+def test_a_seed_that_solves_stops_with_its_weights_while_the_others_train_on(tmp_path, monkeypatch):
+    real = train_dqn.evaluate
+
+    def seed_2_solves(network, task_set, action_mask, episodes, seed):
+        if seed == train_dqn.eval_seed(2):
+            return {"CartPole-v1": 500.0}, {"CartPole-v1": 1.05}
+        return real(network, task_set, action_mask, episodes, seed)
+
+    monkeypatch.setattr(train_dqn, "evaluate", seed_2_solves)
+    batched, _ = run(tmp_path, "--seed", "1", "--seeds", "2", "--eval-frequency", "150", "--run-name", "b")
+    first, second = batched["per_seed"]
+    assert second["stopped_early"] and second["env_steps"] == 150 and second["final_eval_return"]["CartPole-v1"] == 500
+    assert not first["stopped_early"] and first["env_steps"] == 300 and not batched["stopped_early"]
+    assert [r["final"] for r in read_log(batched) if r.get("seed") == 2] == [False, True]
+    single, _ = run(tmp_path, "--seed", "2", "--eval-frequency", "150", "--run-name", "s")
+    assert single["stopped_early"] and single["env_steps"] == 150
+    frozen = seed_state_dict(torch.load(batched["checkpoint"], weights_only=True)["network"], 1)
+    solved = seed_state_dict(torch.load(single["checkpoint"], weights_only=True)["network"], 0)
+    for name in solved:   # seed 2's weights are those it solved with, though seed 1 trained on to step 300
+        torch.testing.assert_close(frozen[name], solved[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_seed_whose_loss_is_nan_stops_alone(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_loss = F.smooth_l1_loss
+
+    def seed_2_turns_nan(q, target, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(q, target, **kwargs)
+        if calls["n"] > 150 and len(loss) == 2:
+            loss = loss * torch.tensor([[1.0], [math.nan]])
+        return loss
+
+    monkeypatch.setattr(train_dqn.F, "smooth_l1_loss", seed_2_turns_nan)
+    batched, _ = run(tmp_path, "--train-frequency", "1", "--seed", "1", "--seeds", "2", "--run-name", "b")
+    assert batched["status"] == "diverged" and "seed 2" in batched["message"]
+    assert [r["status"] for r in batched["per_seed"]] == ["finished", "diverged"]
+    assert batched["per_seed"][0]["env_steps"] == 300 and batched["per_seed"][1]["env_steps"] == 250
+    state = torch.load(batched["checkpoint"], weights_only=True)
+    assert state["step"] == 300 and all(torch.isfinite(v).all() for v in state["network"].values())
+    assert "seed 2" in capsys.readouterr().err
+    single, _ = run(tmp_path, "--train-frequency", "1", "--seed", "1", "--run-name", "s")
+    for a, b in zip(per_seed_records(batched, 1), per_seed_records(single, 1)):   # seed 1 never noticed
+        assert a["eval_return"] == b["eval_return"] and a["td_loss"] == pytest.approx(b["td_loss"], rel=1e-4)
+
+
+def test_eval_only_evaluates_every_seed_of_a_checkpoint(tmp_path):
+    summary, _ = run(tmp_path, "--routing", "big", "--seed", "1", "--seeds", "2")
+    evaluated = train_dqn.train(train_dqn.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
+                                                       "--final-eval-episodes", "2", "--no-progress"]))
+    assert [r["final_eval_return"] for r in evaluated["per_seed"]] == [r["final_eval_return"] for r in summary["per_seed"]]
+    assert evaluated["ci95"]["final_eval_return"] == summary["ci95"]["final_eval_return"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--seeds", "-3"], "--seeds must be at least 1, got -3"),
+    (["--seeds", "two"], "invalid int value: 'two'"),
+])
+def test_bad_seed_counts_give_a_clear_error(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_dqn.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
