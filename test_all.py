@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import policy_gradient
 import train_agent
 import train_dqn
 from envs import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, AlfWorldEnv, HouseholdEnv, HouseholdGame,
@@ -760,15 +761,15 @@ def test_grpo_and_gigpo_advantages_on_a_hand_made_batch():
                 E(0, "pick_and_place", 0, observations=["a", "c"], rewards=[0.0, 0.0]),
                 E(1, "pick_and_place", 1, observations=["a"], rewards=[-0.1]),
                 E(1, "pick_and_place", 1, observations=["a"], rewards=[-0.1])]
-    grpo = train_agent.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=False)
+    grpo = policy_gradient.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=False)
     assert np.allclose(grpo[0], [5, 5]) and np.allclose(grpo[1], [-5, -5]) and np.allclose(grpo[2], [0])
-    gigpo = train_agent.compute_advantages(episodes, "gigpo", 0.5, 1.0, use_std=False)
+    gigpo = policy_gradient.compute_advantages(episodes, "gigpo", 0.5, 1.0, use_std=False)
     # anchor "a" in group 0: step returns 5 and 0 -> +-2.5; "b" and "c" are alone -> 0; group 1 all equal
     assert np.allclose(gigpo[0], [5 + 2.5, 5 + 0]) and np.allclose(gigpo[1], [-5 - 2.5, -5 + 0])
     assert np.allclose(gigpo[2], [0]) and np.allclose(gigpo[3], [0])
-    with_std = train_agent.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=True)
+    with_std = policy_gradient.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=True)
     assert np.allclose(with_std[0], [1, 1], atol=1e-5) and np.allclose(with_std[1], [-1, -1], atol=1e-5)
-    assert np.allclose(train_agent.discounted_returns([1.0, 0.0, 2.0], 0.5), [1.5, 1.0, 2.0])
+    assert np.allclose(policy_gradient.discounted_returns([1.0, 0.0, 2.0], 0.5), [1.5, 1.0, 2.0])
 
 
 def test_switch_counters_on_hand_made_routes():
@@ -967,10 +968,10 @@ def test_is_modes_match_ppo_gspo_and_gmpo_and_rais_with_gamma_one_is_gmpo():
     log_ratio = (torch.randn(10) * 0.5).requires_grad_()
     per_episode = torch.tensor([1.5, -0.7, 0.4])
     advantage = per_episode[episode]
-    objective = train_agent.policy_objective
+    objective = policy_gradient.policy_objective
     # token: PPO's clipped surrogate, averaged over steps
     loss, terms, weights, clipped = objective(log_ratio, advantage, episode, "token", 0.2)
-    ppo, ratio = train_agent.clipped_surrogate(log_ratio, torch.zeros(10), advantage, 0.2)
+    ppo, ratio = policy_gradient.clipped_surrogate(log_ratio, torch.zeros(10), advantage, 0.2)
     assert torch.allclose(loss, ppo.mean()) and torch.equal(clipped, (ratio - 1).abs() > 0.2)
     # sequence: GSPO with one advantage per episode, value and gradient
     loss, _, weights, _ = objective(log_ratio, advantage, episode, "sequence", 0.05)
