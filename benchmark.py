@@ -111,17 +111,17 @@ def seed_scaling(routing_flags, seed_counts, steps, repeats):
             for n, s in best.items()}
 
 
-def agent_costs(routings, tasks=4, group_size=4, repeats=3, base_cache="runs/tiny_lm.pt"):
+def agent_costs(routings, tasks=4, group_size=4, repeats=3, flags=()):
     """The PA-MoE agent's costs per routing, with train_agent.py's defaults otherwise: env steps per second
     of one training rollout of `tasks` x `group_size` episodes (fixed task seeds), and the seconds of one
     update (--update-epochs passes) on that batch. The advantages are drawn at random so that every
     episode is in the update (the trainer leaves out episodes whose advantages are all zero, so its real
-    updates cost this or less). Interleaved across routings; the best of `repeats` is kept."""
+    updates cost this or less). Interleaved across routings; the best of `repeats` is kept. `flags`: more
+    train_agent.py flags (the CLI passes --base-cache)."""
     built = {}
     for routing in routings:
         args = train_agent.parse_args(["--routing", routing, "--threads", "1", "--no-progress",
-                                       "--tasks-per-batch", str(tasks), "--group-size", str(group_size),
-                                       "--base-cache", base_cache])
+                                       "--tasks-per-batch", str(tasks), "--group-size", str(group_size), *flags])
         base, tokenizer = train_agent.load_base(args)
         torch.manual_seed(0)
         agent = train_agent.Agent(base, tokenizer, args)
@@ -236,7 +236,7 @@ def main():
 
     if "agent" in args.parts:
         costs = agent_costs(args.agent_routings, args.agent_tasks, args.agent_group_size, args.agent_repeats,
-                            args.base_cache)
+                            ["--base-cache", args.base_cache])
         first = next(iter(costs.values()))
         print(f"\nPA-MoE agent, one rollout of {first['episodes']} episodes and one update ({first['update_epochs']} "
               f"epochs) on it, 1 thread (best of {args.agent_repeats}, interleaved):")
