@@ -64,8 +64,8 @@ def agent_command(routing, seed, output_dir, extra, name=None):
 
 def moe_grid(quick=False, only=None):
     """[(placement, router, train_dqn.py flags)] of the moe study: dense, then every router at Middle,
-    Final and All, then Big with each router as its gate over whole-network experts. quick keeps
-    QUICK_CELLS; `only` keeps the cells named PLACEMENT:ROUTER (or dense) and fails on an unknown name."""
+    Final and All, then Big with each router as its gate over whole-network experts. `only` keeps the
+    cells named PLACEMENT:ROUTER (or dense) and fails on an unknown name; otherwise quick keeps QUICK_CELLS."""
     cells = [("dense", "-", ["--routing", "dense"])]
     cells += [(p, r, ["--routing", r, "--placement", p]) for p in ("middle", "final", "all") for r in ("topk", "soft", "task")]
     cells += [("big", r, ["--routing", "big", "--big-gate", r]) for r in ("topk", "soft", "task")]
@@ -74,7 +74,7 @@ def moe_grid(quick=False, only=None):
         unknown = [name for name in only if name not in names]
         if unknown:
             raise ValueError(f"unknown cells {unknown}; choose from {', '.join(names)}")
-        cells = [c for c in cells if (c[0], c[1]) in {names[name] for name in only}]
+        return [c for c in cells if (c[0], c[1]) in {names[name] for name in only}]
     return [c for c in cells if (c[0], c[1]) in QUICK_CELLS] if quick else cells
 
 
@@ -420,18 +420,19 @@ def main():
                         help="rais study: importance-sampling modes (default: %(default)s)")
     parser.add_argument("--settings", nargs="+", default=["mtrl", "crl"], choices=["mtrl", "crl"],
                         help="moe study: the settings (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="moe study: the reduced grid (QUICK_CELLS) at QUICK_FLAGS, "
-                        "under 30 minutes on 2 cores with --jobs 2; without it every cell at FULL_FLAGS")
+    parser.add_argument("--quick", action="store_true", help="moe study: the reduced grid (QUICK_CELLS, unless --cells) "
+                        "at QUICK_FLAGS, under 30 minutes on 2 cores with --jobs 2; without it every cell at FULL_FLAGS")
     parser.add_argument("--cells", nargs="+", help="moe study: only these cells, named dense or PLACEMENT:ROUTER "
                         "(e.g. dense middle:soft big:task; placements middle final all big, routers topk soft task)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, 1 thread each (default: %(default)s)")
     parser.add_argument("--output-dir", help="where runs go (default: runs/compare_STUDY)")
     parser.add_argument("--results-dir", default="results",
-                        help="moe and agent studies: where the plots (and the moe tables) go (default: %(default)s)")
+                        help="moe and agent studies: where the plots go, and the moe study's tables and summaries "
+                        "(moe_tables.md, moe_summaries.json) (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already in "
                         "--output-dir")
     parser.add_argument("--summaries", help="with --table-only: read the summaries from this file rather than "
-                        "OUTPUT_DIR/summaries.json (e.g. results/agent_comparison.json)")
+                        "OUTPUT_DIR/summaries.json (e.g. results/agent_comparison.json, results/moe_summaries.json)")
     options, extra = parser.parse_known_args()   # anything else is passed on to every train_dqn.py / train_agent.py run
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
@@ -457,7 +458,9 @@ def main():
         summaries = json.load(open(options.summaries or summary_path))
     elif moe:
         summaries = run_moe(options, extra)
-        json.dump(summaries, open(summary_path, "w"), indent=1)
+        os.makedirs(options.results_dir, exist_ok=True)
+        for path in (summary_path, os.path.join(options.results_dir, "moe_summaries.json")):
+            json.dump(summaries, open(path, "w"), indent=1)
     else:
         grid = [(r, m, s) for s in options.seeds for r in options.routings for m in modes]
         names = [f"{r}_{m}_s{s}" if m else f"{r}_s{s}" for r, m, s in grid]

@@ -1583,6 +1583,7 @@ def test_moe_grid_cells_and_bad_names():
         for setting in ("mtrl", "crl"):
             train_dqn.parse_args([*flags, "--setting", setting])
     assert [c[:2] for c in reproduce.moe_grid(only=["big:task", "dense"])] == [("dense", "-"), ("big", "task")]
+    assert [c[:2] for c in reproduce.moe_grid(quick=True, only=["final:topk"])] == [("final", "topk")]
     with pytest.raises(ValueError, match="unknown cells \\['middle:hard'\\]; choose from dense, middle:topk"):
         reproduce.moe_grid(only=["middle:hard"])
 
@@ -1629,6 +1630,7 @@ def test_reproduce_moe_end_to_end(tmp_path):
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     summaries = json.load(open(out / "summaries.json"))
+    assert json.load(open(results / "moe_summaries.json")) == summaries
     assert [(s["placement"], s["router"], s["status"]) for s in summaries] == [("dense", "-", "finished"),
                                                                                ("big", "task", "finished")]
     assert summaries[1]["task_switches"] == [100, 200] and "--seed 1 --seeds 2" in summaries[1]["command"]
@@ -1637,6 +1639,10 @@ def test_reproduce_moe_end_to_end(tmp_path):
     assert "| dense | - |" in table and "| Big | hardcoded |" in table and table.strip() in result.stdout
     if "matplotlib is not installed" not in result.stderr:
         assert {"moe_scores.png", "crl_curves.png", "dormant.png"} <= set(os.listdir(results))
+    again = subprocess.run([sys.executable, "reproduce.py", "moe", "--table-only", "--settings", "crl", "--summaries",
+                            str(results / "moe_summaries.json"), "--output-dir", str(out), "--results-dir", str(tmp_path / "again")],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and table.strip() in again.stdout
 
 
 def test_benchmark_agent_part_at_a_tiny_size(base_cache):
