@@ -452,8 +452,9 @@ def main():
     if rais:
         extra = RAIS_FLAGS + extra           # flags given later win
     labels = [f"{r}/{m}" if m else r for r in options.routings for m in modes]
-    os.makedirs(options.output_dir, exist_ok=True)
     summary_path = os.path.join(options.output_dir, "summaries.json")
+    if not options.table_only:
+        os.makedirs(options.output_dir, exist_ok=True)
     if options.table_only:
         summaries = json.load(open(options.summaries or summary_path))
     elif moe:
