@@ -12,7 +12,8 @@ The moe study (Willi, Obando-Ceron et al. 2024, arXiv 2406.18420) trains DQN on 
 Acrobot in MTRL and CRL for every placement (dense, Middle, Final, All, Big) and router (Top-k, SoftMoE,
 hardcoded task routing). Each cell is one `train_dqn.py --seed S --seeds N` process (N seeds batched).
 It reports the mean normalised score with a 95% bootstrap interval over the seeds, per setting and cell,
-and plots the scores, the CRL curves with the task switches marked, and the dormant-neuron fraction.
+and plots the scores, the CRL curves with the task switches marked, and the dormant-neuron fraction:
+RESULTS_DIR/moe_tables.md, moe_summaries.json, moe_scores.png, crl_curves.png, dormant.png.
 --quick runs a reduced grid at QUICK_FLAGS (under 30 minutes on 2 cores with --jobs 2).
 
 Every run is an ordinary `train_agent.py` run in its own process (1 thread each, --jobs at a time), so
