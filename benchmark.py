@@ -1,9 +1,9 @@
-"""Benchmark: how fast each routing trains on CartPole-v1, and what one update costs.
+"""Benchmark: how fast each routing trains on CartPole-v1, what one update costs, and the PA-MoE agent's costs.
 
-    python benchmark.py                      # the README's tables (about 20 minutes on 2 CPU cores)
+    python benchmark.py                      # the README's tables (about 25 minutes on 2 CPU cores)
     python benchmark.py --parts costs        # just the per-update costs (about a minute)
     python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N)
-    python benchmark.py --parts agent        # the PA-MoE agent's rollout and update per routing (a few minutes)
+    python benchmark.py --parts agent        # the PA-MoE agent's rollout and update per routing (about 5 minutes)
 
 Measured in one run, on one machine, so the numbers compare as ratios:
 1. time to a greedy evaluation return of 475 (mean of 10 episodes, checked every 1000 steps) for each
