@@ -2,7 +2,7 @@
 tabulate the summaries.
 
     python reproduce.py moe --quick --jobs 2                # MoE in MTRL and CRL (Willi et al. 2024), 5 seeds
-    python reproduce.py moe                                 # the whole grid at the full size (hours)
+    python reproduce.py moe                                 # the whole grid at the full size (about 4.5 h, an estimate)
     python reproduce.py agent --seeds 1 2 3 --jobs 2        # single vs token vs trajectory vs phase
     python reproduce.py agent --table-only                 # re-print the table from finished runs
     python reproduce.py agent --table-only --summaries results/agent_comparison.json   # and plot them
