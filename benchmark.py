@@ -1,8 +1,9 @@
-"""Benchmark: how fast each routing trains on CartPole-v1, and what one update costs.
+"""Benchmark: how fast each routing trains on CartPole-v1, what one update costs, and the PA-MoE agent's costs.
 
-    python benchmark.py                      # the README's tables (about 20 minutes on 2 CPU cores)
+    python benchmark.py                      # the README's tables (about 25 minutes on 2 CPU cores)
     python benchmark.py --parts costs        # just the per-update costs (about a minute)
     python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N)
+    python benchmark.py --parts agent        # the PA-MoE agent's rollout and update per routing (about 5 minutes)
 
 Measured in one run, on one machine, so the numbers compare as ratios:
 1. time to a greedy evaluation return of 475 (mean of 10 episodes, checked every 1000 steps) for each
@@ -12,7 +13,9 @@ Measured in one run, on one machine, so the numbers compare as ratios:
    action selection, per routing, relative to dense. Timings are interleaved across routings and the
    best of several repeats is kept, which cancels most of the noise of a shared machine;
 3. many seeds in one process: the wall time of a fixed-length `train_dqn.py --seeds N` run for
-   N = 1, 2, 4, 8, 16, relative to N = 1, and the cost of one update of all N seeds.
+   N = 1, 2, 4, 8, 16, relative to N = 1, and the cost of one update of all N seeds;
+4. the PA-MoE agent (train_agent.py) per routing granularity (single/token/trajectory/phase): env steps
+   per second of a fixed rollout batch, and the seconds of one update (all epochs) on that batch.
 """
 import argparse
 import contextlib
@@ -26,8 +29,9 @@ import time
 import numpy as np
 import torch
 
+import train_agent
 import train_dqn
-from envs import TaskSet
+from envs import HouseholdEnv, TaskSet
 
 ROUTINGS = {  # name -> train_dqn flags
     "dense": ["--routing", "dense"],
@@ -107,10 +111,55 @@ def seed_scaling(routing_flags, seed_counts, steps, repeats):
             for n, s in best.items()}
 
 
+def agent_costs(routings, tasks=4, group_size=4, repeats=3, flags=()):
+    """The PA-MoE agent's costs per routing, with train_agent.py's defaults otherwise: env steps per second
+    of one training rollout of `tasks` x `group_size` episodes (fixed task seeds), and the seconds of one
+    update (--update-epochs passes) on that batch. The advantages are drawn at random so that every
+    episode is in the update (the trainer leaves out episodes whose advantages are all zero, so its real
+    updates cost this or less). Interleaved across routings; the best of `repeats` is kept. `flags`: more
+    train_agent.py flags (the CLI passes --base-cache)."""
+    built = {}
+    for routing in routings:
+        args = train_agent.parse_args(["--routing", routing, "--threads", "1", "--no-progress",
+                                       "--tasks-per-batch", str(tasks), "--group-size", str(group_size), *flags])
+        base, tokenizer = train_agent.load_base(args)
+        torch.manual_seed(0)
+        agent = train_agent.Agent(base, tokenizer, args)
+        optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=args.learning_rate)
+        built[routing] = (args, agent, optimizer)
+    seeds = [s for s in range(tasks) for _ in range(group_size)]      # every task type among the first six
+    groups = [g for g in range(tasks) for _ in range(group_size)]
+    best = {routing: {"steps_per_second": 0.0, "update_seconds": np.inf} for routing in routings}
+    for repeat in range(repeats):
+        for routing, (args, agent, optimizer) in built.items():
+            generator = torch.Generator().manual_seed(repeat)
+            temperature = args.router_temperature_start
+            start = time.perf_counter()
+            episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), seeds, groups, args, temperature,
+                                           True, generator)
+            rollout_seconds = time.perf_counter() - start
+            steps = sum(len(e.actions) for e in episodes)
+            rng = np.random.default_rng(repeat)
+            advantages = [rng.standard_normal(len(e.actions)) for e in episodes]
+            start = time.perf_counter()
+            train_agent.update(agent, optimizer, episodes, advantages, args, temperature, rng)
+            update_seconds = time.perf_counter() - start
+            b = best[routing]
+            if steps / rollout_seconds > b["steps_per_second"]:
+                b.update(steps=steps, rollout_seconds=rollout_seconds, steps_per_second=steps / rollout_seconds)
+            b["update_seconds"] = min(b["update_seconds"], update_seconds)
+    for routing, (args, agent, _) in built.items():
+        best[routing].update(episodes=tasks * group_size, update_epochs=args.update_epochs,
+                             trainable_parameters=sum(p.numel() for p in agent.trainable_parameters()))
+    return best
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["costs", "scaling", "475"], choices=["costs", "scaling", "475"],
-                        help="what to measure: update costs per routing, multi-seed scaling, time to 475")
+    parser.add_argument("--parts", nargs="+", default=["costs", "scaling", "475", "agent"],
+                        choices=["costs", "scaling", "475", "agent"],
+                        help="what to measure: update costs per routing, multi-seed scaling, time to 475, the "
+                        "PA-MoE agent's rollout and update per routing")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the time-to-475 runs")
     parser.add_argument("--max-steps", type=int, default=50_000, help="give up on 475 after this many env steps")
     parser.add_argument("--scaling-seeds", type=int, nargs="+", default=[1, 2, 4, 8, 16],
@@ -119,10 +168,17 @@ def main():
                         help="routings whose multi-seed scaling is measured")
     parser.add_argument("--scaling-steps", type=int, default=5000, help="env steps of each scaling run")
     parser.add_argument("--scaling-repeats", type=int, default=2, help="repeats of each scaling run (best kept)")
+    parser.add_argument("--agent-routings", nargs="+", default=list(train_agent.ROUTINGS), choices=train_agent.ROUTINGS,
+                        help="agent part: the routings measured")
+    parser.add_argument("--agent-tasks", type=int, default=4, help="agent part: task seeds in the rollout batch")
+    parser.add_argument("--agent-group-size", type=int, default=4, help="agent part: rollouts per task seed")
+    parser.add_argument("--agent-repeats", type=int, default=3, help="agent part: repeats (best kept)")
+    parser.add_argument("--base-cache", default="runs/tiny_lm.pt",
+                        help="agent part: the cached tiny LM (pretrained there on first use)")
     parser.add_argument("--out", default="results/benchmark.json",
                         help="the JSON results; parts not measured in this run keep their figures from the file")
     args = parser.parse_args()
-    for name in ("max_steps", "scaling_steps", "scaling_repeats"):
+    for name in ("max_steps", "scaling_steps", "scaling_repeats", "agent_tasks", "agent_group_size", "agent_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if min(args.scaling_seeds) < 1:
@@ -177,6 +233,20 @@ def main():
             print(f"{name:8} {row['reached']:>8} {fmt(row['median_seconds'], '9.1f')} {fmt(row['max_seconds'], '7.1f')} "
                   f"{fmt(row['median_steps'], '13.0f')} {row['steps_per_second']:>8.0f}")
         results.update(time_to_475=table, runs=runs)
+
+    if "agent" in args.parts:
+        costs = agent_costs(args.agent_routings, args.agent_tasks, args.agent_group_size, args.agent_repeats,
+                            ["--base-cache", args.base_cache])
+        first = next(iter(costs.values()))
+        print(f"\nPA-MoE agent, one rollout of {first['episodes']} episodes and one update ({first['update_epochs']} "
+              f"epochs) on it, 1 thread (best of {args.agent_repeats}, interleaved):")
+        reference = args.agent_routings[0]
+        print(f"{'routing':10} {'trainable':>9} {'steps':>6} {'steps/s':>8} {'update s':>9} {'x ' + reference:>12}")
+        for name, c in costs.items():
+            c["update_vs_first"] = c["update_seconds"] / costs[reference]["update_seconds"]
+            print(f"{name:10} {c['trainable_parameters']:>9} {c['steps']:>6} {c['steps_per_second']:>8.1f} "
+                  f"{c['update_seconds']:>9.2f} {c['update_vs_first']:>12.2f}")
+        results["agent_costs"] = costs
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     previous = json.load(open(args.out)) if os.path.exists(args.out) else {}

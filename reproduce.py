@@ -1,8 +1,20 @@
-"""Reproduce the README's comparison tables: run a grid of seeds and routings, then tabulate the summaries.
+"""Reproduce the README's comparison tables and plots: run a grid of seeds and configurations, then
+tabulate the summaries.
 
+    python reproduce.py moe --quick --jobs 2                # MoE in MTRL and CRL (Willi et al. 2024), 5 seeds
+    python reproduce.py moe                                 # the whole grid at the full size (about 4.5 h, an estimate)
     python reproduce.py agent --seeds 1 2 3 --jobs 2        # single vs token vs trajectory vs phase
     python reproduce.py agent --table-only                 # re-print the table from finished runs
+    python reproduce.py agent --table-only --summaries results/agent_comparison.json   # and plot them
     python reproduce.py rais --seeds 1 2 3 --jobs 2         # token vs sequence vs rais importance sampling
+
+The moe study (Willi, Obando-Ceron et al. 2024, arXiv 2406.18420) trains DQN on CartPole, MountainCar and
+Acrobot in MTRL and CRL for every placement (dense, Middle, Final, All, Big) and router (Top-k, SoftMoE,
+hardcoded task routing). Each cell is one `train_dqn.py --seed S --seeds N` process (N seeds batched).
+It reports the mean normalised score with a 95% bootstrap interval over the seeds, per setting and cell,
+and plots the scores, the CRL curves with the task switches marked, and the dormant-neuron fraction:
+RESULTS_DIR/moe_tables.md, moe_summaries.json, moe_scores.png, crl_curves.png, dormant.png.
+--quick runs a reduced grid at QUICK_FLAGS (under 30 minutes on 2 cores with --jobs 2).
 
 Every run is an ordinary `train_agent.py` run in its own process (1 thread each, --jobs at a time), so
 any row can be re-run alone with the command printed for it. Summaries (the last JSON line of each
@@ -18,15 +30,28 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from envs import HOUSEHOLD_TASK_TYPES
+from envs import HOUSEHOLD_TASK_TYPES, crl_steps_per_task
 
 SHORT = {"pick_and_place": "pick", "look_at_obj_in_light": "look", "pick_clean_then_place": "clean",
          "pick_heat_then_place": "heat", "pick_cool_then_place": "cool", "pick_two_obj_and_place": "pick2"}
 
+
+MATPLOTLIB = "matplotlib==3.11.2"
+# the moe study: Willi et al.'s placements (their Fig. 1) and routers, as train_dqn.py flags
+PLACEMENT_NAMES = {"dense": "dense", "middle": "Middle", "final": "Final", "all": "All", "big": "Big"}
+ROUTER_NAMES = {"-": "-", "topk": "Top-k", "soft": "SoftMoE", "task": "hardcoded"}
+# --quick keeps every placement with SoftMoE, and all three routers at Middle and Big
+QUICK_CELLS = {("dense", "-"), ("middle", "topk"), ("middle", "soft"), ("middle", "task"), ("final", "soft"),
+               ("all", "soft"), ("big", "topk"), ("big", "soft"), ("big", "task")}
+# both sizes update every 4 env steps (Dopamine's classic-control setting) and keep train_dqn.py's other defaults
+QUICK_FLAGS = ["--total-steps", "18000", "--eval-frequency", "3000", "--eval-episodes", "5",
+               "--final-eval-episodes", "10", "--train-frequency", "4"]
+FULL_FLAGS = ["--total-steps", "150000", "--eval-frequency", "5000", "--train-frequency", "4"]
 
 # the rais study's budget: 4 update epochs per batch; 20 iterations with held-out evaluations every 5
 RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "20", "--eval-every", "5", "--eval-episodes", "60",
@@ -36,6 +61,243 @@ RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "20", "--eval-every", "5",
 def agent_command(routing, seed, output_dir, extra, name=None):
     return [sys.executable, "train_agent.py", "--routing", routing, "--seed", str(seed), "--threads", "1",
             "--no-progress", "--output-dir", output_dir, "--run-name", name or f"{routing}_s{seed}", *extra]
+
+
+def moe_grid(quick=False, only=None):
+    """[(placement, router, train_dqn.py flags)] of the moe study: dense, then every router at Middle,
+    Final and All, then Big with each router as its gate over whole-network experts. `only` keeps the
+    cells named PLACEMENT:ROUTER (or dense) and fails on an unknown name; otherwise quick keeps QUICK_CELLS."""
+    cells = [("dense", "-", ["--routing", "dense"])]
+    cells += [(p, r, ["--routing", r, "--placement", p]) for p in ("middle", "final", "all") for r in ("topk", "soft", "task")]
+    cells += [("big", r, ["--routing", "big", "--big-gate", r]) for r in ("topk", "soft", "task")]
+    names = {placement if router == "-" else f"{placement}:{router}": (placement, router) for placement, router, _ in cells}
+    if only:
+        unknown = [name for name in only if name not in names]
+        if unknown:
+            raise ValueError(f"unknown cells {unknown}; choose from {', '.join(names)}")
+        return [c for c in cells if (c[0], c[1]) in {names[name] for name in only}]
+    return [c for c in cells if (c[0], c[1]) in QUICK_CELLS] if quick else cells
+
+
+def dqn_command(setting, flags, seeds, output_dir, name, extra):
+    """One cell: all `seeds` (consecutive) batched in one train_dqn.py process."""
+    return [sys.executable, "train_dqn.py", *flags, "--setting", setting, "--seed", str(seeds[0]),
+            "--seeds", str(len(seeds)), "--threads", "1", "--no-progress", "--output-dir", output_dir,
+            "--run-name", name, *extra]
+
+
+def dqn_evaluations(run_dir):
+    """What the tables and plots need from a train_dqn.py log: the tasks, the CRL task switches (env steps)
+    and each seed's evaluations (step, normalised score per task and mean, overall dormant fraction)."""
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    config, tasks = lines[0]["config"], lines[0]["tasks"]
+    switches = []
+    if config["setting"] == "crl":
+        stretch = crl_steps_per_task(len(tasks), config["total_steps"], config["cycles"])
+        switches = [k * stretch for k in range(1, len(tasks) * config["cycles"])]
+    evaluations = [{"seed": r["seed"], "step": r["step"], "final": r["final"], "normalized_score": r["normalized_score"],
+                    "mean_normalized_score": r["mean_normalized_score"],
+                    "dormant": r.get("dormant_fraction", {}).get("overall")}
+                   for r in lines[1:] if "seed" in r]
+    return {"tasks": tasks, "task_switches": switches, "evaluations": evaluations}
+
+
+def bootstrap_ci(values, confidence=0.95, resamples=10_000, seed=0):
+    """The mean of `values` (one per seed) and its percentile-bootstrap interval: the seeds are resampled
+    with replacement `resamples` times (a fixed RNG seed, so the interval is reproducible) and the
+    interval holds the central `confidence` of the resampled means. Returns (mean, low, high)."""
+    values = np.asarray(values, np.float64)
+    resampled = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return float(values.mean()), float(low), float(high)
+
+
+def curve(cell, key, task=None):
+    """(steps, mean over seeds) of an evaluation quantity: mean_normalized_score, a task's normalized_score
+    or dormant."""
+    by_step = {}
+    for e in cell["evaluations"]:
+        value = e[key][task] if task else e[key]
+        if value is not None:
+            by_step.setdefault(e["step"], []).append(value)
+    steps = sorted(by_step)
+    return steps, [float(np.mean(by_step[s])) for s in steps]
+
+
+def forgetting(cell):
+    """CRL: mean over the tasks trained before the last one of (score at the end of the task's last
+    stretch - score at the end of the run), per seed; None without task switches."""
+    switches, tasks = cell["task_switches"], cell["tasks"]
+    if not switches:
+        return None
+    ends = {tasks[k % len(tasks)]: step for k, step in enumerate(switches)}      # a task's last stretch ends here
+    ends.pop(tasks[len(switches) % len(tasks)], None)                           # the last task trained has no drop
+    per_seed = []
+    for seed in sorted({e["seed"] for e in cell["evaluations"]}):
+        mine = {e["step"]: e["normalized_score"] for e in cell["evaluations"] if e["seed"] == seed}
+        final = mine[max(mine)]
+        drops = [mine[step][task] - final[task] for task, step in ends.items() if step in mine]
+        if drops:
+            per_seed.append(float(np.mean(drops)))
+    return per_seed or None
+
+
+def moe_table(summaries, setting):
+    """One row per cell of `setting`: the final mean normalised score and its average over all evaluations
+    (mean over seeds [95% bootstrap interval]), each task's final score, the overall dormant fraction at the
+    end, CRL forgetting, and the minutes the cell took (all its seeds together)."""
+    cells = [s for s in summaries if s["setting"] == setting and s.get("status") == "finished"]
+    if not cells:
+        return f"(no finished {setting} runs)"
+    tasks = cells[0]["tasks"]
+    header = ["placement", "router", "final score [95% CI]", "average over training [95% CI]",
+              *[t.split("-")[0] for t in tasks], "dormant (final)", "forgetting", "minutes"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    interval = lambda values: "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(values))
+    for cell in cells:
+        seeds = sorted({e["seed"] for e in cell["evaluations"]})
+        final = [s["mean_normalized_score"] for s in cell["per_seed"]]
+        average = [np.mean([e["mean_normalized_score"] for e in cell["evaluations"] if e["seed"] == seed])
+                   for seed in seeds]
+        dormant = curve(cell, "dormant")[1]
+        drops = forgetting(cell)
+        rows.append("| " + " | ".join([
+            PLACEMENT_NAMES[cell["placement"]], ROUTER_NAMES[cell["router"]], interval(final), interval(average),
+            *[f"{np.mean([s['normalized_score'][t] for s in cell['per_seed']]):.3f}" for t in tasks],
+            f"{dormant[-1]:.3f}" if dormant else "-", interval(drops) if drops else "-",
+            f"{cell['wall_seconds'] / 60:.1f}"]) + " |")
+    return "\n".join(rows)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a message naming the package) when
+    matplotlib is not installed: the plots are optional, the tables are not."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed, so no plots were written (the tables need nothing extra): "
+              f"pip install {MATPLOTLIB}", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def cell_style(cell):
+    """A line's colour by placement and its dash by router, so 13 cells stay apart."""
+    colours = {"dense": "black", "middle": "tab:blue", "final": "tab:orange", "all": "tab:green", "big": "tab:red"}
+    dashes = {"-": "-", "topk": ":", "soft": "-", "task": "--"}
+    label = PLACEMENT_NAMES[cell["placement"]] + ("" if cell["router"] == "-" else " " + ROUTER_NAMES[cell["router"]])
+    return {"color": colours[cell["placement"]], "linestyle": dashes[cell["router"]], "label": label}
+
+
+def plot_moe(summaries, results_dir):
+    """results_dir/moe_scores.png (final score per cell with its 95% interval, one panel per setting),
+    crl_curves.png (each task's score over training, task switches dashed) and dormant.png (the overall
+    dormant fraction over training, per setting). Returns the paths written."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    cells = [s for s in summaries if s.get("status") == "finished"]
+    settings = [x for x in ("mtrl", "crl") if any(c["setting"] == x for c in cells)]
+    paths = []
+    figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        mine = [c for c in cells if c["setting"] == setting]
+        stats = [bootstrap_ci([s["mean_normalized_score"] for s in c["per_seed"]]) for c in mine]
+        means = [m for m, _, _ in stats]
+        errors = [[m - low for m, low, _ in stats], [high - m for m, _, high in stats]]
+        bars = ax.bar(range(len(mine)), means, yerr=errors, capsize=3, color=[cell_style(c)["color"] for c in mine])
+        for bar, cell in zip(bars, mine):
+            bar.set_hatch({"topk": "//", "task": ".."}.get(cell["router"], ""))
+        ax.set_xticks(range(len(mine)), [cell_style(c)["label"] for c in mine], rotation=60, ha="right")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set(title=f"{setting.upper()}: final mean normalised score (95% bootstrap CI)", ylabel="normalised score")
+    figure.tight_layout()
+    paths.append(os.path.join(results_dir, "moe_scores.png"))
+    figure.savefig(paths[-1], dpi=110)
+
+    crl = [c for c in cells if c["setting"] == "crl"]
+    if crl:
+        tasks = crl[0]["tasks"]
+        figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False, sharey=True)
+        for ax, task in zip(axes[0], tasks):
+            for cell in crl:
+                ax.plot(*curve(cell, "normalized_score", task), **cell_style(cell))
+            for step in crl[0]["task_switches"]:
+                ax.axvline(step, color="grey", linestyle="--", linewidth=1)
+            ax.set(title=f"CRL: {task} (order {' -> '.join(t.split('-')[0] for t in tasks)})", xlabel="env steps",
+                   ylabel="normalised score")
+        axes[0][-1].legend(fontsize=7)
+        figure.tight_layout()
+        paths.append(os.path.join(results_dir, "crl_curves.png"))
+        figure.savefig(paths[-1], dpi=110)
+
+    figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.2), squeeze=False, sharey=True)
+    for ax, setting in zip(axes[0], settings):
+        for cell in [c for c in cells if c["setting"] == setting]:
+            ax.plot(*curve(cell, "dormant"), **cell_style(cell))
+        for step in next(c for c in cells if c["setting"] == setting)["task_switches"]:
+            ax.axvline(step, color="grey", linestyle="--", linewidth=1)
+        ax.set(title=f"{setting.upper()}: dormant neurons (tau 0.025)", xlabel="env steps", ylabel="fraction dormant")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    paths.append(os.path.join(results_dir, "dormant.png"))
+    figure.savefig(paths[-1], dpi=110)
+    plt.close("all")
+    return paths
+
+
+def plot_agent(summaries, routings, results_dir):
+    """results_dir/agent_success.png (held-out success per task type, mean over seeds) and
+    agent_routing.png (switches per episode, the largest expert share per task type, occupancy per
+    task type and gradient conflict), per routing. Returns the paths written."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    runs = {r: [s for s in summaries if s.get("routing") == r and s.get("status") == "finished"] for r in routings}
+    runs = {r: v for r, v in runs.items() if v}
+    width = 0.8 / len(runs)
+    mean = lambda values: float(np.mean(values))
+    figure, ax = plt.subplots(figsize=(9, 4))
+    for i, (routing, mine) in enumerate(runs.items()):
+        x = np.arange(len(HOUSEHOLD_TASK_TYPES)) + (i - (len(runs) - 1) / 2) * width
+        ax.bar(x, [mean([s["success_per_task"][t] for s in mine]) for t in HOUSEHOLD_TASK_TYPES], width, label=routing)
+    ax.set_xticks(range(len(HOUSEHOLD_TASK_TYPES)), [SHORT[t] for t in HOUSEHOLD_TASK_TYPES])
+    ax.set(title="PA-MoE agent: held-out success per task type (mean over seeds)", ylabel="success")
+    ax.legend()
+    figure.tight_layout()
+    paths = [os.path.join(results_dir, "agent_success.png")]
+    figure.savefig(paths[-1], dpi=110)
+
+    figure, axes = plt.subplots(1, 4, figsize=(18, 4))
+    names = list(runs)
+    x = np.arange(len(names))
+    axes[0].bar(x - 0.2, [mean([s["switches_per_episode"] for s in runs[r]]) for r in names], 0.4,
+                label="as logged (token: along the tokens)")
+    axes[0].bar(x + 0.2, [mean([s["step_switches_per_episode"] for s in runs[r]]) for r in names], 0.4,
+                label="per step (majority expert)")
+    axes[0].set_xticks(x, names)
+    axes[0].set(title="expert switches per episode", yscale="symlog", ylim=(0, 500))
+    axes[0].legend()
+    for ax, key, title in ((axes[1], "utilisation", "largest expert share per task type"),
+                           (axes[2], "occupancy", "occupancy: batches where the type has >50% of the loss")):
+        for i, routing in enumerate(names):
+            x = np.arange(len(HOUSEHOLD_TASK_TYPES)) + (i - (len(names) - 1) / 2) * width
+            value = (lambda s, t: max(s[key][t])) if key == "utilisation" else (lambda s, t: s[key][t])
+            ax.bar(x, [mean([value(s, t) for s in runs[routing]]) for t in HOUSEHOLD_TASK_TYPES], width, label=routing)
+        ax.set_xticks(range(len(HOUSEHOLD_TASK_TYPES)), [SHORT[t] for t in HOUSEHOLD_TASK_TYPES])
+        ax.set(title=title, ylim=(0, 1.25))
+    axes[1].legend(fontsize=7, ncol=2)
+    conflict = [[s["gradient_conflict"] for s in runs[r] if s["gradient_conflict"] is not None] for r in names]
+    axes[3].bar(names, [mean(c) if c else 0.0 for c in conflict])
+    axes[3].set(title="gradient conflict (mean max(0, -cos))")
+    figure.tight_layout()
+    paths.append(os.path.join(results_dir, "agent_routing.png"))
+    figure.savefig(paths[-1], dpi=110)
+    plt.close("all")
+    return paths
 
 
 def run(command, log_path):
@@ -125,30 +387,82 @@ def curve_table(summaries, routings):
     return "\n".join(rows)
 
 
+def run_moe(options, extra):
+    """The moe study: every (setting, cell) as one train_dqn.py process with all seeds batched, --jobs at a
+    time; returns the summaries, each with its cell, command and what dqn_evaluations reads from its log."""
+    size = QUICK_FLAGS if options.quick else FULL_FLAGS
+    grid = [(setting, placement, router, flags) for setting in options.settings
+            for placement, router, flags in moe_grid(options.quick, options.cells)]
+    names = [f"{setting}_{placement}" + ("" if router == "-" else f"_{router}") for setting, placement, router, _ in grid]
+    commands = [dqn_command(setting, flags, options.seeds, options.output_dir, name, size + extra)
+                for (setting, _, _, flags), name in zip(grid, names)]
+    for command in commands:
+        print(" ".join(command[1:]))
+    logs = [os.path.join(options.output_dir, f"{name}.out") for name in names]
+    start = time.time()
+    with ThreadPoolExecutor(options.jobs) as pool:
+        results = list(pool.map(run, commands, logs))
+    print(f"the {len(grid)} cells took {(time.time() - start) / 60:.1f} minutes of wall time with --jobs {options.jobs}")
+    return [{**result, "setting": setting, "placement": placement, "router": router, "command": " ".join(c[1:]),
+             **(dqn_evaluations(result["run_dir"]) if result.get("status") == "finished" else {})}
+            for (setting, placement, router, _), result, c in zip(grid, results, commands)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["agent", "rais"],
-                        help="agent: the routings compared; rais: token vs sequence vs rais importance sampling")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: %(default)s)")
+    parser.add_argument("study", choices=["moe", "agent", "rais"],
+                        help="moe: MoE placements and routers in MTRL and CRL (DQN); agent: the PA-MoE routings "
+                        "compared; rais: token vs sequence vs rais importance sampling")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 1 2 3 4 5 for moe, where they must be "
+                        "consecutive as they run batched in one process; 1 2 3 otherwise)")
     parser.add_argument("--routings", nargs="+", help="routings to compare (default: single token trajectory "
                         "phase for agent, token phase for rais)")
     parser.add_argument("--is-modes", nargs="+", default=["token", "sequence", "rais"],
                         help="rais study: importance-sampling modes (default: %(default)s)")
+    parser.add_argument("--settings", nargs="+", default=["mtrl", "crl"], choices=["mtrl", "crl"],
+                        help="moe study: the settings (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="moe study: the reduced grid (QUICK_CELLS, unless --cells) "
+                        "at QUICK_FLAGS, under 30 minutes on 2 cores with --jobs 2; without it every cell at FULL_FLAGS")
+    parser.add_argument("--cells", nargs="+", help="moe study: only these cells, named dense or PLACEMENT:ROUTER "
+                        "(e.g. dense middle:soft big:task; placements middle final all big, routers topk soft task)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, 1 thread each (default: %(default)s)")
     parser.add_argument("--output-dir", help="where runs go (default: runs/compare_STUDY)")
-    parser.add_argument("--table-only", action="store_true", help="only tabulate the runs already in --output-dir")
-    options, extra = parser.parse_known_args()   # anything else is passed on to every train_agent.py run
-    rais = options.study == "rais"
+    parser.add_argument("--results-dir", default="results",
+                        help="moe and agent studies: where the plots go, and the moe study's tables and summaries "
+                        "(moe_tables.md, moe_summaries.json) (default: %(default)s)")
+    parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already in "
+                        "--output-dir")
+    parser.add_argument("--summaries", help="with --table-only: read the summaries from this file rather than "
+                        "OUTPUT_DIR/summaries.json (e.g. results/agent_comparison.json, results/moe_summaries.json)")
+    options, extra = parser.parse_known_args()   # anything else is passed on to every train_dqn.py / train_agent.py run
+    if options.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {options.jobs}")
+    rais, moe = options.study == "rais", options.study == "moe"
+    options.seeds = options.seeds or ([1, 2, 3, 4, 5] if moe else [1, 2, 3])
+    if moe and options.seeds != list(range(options.seeds[0], options.seeds[0] + len(options.seeds))):
+        parser.error(f"the moe study runs its seeds batched in one process (--seed S --seeds N), so --seeds must be "
+                     f"consecutive, got {options.seeds}")
+    if options.cells:
+        try:
+            moe_grid(only=options.cells)
+        except ValueError as error:
+            parser.error(str(error))
     options.routings = options.routings or (["token", "phase"] if rais else ["single", "token", "trajectory", "phase"])
     options.output_dir = options.output_dir or f"runs/compare_{options.study}"
     modes = options.is_modes if rais else [None]
     if rais:
         extra = RAIS_FLAGS + extra           # flags given later win
     labels = [f"{r}/{m}" if m else r for r in options.routings for m in modes]
-    os.makedirs(options.output_dir, exist_ok=True)
     summary_path = os.path.join(options.output_dir, "summaries.json")
+    if not options.table_only:
+        os.makedirs(options.output_dir, exist_ok=True)
     if options.table_only:
-        summaries = json.load(open(summary_path))
+        summaries = json.load(open(options.summaries or summary_path))
+    elif moe:
+        summaries = run_moe(options, extra)
+        os.makedirs(options.results_dir, exist_ok=True)
+        for path in (summary_path, os.path.join(options.results_dir, "moe_summaries.json")):
+            json.dump(summaries, open(path, "w"), indent=1)
     else:
         grid = [(r, m, s) for s in options.seeds for r in options.routings for m in modes]
         names = [f"{r}_{m}_s{s}" if m else f"{r}_s{s}" for r, m, s in grid]
@@ -162,9 +476,23 @@ def main():
         summaries = [{**result, "routing": r, "label": f"{r}/{m}" if m else r, "seed": s, "command": " ".join(c[1:])}
                      for (r, m, s), result, c in zip(grid, results, commands)]
         json.dump(summaries, open(summary_path, "w"), indent=1)
-    print(rais_table(summaries, labels) if rais else agent_table(summaries, options.routings))
-    print()
-    print(curve_table(summaries, labels))
+    os.makedirs(options.results_dir, exist_ok=True)
+    if moe:
+        tables = "\n\n".join(f"{setting.upper()}\n\n{moe_table(summaries, setting)}" for setting in options.settings)
+        print(tables)
+        with open(os.path.join(options.results_dir, "moe_tables.md"), "w") as f:
+            f.write(tables + "\n")
+        paths = plot_moe(summaries, options.results_dir)
+    else:
+        print(rais_table(summaries, labels) if rais else agent_table(summaries, options.routings))
+        print()
+        if all(os.path.exists(os.path.join(s.get("run_dir", ""), "log.jsonl")) for s in summaries if s.get("status") == "finished"):
+            print(curve_table(summaries, labels))
+        else:
+            print("(the held-out success curve needs the runs' logs, which are not in their run_dir)")
+        paths = [] if rais else plot_agent(summaries, options.routings, options.results_dir)
+    for path in paths:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1524,3 +1524,132 @@ def test_bad_seed_counts_give_a_clear_error(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_dqn.parse_args(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---- Reproduction and benchmark (issue 6) ----
+
+import benchmark
+import reproduce
+
+
+def test_bootstrap_interval_of_a_hand_made_sample():
+    # one seed of five scored 1: a resample has k ones with k ~ Binomial(5, 0.2), so P(mean = 0) = 0.33 puts the
+    # 2.5th percentile at 0, and P(mean >= 0.6) = 0.058 > 2.5% > P(mean >= 0.8) = 0.007 puts the 97.5th at 0.6
+    mean, low, high = reproduce.bootstrap_ci([0, 0, 0, 0, 1])
+    assert (mean, low, high) == pytest.approx((0.2, 0.0, 0.6))
+    assert reproduce.bootstrap_ci([0.5] * 4) == pytest.approx((0.5, 0.5, 0.5))
+    assert reproduce.bootstrap_ci([3, 1, 4, 1, 5]) == reproduce.bootstrap_ci([3, 1, 4, 1, 5])   # fixed RNG seed
+    narrow, wide = reproduce.bootstrap_ci([3, 1, 4, 1, 5], 0.5), reproduce.bootstrap_ci([3, 1, 4, 1, 5], 0.99)
+    assert wide[1] < narrow[1] < 2.8 < narrow[2] < wide[2]
+
+
+def fake_cell(setting, placement, router, tasks, switches, scores, dormant=0.25):
+    """A moe-study summary: scores {seed: {step: [score per task]}}; the last step is the final evaluation."""
+    evaluations = [{"seed": seed, "step": step, "final": step == max(by_step),
+                    "normalized_score": dict(zip(tasks, values)), "mean_normalized_score": float(np.mean(values)),
+                    "dormant": dormant} for seed, by_step in scores.items() for step, values in by_step.items()]
+    per_seed = [{"seed": e["seed"], "normalized_score": e["normalized_score"],
+                 "mean_normalized_score": e["mean_normalized_score"]} for e in evaluations if e["final"]]
+    return {"status": "finished", "setting": setting, "placement": placement, "router": router, "tasks": tasks,
+            "task_switches": switches, "evaluations": evaluations, "per_seed": per_seed, "wall_seconds": 90.0}
+
+
+def test_forgetting_and_the_moe_table_from_fake_summaries():
+    tasks = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
+    crl = fake_cell("crl", "big", "soft", tasks, [100, 200], {
+        1: {100: [0.8, 0.0, 0.0], 200: [0.4, 0.6, 0.0], 300: [0.2, 0.5, 0.9]},
+        2: {100: [1.0, 0.0, 0.0], 200: [1.0, 0.2, 0.0], 300: [1.0, 0.2, 0.3]}})
+    assert reproduce.forgetting(crl) == pytest.approx([(0.6 + 0.1) / 2, 0.0])   # each task at the end of its stretch
+    two_cycles = fake_cell("crl", "dense", "-", tasks[:2], [100, 200, 300],
+                           {1: {100: [0.5, 0], 200: [0.3, 0.7], 300: [0.9, 0.1], 400: [0.4, 0.8]}})
+    assert reproduce.forgetting(two_cycles) == pytest.approx([0.9 - 0.4])     # A's last stretch ends at 300
+    mtrl = fake_cell("mtrl", "dense", "-", tasks, [], {s: {300: [0.1 * s, 0.0, 0.2]} for s in (1, 2, 3)})
+    assert reproduce.forgetting(mtrl) is None
+    table = reproduce.moe_table([crl, mtrl], "crl").splitlines()
+    assert len(table) == 3 and table[0].startswith("| placement | router | final score")
+    final = [np.mean([0.2, 0.5, 0.9]), np.mean([1.0, 0.2, 0.3])]
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[:2] == ["Big", "SoftMoE"] and cells[2].startswith(f"{np.mean(final):.3f} [")
+    assert cells[4:7] == ["0.600", "0.350", "0.600"] and cells[7] == "0.250" and cells[9] == "1.5"
+    assert cells[8].startswith(f"{np.mean([0.35, 0.0]):.3f} [")
+    assert reproduce.moe_table([crl], "mtrl") == "(no finished mtrl runs)"
+    assert reproduce.curve(crl, "normalized_score", "CartPole-v1") == ([100, 200, 300], pytest.approx([0.9, 0.7, 0.6]))
+
+
+def test_moe_grid_cells_and_bad_names():
+    full, quick = reproduce.moe_grid(), reproduce.moe_grid(quick=True)
+    assert len(full) == 13 and {(p, r) for p, r, _ in quick} == reproduce.QUICK_CELLS
+    assert {p for p, _, _ in quick} == {"dense", "middle", "final", "all", "big"}
+    for _, _, flags in full:   # every cell is a valid train_dqn.py configuration in both settings
+        for setting in ("mtrl", "crl"):
+            train_dqn.parse_args([*flags, "--setting", setting])
+    assert [c[:2] for c in reproduce.moe_grid(only=["big:task", "dense"])] == [("dense", "-"), ("big", "task")]
+    assert [c[:2] for c in reproduce.moe_grid(quick=True, only=["final:topk"])] == [("final", "topk")]
+    with pytest.raises(ValueError, match="unknown cells \\['middle:hard'\\]; choose from dense, middle:topk"):
+        reproduce.moe_grid(only=["middle:hard"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "1", "3"], "--seeds must be consecutive, got [1, 3]"),
+    (["--cells", "big:dense"], "unknown cells ['big:dense']"),
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+])
+def test_reproduce_bad_values_give_a_clear_error(flags, message):
+    result = subprocess.run([sys.executable, "reproduce.py", "moe", *flags], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def fake_agent_summaries():
+    types = HOUSEHOLD_TASK_TYPES
+    return [{"status": "finished", "routing": routing, "seed": seed, "success": 0.1 * seed,
+             "success_per_task": {t: 0.1 * i for i, t in enumerate(types)}, "untrained_success": 0.02,
+             "switches_per_episode": 40.0 if routing == "token" else 2.0, "step_switches_per_episode": 2.0,
+             "utilisation": {t: [0.5, 0.5] for t in types}, "occupancy": {t: 0.2 for t in types},
+             "gradient_conflict": None if seed == 1 else 0.1, "wall_seconds": 60.0}
+            for routing in ("single", "phase") for seed in (1, 2)]
+
+
+def test_plots_are_written_or_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    summaries = fake_agent_summaries()
+    assert "| phase (2 seeds) | 0.15 (0.10..0.20) | 0.02 | 0.00 | 0.10 |" in reproduce.agent_table(summaries, ["single", "phase"])
+    pytest.importorskip("matplotlib")
+    paths = reproduce.plot_agent(summaries, ["single", "phase"], str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["agent_success.png", "agent_routing.png"]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # as if it were not installed
+    assert reproduce.plot_agent(summaries, ["single"], str(tmp_path / "none")) == []
+    assert f"pip install {reproduce.MATPLOTLIB}" in capsys.readouterr().err
+
+
+def test_reproduce_moe_end_to_end(tmp_path):
+    """Two CRL cells with 2 batched seeds, a few hundred steps: the runs, the table and the plots."""
+    out, results = tmp_path / "runs", tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "reproduce.py", "moe", "--settings", "crl", "--cells", "dense", "big:task", "--seeds", "1", "2",
+         "--output-dir", str(out), "--results-dir", str(results), "--total-steps", "300", "--learning-starts", "100",
+         "--eval-frequency", "150", "--eval-episodes", "1", "--final-eval-episodes", "1", "--hidden", "16"],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summaries = json.load(open(out / "summaries.json"))
+    assert json.load(open(results / "moe_summaries.json")) == summaries
+    assert [(s["placement"], s["router"], s["status"]) for s in summaries] == [("dense", "-", "finished"),
+                                                                               ("big", "task", "finished")]
+    assert summaries[1]["task_switches"] == [100, 200] and "--seed 1 --seeds 2" in summaries[1]["command"]
+    assert sorted({(e["seed"], e["step"]) for e in summaries[0]["evaluations"]}) == [(1, 150), (1, 300), (2, 150), (2, 300)]
+    table = open(results / "moe_tables.md").read()
+    assert "| dense | - |" in table and "| Big | hardcoded |" in table and table.strip() in result.stdout
+    if "matplotlib is not installed" not in result.stderr:
+        assert {"moe_scores.png", "crl_curves.png", "dormant.png"} <= set(os.listdir(results))
+    again = subprocess.run([sys.executable, "reproduce.py", "moe", "--table-only", "--settings", "crl", "--summaries",
+                            str(results / "moe_summaries.json"), "--output-dir", str(out), "--results-dir", str(tmp_path / "again")],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and table.strip() in again.stdout
+
+
+def test_benchmark_agent_part_at_a_tiny_size(base_cache):
+    costs = benchmark.agent_costs(["single", "phase"], tasks=1, group_size=2, repeats=1,
+                                  flags=AGENT_FAST + ["--base-cache", base_cache, "--update-epochs", "1"])
+    assert list(costs) == ["single", "phase"]
+    for c in costs.values():
+        assert c["episodes"] == 2 and 2 <= c["steps"] <= 16 and c["steps_per_second"] > 0 and c["update_seconds"] > 0
+    assert costs["single"]["trainable_parameters"] < costs["phase"]["trainable_parameters"]
