@@ -2,7 +2,7 @@
 
     python benchmark.py                      # the README's tables (about 25 minutes on 2 CPU cores)
     python benchmark.py --parts costs        # just the per-update costs (about a minute)
-    python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N)
+    python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N, about 10 minutes)
     python benchmark.py --parts agent        # the PA-MoE agent's rollout and update per routing (about 5 minutes)
 
 Measured in one run, on one machine, so the numbers compare as ratios:
@@ -10,10 +10,12 @@ Measured in one run, on one machine, so the numbers compare as ratios:
    routing with train_dqn.py's defaults: wall seconds (evaluations included), env steps, steps/s, and
    the final 20-episode evaluation of the model that got there;
 2. the cost of one DQN update (Double DQN targets, Huber loss, backward, clipping, Adam) and of one
-   action selection, per routing, relative to dense. Timings are interleaved across routings and the
-   best of several repeats is kept, which cancels most of the noise of a shared machine;
+   action selection, per routing, relative to dense, plus SoftMoE with narrower experts (COST_VARIANTS).
+   Timings are interleaved across routings and the best of several repeats is kept, which cancels most
+   of the noise of a shared machine;
 3. many seeds in one process: the wall time of a fixed-length `train_dqn.py --seeds N` run for
-   N = 1, 2, 4, 8, 16, relative to N = 1, and the cost of one update of all N seeds;
+   N = 1, 2, 4, 8, 16, relative to N = 1, and the cost of one update of all N seeds, at 1 and at 2 torch
+   threads (the other parts use 1);
 4. the PA-MoE agent (train_agent.py) per routing granularity (single/token/trajectory/phase): env steps
    per second of a fixed rollout batch, and the seconds of one update (all epochs) on that batch.
 """
@@ -38,6 +40,13 @@ ROUTINGS = {  # name -> train_dqn flags
     "topk": ["--routing", "topk"],
     "soft": ["--routing", "soft"],
     "big": ["--routing", "big"],
+}
+# costs part only: SoftMoE with narrower experts. The default experts (16 -> 128 -> 16 on 8 slots) do twice the
+# multiply-adds of the dense layer they replace; 64 hidden units match its multiply-adds, 32 halve them, so the
+# rest of the cost is the routing's own ops (normalise, two softmaxes, dispatch, combine, layout).
+COST_VARIANTS = {
+    "soft-h64": ["--routing", "soft", "--expert-hidden", "64"],
+    "soft-h32": ["--routing", "soft", "--expert-hidden", "32"],
 }
 
 
@@ -167,7 +176,9 @@ def main():
     parser.add_argument("--scaling-routings", nargs="+", default=["dense"], choices=list(ROUTINGS),
                         help="routings whose multi-seed scaling is measured")
     parser.add_argument("--scaling-steps", type=int, default=5000, help="env steps of each scaling run")
-    parser.add_argument("--scaling-repeats", type=int, default=2, help="repeats of each scaling run (best kept)")
+    parser.add_argument("--scaling-repeats", type=int, default=3, help="repeats of each scaling run (best kept)")
+    parser.add_argument("--scaling-threads", type=int, nargs="+", default=[1, 2],
+                        help="torch threads of the scaling runs: one scaling curve per value")
     parser.add_argument("--agent-routings", nargs="+", default=list(train_agent.ROUTINGS), choices=train_agent.ROUTINGS,
                         help="agent part: the routings measured")
     parser.add_argument("--agent-tasks", type=int, default=4, help="agent part: task seeds in the rollout batch")
@@ -183,37 +194,46 @@ def main():
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if min(args.scaling_seeds) < 1:
         parser.error(f"--scaling-seeds must all be at least 1, got {args.scaling_seeds}")
+    if min(args.scaling_threads) < 1:
+        parser.error(f"--scaling-threads must all be at least 1, got {args.scaling_threads}")
     torch.set_num_threads(1)
     command = "python benchmark.py " + " ".join(sys.argv[1:])
-    results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1},
+    results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1,
+                           "scaling_threads": args.scaling_threads},
                "commands": {part: command for part in args.parts}}
 
     if "costs" in args.parts:
-        costs = update_costs({name: (flags, 1) for name, flags in ROUTINGS.items()})
+        costs = update_costs({name: (flags, 1) for name, flags in {**ROUTINGS, **COST_VARIANTS}.items()})
         dense_update, dense_act = costs["dense"]["update_ms"], costs["dense"]["act_ms"]
         print("\nCost of one update (batch 128) and one action selection, CartPole-v1, 1 thread:")
-        print(f"{'routing':8} {'params':>7} {'update ms':>10} {'x dense':>8} {'act ms':>8} {'x dense':>8}")
+        print(f"{'routing':9} {'params':>7} {'update ms':>10} {'x dense':>8} {'act ms':>8} {'x dense':>8}")
         for name, c in costs.items():
             c.update(update_vs_dense=c["update_ms"] / dense_update, act_vs_dense=c["act_ms"] / dense_act)
-            print(f"{name:8} {c['parameters_per_seed']:>7} {c['update_ms']:>10.3f} {c['update_vs_dense']:>8.2f} "
+            print(f"{name:9} {c['parameters_per_seed']:>7} {c['update_ms']:>10.3f} {c['update_vs_dense']:>8.2f} "
                   f"{c['act_ms']:>8.3f} {c['act_vs_dense']:>8.2f}")
         results["update_costs"] = costs
 
     if "scaling" in args.parts:
         results["seed_scaling"] = {}
         for name in args.scaling_routings:
-            counts = args.scaling_seeds
-            updates = update_costs({n: (ROUTINGS[name], n) for n in counts}, repeats=3, updates=50)
-            runs = seed_scaling(ROUTINGS[name], counts, args.scaling_steps, args.scaling_repeats)
-            print(f"\nMany seeds in one process, {name}: {args.scaling_steps} env steps per seed, one update per "
-                  f"2 steps, 1 thread (best of {args.scaling_repeats}, interleaved):")
-            print(f"{'seeds':>5} {'wall s':>7} {'x 1 seed':>9} {'per seed':>9} {'update ms':>10} {'x 1 seed':>9}")
-            for n in counts:
-                runs[n].update(update_ms=updates[n]["update_ms"], update_vs_1_seed=updates[n]["update_ms"] / updates[counts[0]]["update_ms"])
-                r = runs[n]
-                print(f"{n:>5} {r['wall_seconds']:>7.1f} {r['vs_1_seed']:>9.2f} {r['per_seed_vs_1_seed']:>9.2f} "
-                      f"{r['update_ms']:>10.2f} {r['update_vs_1_seed']:>9.2f}")
-            results["seed_scaling"][name] = {"steps": args.scaling_steps, "by_seeds": runs}
+            for threads in args.scaling_threads:
+                counts = args.scaling_seeds
+                torch.set_num_threads(threads)
+                updates = update_costs({n: (ROUTINGS[name], n) for n in counts}, repeats=3, updates=50)
+                runs = seed_scaling([*ROUTINGS[name], "--threads", str(threads)], counts, args.scaling_steps,
+                                    args.scaling_repeats)
+                torch.set_num_threads(1)
+                print(f"\nMany seeds in one process, {name}: {args.scaling_steps} env steps per seed, one update per "
+                      f"2 steps, {threads} thread(s) (best of {args.scaling_repeats}, interleaved):")
+                print(f"{'seeds':>5} {'wall s':>7} {'x 1 seed':>9} {'per seed':>9} {'update ms':>10} {'x 1 seed':>9}")
+                for n in counts:
+                    runs[n].update(update_ms=updates[n]["update_ms"],
+                                   update_vs_1_seed=updates[n]["update_ms"] / updates[counts[0]]["update_ms"])
+                    r = runs[n]
+                    print(f"{n:>5} {r['wall_seconds']:>7.1f} {r['vs_1_seed']:>9.2f} {r['per_seed_vs_1_seed']:>9.2f} "
+                          f"{r['update_ms']:>10.2f} {r['update_vs_1_seed']:>9.2f}")
+                results["seed_scaling"][f"{name}, {threads} thread(s)"] = {"steps": args.scaling_steps,
+                                                                         "threads": threads, "by_seeds": runs}
 
     if "475" in args.parts:
         runs = [time_to_475(name, flags, seed, args.max_steps) for name, flags in ROUTINGS.items() for seed in args.seeds]

@@ -44,9 +44,12 @@ def check_env_ids(env_ids):
             raise ValueError(f"unknown env {env_id!r}; choose from {', '.join(TASKS)}")
 
 
+BOUNDS = {env_id: (np.asarray(t["low"]), np.asarray(t["high"]) - np.asarray(t["low"])) for env_id, t in TASKS.items()}
+
+
 def scale_observation(env_id, obs):
-    low, high = np.asarray(TASKS[env_id]["low"]), np.asarray(TASKS[env_id]["high"])
-    return (2.0 * (np.asarray(obs) - low) / (high - low) - 1.0).astype(np.float32)
+    low, span = BOUNDS[env_id]
+    return (2.0 * (np.asarray(obs) - low) / span - 1.0).astype(np.float32)
 
 
 def normalized_score(env_id, episode_return):
@@ -69,9 +72,8 @@ class MultiTaskWrapper(gym.Wrapper):
         self.action_mask = np.arange(num_actions) < env.action_space.n
 
     def observation(self, obs):
-        obs = scale_observation(self.env_id, obs) if self.scale else np.asarray(obs, np.float32)
         out = np.zeros(self.observation_space.shape, np.float32)
-        out[: obs.shape[0]] = obs
+        out[: len(obs)] = scale_observation(self.env_id, obs) if self.scale else obs
         if self.task_id_in_obs:
             out[self.pad_dim + self.task_index] = 1.0
         return out
@@ -133,19 +135,36 @@ class TaskSet:
     def evaluate(self, task, policy, episodes, seed):
         """Run `episodes` episodes of one task in parallel with policy(obs (N, obs), task) -> actions (N,).
         Fresh envs seeded seed, seed+1, ...; returns the list of episode returns."""
-        envs = [self.make(task) for _ in range(episodes)]
-        obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
-        returns, running = np.zeros(episodes), list(range(episodes))
-        while running:
-            actions = policy(np.stack([obs[i] for i in running]), task)
-            still = []
-            for i, action in zip(running, actions):
-                obs[i], reward, terminated, truncated, _ = envs[i].step(int(action))
-                returns[i] += reward
-                if not (terminated or truncated):
-                    still.append(i)
-            running = still
-        return returns.tolist()
+        returns = run_episodes(lambda _: self.make(task), [[seed + j for j in range(episodes)]],
+                               lambda obs: policy(obs[0], task)[None])
+        return returns[0].tolist()
+
+
+def run_episodes(make_env, reset_seeds, policy):
+    """Episodes run side by side until every one has ended, with one policy call per step for all.
+
+    Episode (i, j) runs in a fresh make_env(i) reset with seed reset_seeds[i][j]: i is a group (one seed
+    of a seed-batched network, say) and j an episode of it. policy(obs (N, E, obs_dim)) -> actions
+    (N, E); the rows of episodes that have ended hold zeros and their actions are ignored. Returns the
+    episode returns, (N, E)."""
+    keys = [(i, j) for i in range(len(reset_seeds)) for j in range(len(reset_seeds[i]))]
+    envs = {key: make_env(key[0]) for key in keys}
+    first = {key: envs[key].reset(seed=int(reset_seeds[key[0]][key[1]]))[0] for key in keys}
+    obs = np.zeros((len(reset_seeds), max(j for _, j in keys) + 1, len(first[keys[0]])), np.float32)
+    for key, o in first.items():
+        obs[key] = o
+    returns = np.zeros(obs.shape[:2])
+    while keys:
+        actions = policy(obs)
+        running = []
+        for key in keys:
+            o, reward, terminated, truncated, _ = envs[key].step(int(actions[key]))
+            returns[key] += reward
+            obs[key] = 0.0 if terminated or truncated else o
+            if not (terminated or truncated):
+                running.append(key)
+        keys = running
+    return returns
 
 
 def crl_steps_per_task(num_tasks, total_steps, cycles=1):

@@ -2,8 +2,9 @@
 tabulate the summaries.
 
     python reproduce.py moe --quick --jobs 2                # MoE in MTRL and CRL (Willi et al. 2024), 5 seeds
-    python reproduce.py moe                                 # the whole grid at the full size (about 4.5 h, an estimate)
-    python reproduce.py agent --seeds 1 2 3 --jobs 2        # single vs token vs trajectory vs phase
+    python reproduce.py moe                                 # the whole grid at the full size (about 5 h, an estimate)
+    python reproduce.py agent --quick --jobs 2              # single vs token vs trajectory vs phase, 5 seeds, short
+    python reproduce.py agent --jobs 2                      # the same at train_agent.py's defaults (about 1.5 h)
     python reproduce.py agent --table-only                 # re-print the table from finished runs
     python reproduce.py agent --table-only --summaries results/agent_comparison.json   # and plot them
     python reproduce.py rais --seeds 1 2 3 --jobs 2         # token vs sequence vs rais importance sampling
@@ -15,6 +16,10 @@ It reports the mean normalised score with a 95% bootstrap interval over the seed
 and plots the scores, the CRL curves with the task switches marked, and the dormant-neuron fraction:
 RESULTS_DIR/moe_tables.md, moe_summaries.json, moe_scores.png, crl_curves.png, dormant.png.
 --quick runs a reduced grid at QUICK_FLAGS (under 30 minutes on 2 cores with --jobs 2).
+
+The agent study (PA-MoE, arXiv 2602.17038) trains train_agent.py with each routing granularity (single,
+token, trajectory, phase) for 5 seeds and tabulates success per task type, switches per episode,
+utilisation per task type, occupancy and gradient conflict; --quick runs it at AGENT_QUICK_FLAGS.
 
 Every run is an ordinary `train_agent.py` run in its own process (1 thread each, --jobs at a time), so
 any row can be re-run alone with the command printed for it. Summaries (the last JSON line of each
@@ -52,6 +57,9 @@ QUICK_CELLS = {("dense", "-"), ("middle", "topk"), ("middle", "soft"), ("middle"
 QUICK_FLAGS = ["--total-steps", "18000", "--eval-frequency", "3000", "--eval-episodes", "5",
                "--final-eval-episodes", "10", "--train-frequency", "4"]
 FULL_FLAGS = ["--total-steps", "150000", "--eval-frequency", "5000", "--train-frequency", "4"]
+
+# the agent study's --quick size: 8 of train_agent.py's 30 iterations, half its held-out episodes
+AGENT_QUICK_FLAGS = ["--iterations", "8", "--eval-every", "4", "--eval-episodes", "60", "--conflict-every", "4"]
 
 # the rais study's budget: 4 update epochs per batch; 20 iterations with held-out evaluations every 5
 RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "20", "--eval-every", "5", "--eval-episodes", "60",
@@ -249,9 +257,9 @@ def plot_moe(summaries, results_dir):
     return paths
 
 
-def plot_agent(summaries, routings, results_dir):
-    """results_dir/agent_success.png (held-out success per task type, mean over seeds) and
-    agent_routing.png (switches per episode, the largest expert share per task type, occupancy per
+def plot_agent(summaries, routings, results_dir, name="agent"):
+    """results_dir/NAME_success.png (held-out success per task type, mean over seeds) and
+    NAME_routing.png (switches per episode, the largest expert share per task type, occupancy per
     task type and gradient conflict), per routing. Returns the paths written."""
     plt = pyplot()
     if plt is None:
@@ -268,7 +276,7 @@ def plot_agent(summaries, routings, results_dir):
     ax.set(title="PA-MoE agent: held-out success per task type (mean over seeds)", ylabel="success")
     ax.legend()
     figure.tight_layout()
-    paths = [os.path.join(results_dir, "agent_success.png")]
+    paths = [os.path.join(results_dir, f"{name}_success.png")]
     figure.savefig(paths[-1], dpi=110)
 
     figure, axes = plt.subplots(1, 4, figsize=(18, 4))
@@ -294,7 +302,7 @@ def plot_agent(summaries, routings, results_dir):
     axes[3].bar(names, [mean(c) if c else 0.0 for c in conflict])
     axes[3].set(title="gradient conflict (mean max(0, -cos))")
     figure.tight_layout()
-    paths.append(os.path.join(results_dir, "agent_routing.png"))
+    paths.append(os.path.join(results_dir, f"{name}_routing.png"))
     figure.savefig(paths[-1], dpi=110)
     plt.close("all")
     return paths
@@ -413,20 +421,21 @@ def main():
     parser.add_argument("study", choices=["moe", "agent", "rais"],
                         help="moe: MoE placements and routers in MTRL and CRL (DQN); agent: the PA-MoE routings "
                         "compared; rais: token vs sequence vs rais importance sampling")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 1 2 3 4 5 for moe, where they must be "
-                        "consecutive as they run batched in one process; 1 2 3 otherwise)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 1 2 3 4 5, for moe consecutive as they "
+                        "run batched in one process; 1 2 3 for rais)")
     parser.add_argument("--routings", nargs="+", help="routings to compare (default: single token trajectory "
                         "phase for agent, token phase for rais)")
     parser.add_argument("--is-modes", nargs="+", default=["token", "sequence", "rais"],
                         help="rais study: importance-sampling modes (default: %(default)s)")
     parser.add_argument("--settings", nargs="+", default=["mtrl", "crl"], choices=["mtrl", "crl"],
                         help="moe study: the settings (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="moe study: the reduced grid (QUICK_CELLS, unless --cells) "
-                        "at QUICK_FLAGS, under 30 minutes on 2 cores with --jobs 2; without it every cell at FULL_FLAGS")
+    parser.add_argument("--quick", action="store_true", help="the small size, under 30 minutes on 2 cores with --jobs 2: "
+                        "moe: the reduced grid (QUICK_CELLS, unless --cells) at QUICK_FLAGS, without it every cell at "
+                        "FULL_FLAGS; agent: AGENT_QUICK_FLAGS, without it train_agent.py's defaults; rais: no effect")
     parser.add_argument("--cells", nargs="+", help="moe study: only these cells, named dense or PLACEMENT:ROUTER "
                         "(e.g. dense middle:soft big:task; placements middle final all big, routers topk soft task)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, 1 thread each (default: %(default)s)")
-    parser.add_argument("--output-dir", help="where runs go (default: runs/compare_STUDY)")
+    parser.add_argument("--output-dir", help="where runs go (default: runs/compare_STUDY, runs/compare_STUDY_quick with --quick)")
     parser.add_argument("--results-dir", default="results",
                         help="moe and agent studies: where the plots go, and the moe study's tables and summaries "
                         "(moe_tables.md, moe_summaries.json) (default: %(default)s)")
@@ -438,7 +447,7 @@ def main():
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
     rais, moe = options.study == "rais", options.study == "moe"
-    options.seeds = options.seeds or ([1, 2, 3, 4, 5] if moe else [1, 2, 3])
+    options.seeds = options.seeds or ([1, 2, 3] if rais else [1, 2, 3, 4, 5])
     if moe and options.seeds != list(range(options.seeds[0], options.seeds[0] + len(options.seeds))):
         parser.error(f"the moe study runs its seeds batched in one process (--seed S --seeds N), so --seeds must be "
                      f"consecutive, got {options.seeds}")
@@ -448,10 +457,12 @@ def main():
         except ValueError as error:
             parser.error(str(error))
     options.routings = options.routings or (["token", "phase"] if rais else ["single", "token", "trajectory", "phase"])
-    options.output_dir = options.output_dir or f"runs/compare_{options.study}"
+    options.output_dir = options.output_dir or f"runs/compare_{options.study}{'_quick' if options.quick else ''}"
     modes = options.is_modes if rais else [None]
     if rais:
         extra = RAIS_FLAGS + extra           # flags given later win
+    elif options.quick and not moe:
+        extra = AGENT_QUICK_FLAGS + extra
     labels = [f"{r}/{m}" if m else r for r in options.routings for m in modes]
     summary_path = os.path.join(options.output_dir, "summaries.json")
     if not options.table_only:
@@ -490,7 +501,8 @@ def main():
             print(curve_table(summaries, labels))
         else:
             print("(the held-out success curve needs the runs' logs, which are not in their run_dir)")
-        paths = [] if rais else plot_agent(summaries, options.routings, options.results_dir)
+        paths = [] if rais else plot_agent(summaries, options.routings, options.results_dir,
+                                           "agent_quick" if options.quick else "agent")
     for path in paths:
         print(f"wrote {path}")
 

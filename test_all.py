@@ -337,6 +337,47 @@ def test_crl_run_logs_the_task_it_trains(tmp_path):
     assert active[400] == ["Acrobot-v1"] and active[600] == ["Acrobot-v1"]
 
 
+def test_crl_epsilon_restarts_at_every_task_switch():
+    args = train_dqn.parse_args(["--setting", "crl", "--total-steps", "600", "--cycles", "2",
+                                 "--exploration-fraction", "0.5", "--end-e", "0.1"])   # 100 steps a visit
+    eps = [train_dqn.epsilon_at(args, t, 3) for t in range(600)]
+    assert [t for t in range(1, 600) if eps[t] > eps[t - 1]] == [100, 200, 300, 400, 500]
+    assert eps[0] == eps[100] == eps[500] == 1.0 and eps[25] == pytest.approx(0.55) and eps[60] == eps[199] == pytest.approx(0.1)
+    once = train_dqn.parse_args(["--setting", "crl", "--total-steps", "600", "--no-crl-epsilon-restart"])
+    eps = [train_dqn.epsilon_at(once, t, 3) for t in range(600)]
+    assert all(a >= b for a, b in zip(eps, eps[1:])) and eps[120] == pytest.approx(0.02)      # one decay over 20% of the run
+    mtrl = train_dqn.parse_args(["--setting", "mtrl", "--total-steps", "600"])
+    assert train_dqn.epsilon_at(mtrl, 200, 3) == 0.02
+
+
+def test_batched_evaluation_gives_each_seed_its_own_episodes():
+    """Seeds evaluated side by side (one forward pass per step for all) get the returns each seed's own
+    network gets alone on the same episodes; seeds left out are not evaluated."""
+    args = train_dqn.parse_args(["--routing", "soft", "--setting", "mtrl", "--hidden", "32", "--tokens", "4",
+                                 "--expert-hidden", "16", "--seed", "3", "--seeds", "3"])
+    seeds = train_dqn.seed_list(args)
+    task_sets = [TaskSet(train_dqn.task_list(args), seed=s) for s in seeds]
+    network = train_dqn.make_seed_networks(args, task_sets[0], seeds)
+    mask = torch.from_numpy(task_sets[0].action_mask)
+    results = train_dqn.evaluate(network, task_sets, mask, 3, [0, 2])
+    assert sorted(results) == [0, 2]
+    for i in (0, 2):
+        plain = train_dqn.make_network(args, task_sets[0])
+        plain.load_state_dict(seed_state_dict(network.state_dict(), i))
+
+        @torch.no_grad()
+        def policy(obs, task):
+            tasks = torch.full((len(obs),), task, dtype=torch.long)
+            return train_dqn.masked_q(plain, torch.from_numpy(obs), tasks, mask)[0].argmax(1).numpy()
+
+        for t, env_id in enumerate(task_sets[i].env_ids):
+            alone = task_sets[i].evaluate(t, policy, 3, train_dqn.eval_seed(seeds[i]) + 1000 * t)
+            assert results[i][0][env_id] == pytest.approx(np.mean(alone))
+            assert results[i][1][env_id] == pytest.approx(normalized_score(env_id, np.mean(alone)))
+    assert results[0][0] != results[2][0]      # different weights, different returns
+    assert train_dqn.evaluate(network, task_sets, mask, 3, []) == {}
+
+
 def test_same_seed_gives_an_identical_log(tmp_path):
     timing = {"wall_seconds", "steps_per_second"}
     logs = []
@@ -349,8 +390,8 @@ def test_same_seed_gives_an_identical_log(tmp_path):
 
 
 def test_single_task_run_stops_once_solved_and_then_runs_the_final_evaluation(tmp_path, monkeypatch):
-    def solved(network, task_set, action_mask, episodes, seed):
-        return {"CartPole-v1": 500.0}, {"CartPole-v1": 1.05}
+    def solved(network, task_sets, action_mask, episodes, which):
+        return {i: ({"CartPole-v1": 500.0}, {"CartPole-v1": 1.05}) for i in which}
 
     monkeypatch.setattr(train_dqn, "evaluate", solved)
     summary, _ = run(tmp_path, "--eval-frequency", "100")
@@ -1464,10 +1505,10 @@ def test_mean_and_ci95_on_hand_made_values():
 def test_a_seed_that_solves_stops_with_its_weights_while_the_others_train_on(tmp_path, monkeypatch):
     real = train_dqn.evaluate
 
-    def seed_2_solves(network, task_set, action_mask, episodes, seed):
-        if seed == train_dqn.eval_seed(2):
-            return {"CartPole-v1": 500.0}, {"CartPole-v1": 1.05}
-        return real(network, task_set, action_mask, episodes, seed)
+    def seed_2_solves(network, task_sets, action_mask, episodes, which):
+        results = real(network, task_sets, action_mask, episodes, which)
+        return {i: ({"CartPole-v1": 500.0}, {"CartPole-v1": 1.05}) if task_sets[i].seed == 2 else r
+                for i, r in results.items()}
 
     monkeypatch.setattr(train_dqn, "evaluate", seed_2_solves)
     batched, _ = run(tmp_path, "--seed", "1", "--seeds", "2", "--eval-frequency", "150", "--run-name", "b")
@@ -1615,6 +1656,8 @@ def test_plots_are_written_or_skipped_with_a_message(tmp_path, monkeypatch, caps
     pytest.importorskip("matplotlib")
     paths = reproduce.plot_agent(summaries, ["single", "phase"], str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["agent_success.png", "agent_routing.png"]
+    quick = reproduce.plot_agent(summaries, ["single", "phase"], str(tmp_path), "agent_quick")
+    assert [os.path.basename(p) for p in quick] == ["agent_quick_success.png", "agent_quick_routing.png"]
     assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
     monkeypatch.setitem(sys.modules, "matplotlib", None)            # as if it were not installed
     assert reproduce.plot_agent(summaries, ["single"], str(tmp_path / "none")) == []
@@ -1653,3 +1696,14 @@ def test_benchmark_agent_part_at_a_tiny_size(base_cache):
     for c in costs.values():
         assert c["episodes"] == 2 and 2 <= c["steps"] <= 16 and c["steps_per_second"] > 0 and c["update_seconds"] > 0
     assert costs["single"]["trainable_parameters"] < costs["phase"]["trainable_parameters"]
+
+
+def test_benchmark_costs_and_scaling_parts_at_a_tiny_size():
+    setups = {"dense": (benchmark.ROUTINGS["dense"], 1), **{n: (f, 1) for n, f in benchmark.COST_VARIANTS.items()},
+              "dense x3": (benchmark.ROUTINGS["dense"], 3)}
+    costs = benchmark.update_costs(setups, repeats=1, updates=2)
+    assert costs["dense x3"]["seeds"] == 3 and all(c["update_ms"] > 0 and c["act_ms"] > 0 for c in costs.values())
+    assert costs["soft-h32"]["parameters_per_seed"] < costs["soft-h64"]["parameters_per_seed"]
+    runs = benchmark.seed_scaling(benchmark.ROUTINGS["dense"], [1, 2], steps=300, repeats=1)
+    assert runs[1]["vs_1_seed"] == 1.0 and runs[2]["wall_seconds"] > 0
+    assert runs[2]["per_seed_vs_1_seed"] == pytest.approx(runs[2]["vs_1_seed"] / 2)

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import SETTINGS, TASKS, TaskSet, active_tasks, check_env_ids, crl_steps_per_task, normalized_score
+from envs import (SETTINGS, TASKS, TaskSet, active_tasks, check_env_ids, crl_steps_per_task, normalized_score,
+                  run_episodes)
 from many_seeds import FrozenSeeds, clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
 from moe_rl import BIG_GATES, PLACEMENTS, ROUTINGS, QNetwork, dormant_fraction, parameter_count
 
@@ -79,7 +80,11 @@ class Args:
     target_network_frequency: int = arg(500, "environment steps between target-network copies")
     start_e: float = arg(1.0, "initial exploration epsilon")
     end_e: float = arg(0.02, "final exploration epsilon")
-    exploration_fraction: float = arg(0.2, "fraction of --total-steps over which epsilon decays linearly")
+    exploration_fraction: float = arg(0.2, "fraction of --total-steps over which epsilon decays linearly (in CRL, "
+                                      "of each task's stretch, see --crl-epsilon-restart)")
+    crl_epsilon_restart: bool = arg(True, "CRL: restart the epsilon schedule at every task switch, decaying over "
+                                    "--exploration-fraction of each task's stretch (--no-crl-epsilon-restart: "
+                                    "one decay over the whole run, so later tasks start at --end-e)")
     double_dqn: bool = arg(True, "use Double DQN targets")
     anneal_lr: bool = arg(False, "decay the learning rate linearly to 0 over --total-steps")
     max_grad_norm: float = arg(10.0, "gradient-norm clipping (0 = off)")
@@ -145,6 +150,8 @@ def validate(args):
         raise ValueError(f"--hidden {args.hidden} is not divisible by --tokens {args.tokens}")
     if args.setting == "crl" and args.total_steps < len(tasks) * args.cycles:
         raise ValueError(f"--total-steps {args.total_steps} is too short for {len(tasks)} tasks x {args.cycles} cycles")
+    if not 0 < args.exploration_fraction <= 1:
+        raise ValueError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
     if not 0 <= args.end_e <= args.start_e <= 1:
         raise ValueError(f"need 0 <= --end-e <= --start-e <= 1, got {args.end_e} and {args.start_e}")
     if args.eval_only and not args.checkpoint:
@@ -153,6 +160,17 @@ def validate(args):
 
 def linear_schedule(start, end, duration, t):
     return max(end, start + (end - start) * t / duration)
+
+
+def epsilon_at(args, step, num_tasks):
+    """Exploration epsilon at env step `step`: one linear decay over --exploration-fraction of the run, or
+    in CRL (with --crl-epsilon-restart) one per task visit, over that fraction of the visit, so that each
+    new task is explored from --start-e as the first one was. The papers ran PPO, so this is our choice."""
+    if args.setting == "crl" and args.crl_epsilon_restart:
+        stretch = crl_steps_per_task(num_tasks, args.total_steps, args.cycles)
+        visit = min(step // stretch, num_tasks * args.cycles - 1)   # the last visit takes the remainder
+        return linear_schedule(args.start_e, args.end_e, args.exploration_fraction * stretch, step - visit * stretch)
+    return linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_steps, step)
 
 
 class ReplayBuffer:
@@ -177,9 +195,9 @@ class ReplayBuffer:
     def sample(self, batch_size):
         """A minibatch for every seed: tensors (seeds, batch_size, ...)."""
         i = np.stack([rng.integers(0, self.size, batch_size) for rng in self.rngs])
-        seed = np.arange(len(self.rngs))[:, None]
-        return [torch.from_numpy(a[seed, i]) for a in (self.obs, self.actions, self.rewards, self.next_obs,
-                                                        self.terminated, self.tasks)]
+        rows = (np.arange(len(self.rngs))[:, None] * self.capacity + i).ravel()     # into (seeds * capacity, ...)
+        return [torch.from_numpy(np.take(a.reshape(-1, *a.shape[2:]), rows, axis=0).reshape(*i.shape, *a.shape[2:]))
+                for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminated, self.tasks)]
 
     def sample_seed(self, seed, batch_size):
         """A minibatch of one seed's buffer, drawn with that seed's generator: (obs, task)."""
@@ -213,24 +231,33 @@ def masked_q(network, obs, tasks, action_mask):
     return q.masked_fill(~action_mask[tasks], -math.inf), out
 
 
-def greedy_policy(network, action_mask):
-    @torch.no_grad()
-    def policy(obs, task):
-        tasks = torch.full((len(obs),), task, dtype=torch.long)
-        return masked_q(network, torch.from_numpy(obs), tasks, action_mask)[0].argmax(1).numpy()
-    return policy
-
-
 def eval_seed(seed):
     return 1_000_000 + 1000 * seed  # evaluation episodes never reuse training seeds
 
 
-def evaluate(network, task_set, action_mask, episodes, seed):
-    policy = greedy_policy(network, action_mask)
-    returns = {env_id: float(np.mean(task_set.evaluate(i, policy, episodes, seed + 1000 * i)))
-               for i, env_id in enumerate(task_set.env_ids)}
-    scores = {env_id: normalized_score(env_id, r) for env_id, r in returns.items()}
-    return returns, scores
+def evaluate(network, task_sets, action_mask, episodes, which):
+    """Greedy evaluation of seeds `which` of a seed-batched network (task_sets[i] is seed i's): per task,
+    `episodes` episodes of each of those seeds, all stepped side by side with one forward pass of the
+    network per step. Seed i's episodes of task t are reset with seeds eval_seed(seed_i) + 1000 t + j,
+    so a seed gets the same episodes in a batched run as alone. Returns {i: (returns, scores)}, each
+    {task: value}: the mean episode return and its normalised score."""
+    num_seeds, env_ids, which = len(task_sets), task_sets[0].env_ids, [int(i) for i in which]
+    returns = {i: {} for i in which}
+    for t, env_id in enumerate(env_ids if which else []):
+        tasks = torch.full((num_seeds * episodes,), t, dtype=torch.long)
+
+        @torch.no_grad()
+        def policy(obs):                             # obs (len(which), episodes, obs_dim)
+            rows = np.zeros((num_seeds, *obs.shape[1:]), np.float32)   # seeds not evaluated: zero rows
+            rows[which] = obs
+            q = masked_q(network, torch.from_numpy(rows).flatten(0, 1), tasks, action_mask)[0]
+            return q.argmax(1).view(num_seeds, episodes).numpy()[which]
+
+        reset_seeds = [[eval_seed(task_sets[i].seed) + 1000 * t + j for j in range(episodes)] for i in which]
+        episode_returns = run_episodes(lambda n: task_sets[which[n]].make(t), reset_seeds, policy)
+        for n, i in enumerate(which):
+            returns[i][env_id] = float(episode_returns[n].mean())
+    return {i: (r, {env_id: normalized_score(env_id, v) for env_id, v in r.items()}) for i, r in returns.items()}
 
 
 def dqn_update(network, target, optimizer, batch, action_mask, args, training=None):
@@ -297,17 +324,16 @@ def evaluate_checkpoint(path, episodes):
     saved = Args(**state["args"])
     seeds = state.get("seeds", [saved.seed])
     weights = state["network"] if "seeds" in state else {k: v.unsqueeze(0) for k, v in state["network"].items()}
-    per_seed = []
-    for i, seed in enumerate(seeds):
-        task_set = TaskSet(task_list(saved), seed=seed, scale=saved.scale_obs, task_id_in_obs=saved.task_id_in_obs)
-        network = make_network(saved, task_set)
-        network.load_state_dict(seed_state_dict(weights, i))
-        returns, scores = evaluate(network, task_set, torch.from_numpy(task_set.action_mask), episodes, eval_seed(seed))
-        per_seed.append({"seed": seed, "final_eval_return": returns, "normalized_score": scores,
-                         "mean_normalized_score": float(np.mean(list(scores.values())))})
+    task_sets = [TaskSet(task_list(saved), seed=seed, scale=saved.scale_obs, task_id_in_obs=saved.task_id_in_obs)
+                 for seed in seeds]
+    network = make_seed_networks(saved, task_sets[0], seeds)
+    network.load_state_dict(weights)
+    results = evaluate(network, task_sets, torch.from_numpy(task_sets[0].action_mask), episodes, list(range(len(seeds))))
+    per_seed = [{"seed": seed, "final_eval_return": results[i][0], "normalized_score": results[i][1],
+                 "mean_normalized_score": float(np.mean(list(results[i][1].values())))} for i, seed in enumerate(seeds)]
     mean, interval = over_seeds(per_seed)
     summary = {"status": "evaluated", "checkpoint": path, "env_steps": state["step"], **mean, "ci95": interval,
-               "seeds": seeds, "per_seed": per_seed, "parameters": parameter_count(network),
+               "seeds": seeds, "per_seed": per_seed, "parameters": parameter_count(make_network(saved, task_sets[0])),
                "wall_seconds": time.time() - start}
     print(json.dumps(summary))
     return summary
@@ -363,10 +389,11 @@ def train(args):
     def log_eval(which, final=False):
         """Evaluate seeds `which` and write one log line each (the single-run record, plus its seed)."""
         elapsed = time.time() - train_start
+        results = evaluate(network, task_sets, action_mask, args.final_eval_episodes if final else args.eval_episodes,
+                           which)
         for i in which:
             net = seed_network(i)
-            returns, scores = evaluate(net, task_sets[i], action_mask,
-                                       args.final_eval_episodes if final else args.eval_episodes, eval_seed(seeds[i]))
+            returns, scores = results[i]
             record = {"seed": seeds[i], "step": step, "final": final, "updates": int(updates[i]),
                       "active_tasks": [tasks[t] for t in current], "eval_return": returns, "normalized_score": scores,
                       "mean_normalized_score": float(np.mean(list(scores.values()))), "epsilon": epsilon,
@@ -408,7 +435,7 @@ def train(args):
     seed_rows = np.arange(num_seeds)
     while step < args.total_steps and training.any():
         current = active_tasks(args.setting, step, len(tasks), args.total_steps, args.cycles)
-        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_steps, step)
+        epsilon = epsilon_at(args, step, len(tasks))
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - step / args.total_steps)
         explore = np.stack([rng.random(len(current)) < epsilon for rng in rngs])     # (seeds, tasks)
