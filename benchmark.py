@@ -1,8 +1,8 @@
 """Benchmark: how fast each routing trains on CartPole-v1, what one update costs, and the PA-MoE agent's costs.
 
-    python benchmark.py                      # the README's tables (about 25 minutes on 2 CPU cores)
+    python benchmark.py                      # the README's tables (about 30 minutes on 2 CPU cores)
     python benchmark.py --parts costs        # just the per-update costs (about a minute)
-    python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N, about 10 minutes)
+    python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N, about 8 minutes)
     python benchmark.py --parts agent        # the PA-MoE agent's rollout and update per routing (about 5 minutes)
 
 Measured in one run, on one machine, so the numbers compare as ratios:
