@@ -10,9 +10,11 @@ Measured in one run, on one machine, so the numbers compare as ratios:
    routing with train_dqn.py's defaults: wall seconds (evaluations included), env steps, steps/s, and
    the final 20-episode evaluation of the model that got there;
 2. the cost of one DQN update (Double DQN targets, Huber loss, backward, clipping, Adam) and of one
-   action selection, per routing, relative to dense, plus SoftMoE with narrower experts (COST_VARIANTS).
-   Timings are interleaved across routings and the best of several repeats is kept, which cancels most
-   of the noise of a shared machine;
+   action selection, per routing, relative to dense, plus SoftMoE with narrower experts (COST_VARIANTS),
+   and where a SoftMoE layer's time goes: the forward and backward of the dense layer, of the SoftMoE
+   layer that replaces it, and of its router and experts alone (layer_costs). Timings are interleaved
+   across routings and the best of several repeats is kept, which cancels most of the noise of a shared
+   machine;
 3. many seeds in one process: the wall time of a fixed-length `train_dqn.py --seeds N` run for
    N = 1, 2, 4, 8, 16, relative to N = 1, and the cost of one update of all N seeds, at 1 and at 2 torch
    threads (the other parts use 1);
@@ -34,6 +36,7 @@ import torch
 import train_agent
 import train_dqn
 from envs import HouseholdEnv, TaskSet
+from moe_rl import QNetwork
 
 ROUTINGS = {  # name -> train_dqn flags
     "dense": ["--routing", "dense"],
@@ -99,6 +102,36 @@ def update_costs(setups, repeats=5, updates=100):
     return {name: {"seeds": built[name][3].seeds, "update_ms": u, "act_ms": a,
                    "parameters_per_seed": sum(p[0].numel() for p in built[name][0].parameters())}
             for name, (u, a) in best.items()}
+
+
+def layer_costs(repeats=5, calls=200):
+    """Where a SoftMoE update's extra time goes: microseconds of one forward + backward, batch 128, of the dense
+    penultimate layer (Linear(128, 128) + ReLU), of the SoftMoE layer that replaces it (plain QNetwork
+    defaults: 8 tokens of 16, 4 experts x 2 slots, experts 16 -> 128 -> 16), and of that layer's router
+    (normalise, logits, two softmaxes) and experts (on the 8 slots) alone. What is left of the layer is the
+    dispatch and combine. Interleaved, best of `repeats`."""
+    dense, moe = QNetwork(4, 2, "dense").middle, QNetwork(4, 2, "soft").middle
+    tokens = torch.rand(128, 8, 16, requires_grad=True)
+    slots = torch.rand(moe.experts.num_experts, 128 * moe.router.slots_per_expert, 16, requires_grad=True)
+
+    def router():
+        routing = moe.router(tokens)
+        return torch.cat([routing.dispatch_weights, routing.combine_weights])
+
+    parts = {"dense layer": lambda: torch.relu(dense(tokens.view(128, 128))),
+             "soft layer": lambda: moe(tokens)[0], "router": router, "experts": lambda: moe.experts(slots)}
+    # backward from a dense random gradient, as a real loss gives (the gradient of .sum() is a stride-0
+    # expand, which sends torch's bmm down a slow per-matrix path)
+    grads = {name: torch.randn_like(part()) for name, part in parts.items()}
+    best = {name: np.inf for name in parts}
+    for _ in range(repeats):
+        for name, part in parts.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                part().backward(grads[name])
+            best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+    best["dispatch + combine"] = best["soft layer"] - best["router"] - best["experts"]
+    return {name: {"microseconds": us, "x_dense_layer": us / best["dense layer"]} for name, us in best.items()}
 
 
 def seed_scaling(routing_flags, seed_counts, steps, repeats):
@@ -212,6 +245,11 @@ def main():
             print(f"{name:9} {c['parameters_per_seed']:>7} {c['update_ms']:>10.3f} {c['update_vs_dense']:>8.2f} "
                   f"{c['act_ms']:>8.3f} {c['act_vs_dense']:>8.2f}")
         results["update_costs"] = costs
+        layers = layer_costs()
+        print("\nForward + backward of the penultimate layer and of the SoftMoE layer's parts, batch 128, 1 thread:")
+        for name, c in layers.items():
+            print(f"{name:19} {c['microseconds']:>7.0f} us {c['x_dense_layer']:>6.2f} x dense layer")
+        results["layer_costs"] = layers
 
     if "scaling" in args.parts:
         results["seed_scaling"] = {}

@@ -1707,3 +1707,6 @@ def test_benchmark_costs_and_scaling_parts_at_a_tiny_size():
     runs = benchmark.seed_scaling(benchmark.ROUTINGS["dense"], [1, 2], steps=300, repeats=1)
     assert runs[1]["vs_1_seed"] == 1.0 and runs[2]["wall_seconds"] > 0
     assert runs[2]["per_seed_vs_1_seed"] == pytest.approx(runs[2]["vs_1_seed"] / 2)
+    layers = benchmark.layer_costs(repeats=1, calls=2)
+    assert layers["dense layer"]["x_dense_layer"] == 1.0 and layers["soft layer"]["microseconds"] > 0
+    assert set(layers) == {"dense layer", "soft layer", "router", "experts", "dispatch + combine"}
