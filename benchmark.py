@@ -196,6 +196,48 @@ def agent_costs(routings, tasks=4, group_size=4, repeats=3, flags=()):
     return best
 
 
+# The agent's default run before its scoring was packed, its ratios made exact and its defaults changed
+# (README: the PA-MoE agent, Speed): the commit that --parts agent compares the working tree with.
+AGENT_BASELINE = "75b30d3"
+# run a trainer as a script and report its peak resident memory on the last line of stderr
+PEAK_MEMORY = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+               "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+               "finally:\n    print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+               "file=sys.stderr)")
+
+
+def default_run_speed(revision, iterations, repeats=1, workdir="/tmp/moe_rl_benchmark_agent"):
+    """The default `python train_agent.py` at git `revision` and in the working tree, each for `iterations`
+    iterations (evaluating at the start and the end, as the default run does every 10), interleaved,
+    best of `repeats`: env steps per second of the training loop (its summary's, which leaves out the
+    base model's pretraining) and peak resident memory. Each version pretrains and caches its own default
+    base in its own folder. Needs git and the revision in this clone's history."""
+    import subprocess
+    versions = {"before": os.path.join(workdir, revision), "after": os.path.dirname(os.path.abspath(__file__))}
+    if not os.path.exists(os.path.join(versions["before"], "train_agent.py")):
+        os.makedirs(versions["before"], exist_ok=True)
+        archive = subprocess.run(["git", "archive", revision], capture_output=True, check=True,
+                                 cwd=versions["after"]).stdout
+        subprocess.run(["tar", "-x", "-C", versions["before"]], input=archive, check=True)
+    results = {name: {"env_steps_per_second": 0.0} for name in versions}
+    for repeat in range(repeats):
+        for name, folder in versions.items():
+            output = os.path.join(workdir, f"runs_{name}")
+            command = [sys.executable, "-c", PEAK_MEMORY, "train_agent.py", "--iterations", str(iterations),
+                       "--eval-every", str(iterations), "--no-progress", "--output-dir", output, "--run-name",
+                       f"r{repeat}", "--base-cache", os.path.join(workdir, f"tiny_lm_{name}.pt")]
+            done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} ({folder}) failed: {done.stderr[-2000:]}")
+            summary = json.loads(done.stdout.strip().splitlines()[-1])
+            peak = float(done.stderr.strip().splitlines()[-1].split()[-1])
+            if summary["env_steps_per_second"] > results[name]["env_steps_per_second"]:
+                results[name] = {key: summary[key] for key in ("env_steps_per_second", "env_steps", "success")}
+                results[name]["peak_rss_mb"] = peak
+    results["speedup"] = results["after"]["env_steps_per_second"] / results["before"]["env_steps_per_second"]
+    return {"revision": revision, "iterations": iterations, **results}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["costs", "scaling", "475", "agent"],
@@ -219,10 +261,16 @@ def main():
     parser.add_argument("--agent-repeats", type=int, default=3, help="agent part: repeats (best kept)")
     parser.add_argument("--base-cache", default="runs/tiny_lm.pt",
                         help="agent part: the cached tiny LM (pretrained there on first use)")
+    parser.add_argument("--agent-baseline", default=AGENT_BASELINE,
+                        help="agent part: the git revision whose default run the working tree's is compared with "
+                        "('' skips the comparison)")
+    parser.add_argument("--agent-iterations", type=int, default=20,
+                        help="agent part: iterations of each default run in the comparison")
     parser.add_argument("--out", default="results/benchmark.json",
                         help="the JSON results; parts not measured in this run keep their figures from the file")
     args = parser.parse_args()
-    for name in ("max_steps", "scaling_steps", "scaling_repeats", "agent_tasks", "agent_group_size", "agent_repeats"):
+    for name in ("max_steps", "scaling_steps", "scaling_repeats", "agent_tasks", "agent_group_size", "agent_repeats",
+                 "agent_iterations"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if min(args.scaling_seeds) < 1:
@@ -305,6 +353,16 @@ def main():
             print(f"{name:10} {c['trainable_parameters']:>9} {c['steps']:>6} {c['steps_per_second']:>8.1f} "
                   f"{c['update_seconds']:>9.2f} {c['update_vs_first']:>12.2f}")
         results["agent_costs"] = costs
+        if args.agent_baseline:
+            speed = default_run_speed(args.agent_baseline, args.agent_iterations)
+            print(f"\nThe default `python train_agent.py`, {args.agent_iterations} iterations, 2 threads, at "
+                  f"{args.agent_baseline} and now:")
+            print(f"{'version':8} {'env steps/s':>12} {'env steps':>10} {'peak RSS MB':>12}")
+            for name in ("before", "after"):
+                r = speed[name]
+                print(f"{name:8} {r['env_steps_per_second']:>12.1f} {r['env_steps']:>10} {r['peak_rss_mb']:>12.0f}")
+            print(f"speedup: {speed['speedup']:.1f}x")
+            results["agent_default_run"] = speed
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     previous = json.load(open(args.out)) if os.path.exists(args.out) else {}

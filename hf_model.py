@@ -4,7 +4,7 @@ PA-MoE (arXiv 2602.17038) puts K LoRA experts on a frozen Qwen2.5-1.5B/7B-Instru
 model with `AutoModelForCausalLM` and makes it speak the interface of the tiny stand-in (tiny_lm.TinyGPT),
 so train_agent.Agent, its LoRA expert bank (experts.add_lora) and its routers work on it unchanged:
 
-    HFBase.forward(ids, mask, past=None, past_mask=None) -> final hidden states (n, t, d), key/value cache
+    HFBase.forward(ids, mask, positions=None, allowed=None) -> final hidden states (n, t, d), key/value cache
     HFBase.logits(hidden) -> (n, t, vocab) float32;   HFBase.config.dim, .max_len
     HFTokenizer.encode(text) -> ids;  .pad_id, .unk_id, .eos_id
 
@@ -116,22 +116,30 @@ class HFBase(nn.Module):
     def device(self):
         return self.lm_head.weight.device
 
-    def forward(self, ids, mask, past=None, past_mask=None):
-        """ids, mask (n, t) (padding on either side). past: the cache an earlier call returned for b prefixes
-        with mask past_mask (b, p); rows b*g .. b*g + g - 1 continue prefix b (TinyGPT's convention). The
-        cache is repeated per continuation and extended in place: use it once. Returns (hidden, cache)."""
+    def forward(self, ids, mask, positions=None, allowed=None, past=None, past_mask=None):
+        """ids, mask (n, t) (padding on either side). positions (n, t) and allowed (n, t, t) bool: position ids
+        and which tokens each token may attend to, as TinyGPT takes them (packed scoring); transformers passes
+        such a 4D mask through to the attention as it is. past: the cache an earlier call returned for b
+        prefixes with mask past_mask (b, p); rows b*g .. b*g + g - 1 continue prefix b. The cache is repeated
+        per continuation and extended in place: use it once (token-by-token sampling). Returns (hidden, cache)."""
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = mask.long().cumsum(1) - 1
-        attention = mask
+        attention = mask.long()
+        if positions is None:
+            positions = mask.long().cumsum(1) - 1
+        if allowed is not None:
+            eye = torch.eye(ids.shape[1], dtype=torch.bool, device=self.device)          # pads see themselves
+            dtype = self.lm_head.weight.dtype
+            attention = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
+                ~(allowed.to(self.device) | eye), torch.finfo(dtype).min).unsqueeze(1)   # (n, 1, t, t), additive
         if past is not None:
             repeats = ids.shape[0] // past_mask.shape[0]
             past_mask = past_mask.to(self.device).repeat_interleave(repeats, 0)
             positions = positions + past_mask.sum(1, keepdim=True)
-            attention = torch.cat([past_mask, mask], 1)
+            attention = torch.cat([past_mask, mask], 1).long()
             if repeats > 1:
                 past.batch_repeat_interleave(repeats)
-        out = self.backbone(input_ids=ids, attention_mask=attention.long(), position_ids=positions.clamp(min=0),
-                            past_key_values=past, use_cache=True)
+        out = self.backbone(input_ids=ids, attention_mask=attention, position_ids=positions.to(self.device).clamp(min=0),
+                            past_key_values=past, use_cache=past is not None or allowed is None)
         return out.last_hidden_state, out.past_key_values
 
     def logits(self, hidden):
@@ -208,6 +216,6 @@ def sample(base, tokenizer, prompts, temperature, max_new_tokens, generator, sto
         if all(done):
             break
         step = torch.ones(n, 1, dtype=torch.bool)            # finished rows run on (their outputs are unused)
-        hidden, cache = base(tokens.unsqueeze(1), step, cache, mask)
+        hidden, cache = base(tokens.unsqueeze(1), step, past=cache, past_mask=mask)
         mask = torch.cat([mask, step], 1)
     return completions

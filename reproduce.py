@@ -308,34 +308,54 @@ def plot_agent(summaries, routings, results_dir, name="agent"):
     return paths
 
 
+def finished_summary(log_path):
+    """The summary a run printed last, if its console log holds one of a finished run, else None."""
+    if not os.path.exists(log_path):
+        return None
+    lines = [line for line in open(log_path) if line.startswith("{")]
+    summary = json.loads(lines[-1]) if lines else None
+    return summary if summary and summary.get("status") == "finished" else None
+
+
 def run(command, log_path):
+    """Run one training command, its console output to log_path; a run that already finished there (a study
+    cut off and started again) is not run again."""
+    done = finished_summary(log_path)
+    if done is not None:
+        return done
     with open(log_path, "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
-    lines = [line for line in open(log_path) if line.startswith("{")]
-    return json.loads(lines[-1]) if lines else {"status": "failed", "log": log_path}
+    return finished_summary(log_path) or {"status": "failed", "log": log_path}
 
 
 def agent_table(summaries, routings):
-    header = ["routing", "success (min..max)", "untrained"] + [SHORT[t] for t in HOUSEHOLD_TASK_TYPES] + \
-             ["switches/ep", "step switches/ep", "max expert use", "occupancy pick/look", "grad conflict", "minutes"]
+    """One row per routing over its seeds: held-out success overall (mean, 95% bootstrap interval, min..max)
+    and per task type (mean and interval), switches, expert use, occupancy, gradient conflict (mean over the
+    measurements that had a pair of task types with a gradient, and how many pairs there were)."""
+    header = ["routing", "success [95% CI] (min..max)", "untrained"] + [SHORT[t] for t in HOUSEHOLD_TASK_TYPES] + \
+             ["switches/ep", "step switches/ep", "max expert use", "occupancy pick/look", "grad conflict (pairs)",
+              "minutes"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    interval = lambda values: "{:.2f} [{:.2f}, {:.2f}]".format(*bootstrap_ci(values))
     for routing in routings:
         runs = [s for s in summaries if s.get("routing") == routing and s.get("status") == "finished"]
         if not runs:
             continue
         mean = lambda f: float(np.mean([f(s) for s in runs]))
         success = [s["success"] for s in runs]
-        per_task = [f"{mean(lambda s: s['success_per_task'][t]):.2f}" for t in HOUSEHOLD_TASK_TYPES]
+        per_task = [interval([s["success_per_task"][t] for s in runs]) for t in HOUSEHOLD_TASK_TYPES]
         # the largest share of decisions any one expert got, averaged over task types and seeds
         max_use = mean(lambda s: np.mean([max(u) for u in s["utilisation"].values()]))
         conflict = [s["gradient_conflict"] for s in runs if s["gradient_conflict"] is not None]
+        pairs = sum(s.get("gradient_conflict_pairs", 0) for s in runs)
         rows.append("| " + " | ".join([
-            f"{routing} ({len(runs)} seeds)", f"{np.mean(success):.2f} ({min(success):.2f}..{max(success):.2f})",
+            f"{routing} ({len(runs)} seeds)", f"{interval(success)} ({min(success):.2f}..{max(success):.2f})",
             f"{mean(lambda s: s['untrained_success']):.2f}", *per_task,
             f"{mean(lambda s: s['switches_per_episode']):.1f}", f"{mean(lambda s: s['step_switches_per_episode']):.1f}",
             f"{max_use:.2f}", f"{mean(lambda s: s['occupancy']['pick_and_place']):.2f}/"
             f"{mean(lambda s: s['occupancy']['look_at_obj_in_light']):.2f}",
-            f"{np.mean(conflict):.3f}" if conflict else "-", f"{mean(lambda s: s['wall_seconds']) / 60:.1f}"]) + " |")
+            (f"{np.mean(conflict):.3f} ({pairs})" if conflict else f"no signal ({pairs})"),
+            f"{mean(lambda s: s['wall_seconds']) / 60:.1f}"]) + " |")
     return "\n".join(rows)
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import policy_gradient
+from policy_gradient import IS_MODES
 import train_agent
 import train_dqn
 from envs import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, AlfWorldEnv, HouseholdEnv, HouseholdGame,
@@ -734,30 +735,51 @@ def test_token_router_gates_and_gradient():
     assert router.gate.weight.grad.abs().sum() > 0
 
 
-def test_prompt_cache_scoring_equals_full_sequences():
-    """Scoring commands against the cached prompt gives the same log-likelihoods as running each
-    prompt + command sequence in full."""
-    model = tiny_gpt(vocab=40)
+def test_packed_scoring_equals_each_command_run_alone():
+    """Scoring all of a step's commands in one sequence packed after the prompt gives the log-likelihoods of
+    running each prompt + command sequence alone, for index and token routing, and duplicate steps share
+    one computation."""
     tokenizer = WordTokenizer([f"w{i}" for i in range(36)])
-    args = train_agent.parse_args(["--routing", "phase", "--experts", "2", "--rank", "2"])
-    agent = train_agent.Agent(model, tokenizer, args).eval()
-    randomize_lora(agent.base)
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    commands = [[[13, 14], [15]], [[16], [17, 18, 19], [20]]]
-    experts = torch.tensor([1, 0])
-    log_pi, _ = agent.command_log_probs(prompts, commands, experts)
-    for b in range(2):
-        scores = []
-        for command in commands[b]:
-            sequence = prompts[b] + command + [tokenizer.eos_id]
-            ids = torch.tensor([sequence])
-            with route(agent.base, experts[b:b + 1]):
-                hidden, _ = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))
-            logp = agent.base.logits(hidden).log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
-            scores.append(logp[len(prompts[b]) - 1:].sum())
-        expected = torch.stack(scores).log_softmax(0)
-        assert torch.allclose(log_pi[b, :len(commands[b])], expected, atol=1e-5)
-    assert log_pi[0, 2] == -math.inf
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [5, 6, 7]]
+    commands = [[[13, 14], [15]], [[16], [17, 18, 19], [20]], [[13, 14], [15]]]
+    for routing in ("phase", "token"):
+        args = train_agent.parse_args(["--routing", routing, "--experts", "2", "--rank", "2"])
+        agent = train_agent.Agent(tiny_gpt(vocab=40), tokenizer, args).eval()
+        randomize_lora(agent.base)
+        for layer in lora_layers(agent.base):
+            if layer.router is not None:
+                nn.init.normal_(layer.router.gate.weight)
+        experts = torch.tensor([1, 0, 1]) if routing == "phase" else None
+        log_pi, scores = agent.policy_log_probs(prompts, commands, experts, args)
+        assert scores.inverse.tolist() == [0, 1, 0]                     # the third step is the first's
+        for b in range(3):
+            totals = []
+            for j, command in enumerate(commands[b]):
+                ids = torch.tensor([prompts[b] + command + [tokenizer.eos_id]])
+                with route(agent.base, None if experts is None else experts[b:b + 1]):
+                    hidden, _ = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))
+                logp = agent.base.logits(hidden).log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
+                totals.append(logp[len(prompts[b]) - 1:].sum())
+                if routing == "token":        # the routing at the positions that scored this command
+                    alone = lora_layers(agent.base)[0].last_routing
+                    chosen, router_log_probs = scores.routes(b, j)
+                    assert torch.equal(chosen[0], alone.chosen[0, len(prompts[b]) - 1:-1])
+                    assert torch.allclose(router_log_probs[0], alone.log_probs[0, len(prompts[b]) - 1:-1], atol=1e-6)
+            expected = torch.stack(totals).log_softmax(0)
+            assert torch.allclose(log_pi[b, :len(commands[b])], expected, atol=1e-5)
+        assert log_pi[0, 2] == -math.inf
+
+
+def test_pack_continuations_layout():
+    packed = train_agent.pack_continuations([[5, 6], [7]], [[[1, 2], [3]], [[4, 8, 9]]], pad_id=0)
+    assert packed.ids.tolist() == [[5, 6, 1], [7, 4, 8]]                 # inputs: each continuation but its last
+    assert packed.positions[0].tolist() == [0, 1, 2] and packed.positions[1].tolist() == [0, 1, 2]
+    assert packed.target.tolist() == [1, 2, 3, 4, 8, 9]
+    assert packed.target_position.tolist() == [1, 2, 1, 0, 1, 2]         # the last prompt token predicts each first
+    assert packed.allowed[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    packed = train_agent.pack_continuations([[5]], [[[1, 2], [3, 4]]], pad_id=0)
+    assert packed.ids.tolist() == [[5, 1, 3]] and packed.positions.tolist() == [[0, 1, 1]]
+    assert not packed.allowed[0, 2, 1]                                  # a continuation never sees another
 
 
 def test_phase_router_shapes_sampling_and_temperature():
@@ -855,7 +877,8 @@ def run_agent(tmp_path, base_cache, *flags):
 def test_router_gradient_flows_from_the_rl_loss(base_cache, tmp_path):
     for routing in ("phase", "token"):
         args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing,
-                                                    "--balance-weight", "0", "--switch-weight", "0",
+                                                    "--balance-weight", "0", "--token-balance-weight", "0",
+                                                    "--switch-weight", "0",
                                                     "--diversity-weight", "0"])
         base, tokenizer = train_agent.load_base(args)
         agent = train_agent.Agent(base, tokenizer, args)
@@ -877,7 +900,7 @@ def test_agent_smoke_run_per_routing(tmp_path, base_cache, routing):
     summary = run_agent(tmp_path, base_cache, "--routing", routing, "--kl-coef", "0.01")
     assert summary["status"] == "finished" and summary["env_steps"] > 0
     assert set(summary["success_per_task"]) == set(train_agent.HOUSEHOLD_TASK_TYPES)
-    assert summary["gradient_conflict"] is not None
+    assert (summary["gradient_conflict"] is None) == (summary["gradient_conflict_pairs"] == 0)
     lines = [json.loads(l) for l in open(tmp_path / f"{routing}_gigpo_s1" / "log.jsonl")]
     assert "config" in lines[0] and any("eval" in l for l in lines)
     assert all("informative_episodes" in l for l in lines if "train_success" in l)
@@ -1066,6 +1089,40 @@ def test_rollout_records_the_old_router_so_gamma_is_one_until_it_moves(base_cach
         assert stats["gamma_min"] >= args.gamma_min
 
 
+def assert_ratios_are_one(agent, args, episodes):
+    """Before any optimizer step (here: the first epoch at a learning rate of 0, so no step moves anything),
+    every ratio of the update is exactly 1 in every minibatch: the policy's, the phase router's, and RAIS's
+    gamma."""
+    advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=0.0)
+    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    label = (args.routing, args.is_mode, args.action_mode)
+    assert stats["approx_kl"] == 0 and stats["clip_fraction"] == 0, label
+    assert stats["is_weight_mean"] == 1 and stats["is_weight_var"] == 0, label
+    if args.routing != "single":
+        assert stats["gamma_min"] == 1 and stats["router_shift"] == 0, label
+    if args.routing in ("phase", "trajectory"):
+        assert stats["router_ratio_mean"] == 1, label
+    assert stats["rollout_log_prob_gap"] < 1e-5, label              # the rollout's log pi_old: the same function
+
+
+@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_every_ratio_is_one_before_any_step(base_cache, routing, mode):
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--is-mode", mode,
+                                                "--minibatch-episodes", "2", "--update-epochs", "1"])
+    base, tokenizer = train_agent.load_base(args)
+    torch.manual_seed(0)
+    agent = train_agent.Agent(base, tokenizer, args)
+    randomize_lora(agent.base)
+    for layer in lora_layers(agent.base):
+        if layer.router is not None:
+            nn.init.normal_(layer.router.gate.weight, std=0.3)
+    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4, 5, 5], [0, 0, 1, 1, 2, 2],
+                                   args, 1.0, True, torch.Generator().manual_seed(0))
+    assert_ratios_are_one(agent, args, episodes)
+
+
 @pytest.mark.parametrize("routing, mode", [("token", "sequence"), ("token", "rais"), ("phase", "rais"),
                                            ("single", "sequence")])
 def test_is_mode_updates_log_their_statistics(tmp_path, base_cache, routing, mode):
@@ -1154,7 +1211,7 @@ def test_hf_model_loads_through_model_flag_and_lora_at_init_keeps_its_logits(tin
         ["gate_proj", "up_proj", "down_proj"]
 
 
-def test_hf_prompt_cache_scoring_equals_plain_full_sequences(tiny_llama):
+def test_hf_packed_scoring_equals_plain_full_sequences(tiny_llama):
     agent, args = hf_agent(tiny_llama, "--routing", "phase")
     randomize_lora(agent.base)
     agent.eval()
@@ -1164,8 +1221,7 @@ def test_hf_prompt_cache_scoring_equals_plain_full_sequences(tiny_llama):
     commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
     experts = torch.tensor([1, 2])
     with torch.no_grad():
-        cached, _ = agent.command_log_probs(prompts, commands, experts)
-        batched, _ = agent.command_log_probs_full(prompts, commands, experts)
+        packed, _ = agent.policy_log_probs(prompts, commands, experts, args)
         for row, (prompt, cs) in enumerate(zip(prompts, commands)):      # one unpadded sequence at a time
             scores = []
             for command in cs:
@@ -1175,8 +1231,7 @@ def test_hf_prompt_cache_scoring_equals_plain_full_sequences(tiny_llama):
                 targets = ids[0, len(prompt):]
                 scores.append(log_probs[len(prompt) - 1:].gather(1, targets[:, None]).sum())
             plain = torch.stack(scores).log_softmax(0)
-            assert torch.allclose(cached[row, :len(cs)], plain, atol=1e-4)
-            assert torch.allclose(batched[row, :len(cs)], plain, atol=1e-4)
+            assert torch.allclose(packed[row, :len(cs)], plain, atol=1e-4)
 
 
 def test_gpt2_style_model_gets_lora_on_its_attention(tiny_llama, tmp_path):
@@ -1198,9 +1253,47 @@ def test_gpt2_style_model_gets_lora_on_its_attention(tiny_llama, tmp_path):
     prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2)) for o, i in zip(observations, infos)]
     commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
     with torch.no_grad():
-        cached, _ = agent.command_log_probs(prompts, commands, torch.tensor([0, 3]))
-        full, _ = agent.command_log_probs_full(prompts, commands, torch.tensor([0, 3]))
-    assert torch.allclose(cached.nan_to_num(0, neginf=0), full.nan_to_num(0, neginf=0), atol=1e-4)
+        packed, _ = agent.policy_log_probs(prompts, commands, torch.tensor([0, 3]), args)
+        for row, (prompt, cs) in enumerate(zip(prompts, commands)):
+            totals = []
+            for command in cs:
+                ids = torch.tensor([prompt + command + [agent.tokenizer.eos_id]])
+                with route(agent.base, torch.tensor([[0, 3][row]])):
+                    log_probs = agent.base.model(ids).logits[0, :-1].log_softmax(-1)
+                totals.append(log_probs[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
+            assert torch.allclose(packed[row, :len(cs)], torch.stack(totals).log_softmax(0), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_with_dropout(tiny_llama, tmp_path_factory):
+    """A GPT-2-style model whose config asks for dropout 0.1 everywhere (GPT-2's defaults)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512,
+                               resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
+@pytest.mark.parametrize("mode", IS_MODES)
+@pytest.mark.parametrize("action_mode", train_agent.ACTION_MODES)
+def test_every_ratio_is_one_before_any_step_on_a_model_with_dropout(tiny_gpt2_with_dropout, routing, mode,
+                                                                    action_mode):
+    """The frozen model's own dropout never runs (train() reaches only the adapters and routers), in both
+    action modes."""
+    agent, args = hf_agent(tiny_gpt2_with_dropout, "--routing", routing, "--is-mode", mode, "--action-mode",
+                           action_mode, "--minibatch-episodes", "2", "--update-epochs", "1")
+    randomize_lora(agent.base)
+    agent.train()
+    assert not any(m.training and m.p > 0 for m in agent.base.model.modules() if isinstance(m, nn.Dropout))
+    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    assert_ratios_are_one(agent, args, episodes)
 
 
 def test_free_text_answers_parse_and_bad_ones_are_penalised_invalid_actions(tiny_llama, monkeypatch):
@@ -1646,13 +1739,16 @@ def fake_agent_summaries():
              "success_per_task": {t: 0.1 * i for i, t in enumerate(types)}, "untrained_success": 0.02,
              "switches_per_episode": 40.0 if routing == "token" else 2.0, "step_switches_per_episode": 2.0,
              "utilisation": {t: [0.5, 0.5] for t in types}, "occupancy": {t: 0.2 for t in types},
-             "gradient_conflict": None if seed == 1 else 0.1, "wall_seconds": 60.0}
+             "gradient_conflict": None if seed == 1 else 0.1, "gradient_conflict_pairs": 0 if seed == 1 else 2,
+             "wall_seconds": 60.0}
             for routing in ("single", "phase") for seed in (1, 2)]
 
 
 def test_plots_are_written_or_skipped_with_a_message(tmp_path, monkeypatch, capsys):
     summaries = fake_agent_summaries()
-    assert "| phase (2 seeds) | 0.15 (0.10..0.20) | 0.02 | 0.00 | 0.10 |" in reproduce.agent_table(summaries, ["single", "phase"])
+    table = reproduce.agent_table(summaries, ["single", "phase"])
+    assert "| phase (2 seeds) | 0.15 [0.10, 0.20] (0.10..0.20) | 0.02 | 0.00 [0.00, 0.00] | 0.10 [0.10, 0.10] |" in table
+    assert "| 0.100 (2) |" in table                                 # the conflict, and its pairs of task types
     pytest.importorskip("matplotlib")
     paths = reproduce.plot_agent(summaries, ["single", "phase"], str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["agent_success.png", "agent_routing.png"]

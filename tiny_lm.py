@@ -11,9 +11,9 @@ everywhere ("look", "inventory"), and the untrained policy wins less often than 
 (README, Measured).
 
 The attention and MLP projections are named like Llama's (q_proj, k_proj, v_proj, o_proj, up_proj,
-down_proj) so that the same LoRA targets work here and on a Hugging Face model. `forward` takes a cached
-prefix (`past`, the keys and values of every layer), so many commands are scored against one prompt
-without recomputing it (train_agent.py).
+down_proj) so that the same LoRA targets work here and on a Hugging Face model. `forward` takes position ids
+and an attention mask, so that all of a step's commands are scored in one sequence packed after its prompt
+(train_agent.pack_continuations).
 
     python tiny_lm.py --out runs/tiny_lm.pt          # pretrain and cache (train_agent.py does this itself)
 """
@@ -66,6 +66,7 @@ class GPTConfig:
     layers: int = 2
     heads: int = 4
     max_len: int = 256
+    mlp_ratio: int = 4          # MLP width / dim
 
 
 class Attention(nn.Module):
@@ -74,28 +75,13 @@ class Attention(nn.Module):
         self.heads = config.heads
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(config.dim, config.dim) for _ in range(4))
 
-    def forward(self, x, allowed, past=None, past_mask=None):
-        """x (n, t, d); allowed (n, 1, t, t) bool: which of these tokens each token may attend to.
-        past: (k, v) of a prefix, each (b, h, p, d/h) with n = b * g: rows b*g .. b*g + g - 1 of x all
-        continue prefix b (g commands scored against one prompt), which is never copied g times;
-        past_mask (b, p) marks its real tokens. Returns the output and this call's (k, v)."""
+    def forward(self, x, allowed):
+        """x (n, t, d); allowed (n, 1, t, t) bool: which of these tokens each token may attend to."""
         n, t, d = x.shape
         h = self.heads
         q, k, v = (proj(x).view(n, t, h, d // h).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if past is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)                  # (n, h, t, d/h)
-            return self.o_proj(y.transpose(1, 2).reshape(n, t, d)), (k, v)
-        k_past, v_past = past
-        b, p, g = k_past.shape[0], k_past.shape[2], n // k_past.shape[0]
-        group = lambda z: z.view(b, g, h, t, -1).transpose(1, 2)                            # (b, h, g, t, .)
-        scale = (d // h) ** -0.5
-        to_past = (group(q).reshape(b, h, g * t, -1) @ k_past.transpose(-1, -2)).view(b, h, g, t, p) * scale
-        to_past = to_past.masked_fill(~past_mask[:, None, None, None, :], -math.inf)
-        to_self = (group(q) @ group(k).transpose(-1, -2)) * scale                           # (b, h, g, t, t)
-        to_self = to_self.masked_fill(~allowed.view(b, g, 1, t, t).transpose(1, 2), -math.inf)
-        weights = torch.cat([to_past, to_self], -1).softmax(-1)
-        y = (weights[..., :p].reshape(b, h, g * t, p) @ v_past).view(b, h, g, t, -1) + weights[..., p:] @ group(v)
-        return self.o_proj(y.permute(0, 2, 3, 1, 4).reshape(n, t, d)), (k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)                      # (n, h, t, d/h)
+        return self.o_proj(y.transpose(1, 2).reshape(n, t, d))
 
 
 class Block(nn.Module):
@@ -104,14 +90,13 @@ class Block(nn.Module):
         self.ln_1, self.ln_2 = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
         self.attn = Attention(config)
         self.mlp = nn.Sequential()
-        self.mlp.up_proj = nn.Linear(config.dim, 4 * config.dim)
+        self.mlp.up_proj = nn.Linear(config.dim, config.mlp_ratio * config.dim)
         self.mlp.act = nn.GELU()
-        self.mlp.down_proj = nn.Linear(4 * config.dim, config.dim)
+        self.mlp.down_proj = nn.Linear(config.mlp_ratio * config.dim, config.dim)
 
-    def forward(self, x, allowed, past=None, past_mask=None):
-        a, present = self.attn(self.ln_1(x), allowed, past, past_mask)
-        x = x + a
-        return x + self.mlp(self.ln_2(x)), present
+    def forward(self, x, allowed):
+        x = x + self.attn(self.ln_1(x), allowed)
+        return x + self.mlp(self.ln_2(x))
 
 
 class TinyGPT(nn.Module):
@@ -133,25 +118,22 @@ class TinyGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, ids, mask, past=None, past_mask=None):
+    def forward(self, ids, mask, positions=None, allowed=None):
         """ids, mask (n, t): token ids and which are real (padding may sit on either side).
-        past: the per-layer (k, v) that an earlier call returned for b prefixes (past_mask (b, p)), where
-        n = b * g and rows b*g .. b*g + g - 1 continue prefix b. Returns the final hidden states
-        (n, t, d) and the per-layer (k, v) of this call's tokens."""
+        positions (n, t): position ids (default: the count of real tokens before each); allowed (n, t, t) bool:
+        which tokens each token may attend to (default: the real tokens up to itself). Packed scoring
+        (train_agent.pack_continuations) passes both. Returns the final hidden states (n, t, d) and None
+        (the place where a Hugging Face base returns its cache)."""
         n, t = ids.shape
-        offset = 0
-        if past is not None:
-            offset = past_mask.sum(1, keepdim=True).repeat_interleave(n // past_mask.shape[0], 0)
-        positions = (offset + mask.long().cumsum(1) - 1).clamp(0, self.config.max_len - 1)
-        x = self.wte(ids) + self.wpe(positions)
-        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
-        allowed = causal & mask[:, None, :]                                          # (n, t, t)
-        allowed = (allowed | torch.eye(t, dtype=torch.bool, device=ids.device)).unsqueeze(1)  # pads see themselves
-        presents = []
-        for layer, block in enumerate(self.blocks):
-            x, present = block(x, allowed, past[layer] if past is not None else None, past_mask)
-            presents.append(present)
-        return self.ln_f(x), presents
+        if positions is None:
+            positions = mask.long().cumsum(1) - 1
+        if allowed is None:
+            allowed = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril() & mask[:, None, :]
+        allowed = allowed | torch.eye(t, dtype=torch.bool, device=ids.device)         # pads see themselves
+        x = self.wte(ids) + self.wpe(positions.clamp(0, self.config.max_len - 1))
+        for block in self.blocks:
+            x = block(x, allowed.unsqueeze(1))
+        return self.ln_f(x), None
 
     def logits(self, hidden):
         return hidden @ self.wte.weight.T                                            # (n, t, vocab)
@@ -160,18 +142,42 @@ class TinyGPT(nn.Module):
 def pad(sequences, pad_id, left=False):
     """Lists of ids -> (n, t) tensor and its bool mask; left padding keeps the ends aligned."""
     width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
-    for row, s in enumerate(sequences):
-        if s:
-            span = slice(width - len(s), width) if left else slice(0, len(s))
-            ids[row, span] = torch.tensor(s)
-            mask[row, span] = True
+    fill = [[pad_id] * (width - len(s)) for s in sequences]
+    ids = torch.tensor([f + list(s) if left else list(s) + f for s, f in zip(sequences, fill)], dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in sequences])
+    columns = torch.arange(width)
+    mask = columns >= width - lengths[:, None] if left else columns < lengths[:, None]
     return ids, mask
 
 
-def random_play_texts(episodes, seed, max_steps, history_length):
-    """(prompt, command) pairs from uniformly random play on training seeds: the pretraining corpus."""
+# What a pretrained LLM knows before it plays: which words of a task matter, and which appliance does what.
+STOP_WORDS = frozenset({"put", "a", "some", "in", "on", "the", "and", "it", "them", "two", "find", "under", "with",
+                        "at", "look", "examine"})
+COMMON_SENSE = {"hot": ("heat", "microwave"), "heat": ("heat", "microwave"), "cool": ("cool", "fridge"),
+                "clean": ("clean", "sinkbasin"), "look": ("use",), "examine": ("use",)}
+WORD = re.compile(r"[a-z]+")
+
+
+def task_words(goal):
+    """The words of a task a reader would look for: its object and receptacle (or lamp), and what common
+    sense adds (a hot thing is heated in a microwave, a cool one in a fridge, a clean one at the sink,
+    looking under a lamp means using it)."""
+    words = WORD.findall(goal.lower())
+    return {w for w in words if w not in STOP_WORDS} | {x for w in words for x in COMMON_SENSE.get(w, ())}
+
+
+def play_weights(goal, commands, task_bias):
+    """The pretraining player's preference over the admissible commands: task_bias ** (number of task words
+    a command names). task_bias 1 is uniformly random play."""
+    words = task_words(goal)
+    return np.array([task_bias ** len(words & set(WORD.findall(c))) for c in commands], dtype=np.float64)
+
+
+def random_play_texts(episodes, seed, max_steps, history_length, list_commands=False, task_bias=1.0):
+    """(prompt, command) pairs of play on training seeds: the pretraining corpus. The player reads only
+    the task's words and the admissible commands (never the room's hidden state, a plan, or an evaluation
+    seed): each command is drawn with probability proportional to play_weights, so with task_bias 1 play
+    is uniformly random. list_commands: the prompts list the admissible commands."""
     rng = np.random.default_rng(seed)
     env = HouseholdEnv(max_steps=max_steps)
     pairs = []
@@ -184,11 +190,16 @@ def random_play_texts(episodes, seed, max_steps, history_length):
         while not all(done):
             commands = []
             for i, info in enumerate(infos):
-                command = info["admissible_commands"][rng.integers(len(info["admissible_commands"]))]
+                admissible = info["admissible_commands"]
+                if task_bias == 1.0:
+                    command = admissible[rng.integers(len(admissible))]
+                else:
+                    weights = play_weights(info["goal"], admissible, task_bias)
+                    command = admissible[rng.choice(len(admissible), p=weights / weights.sum())]
                 commands.append(command)
                 if not done[i]:
                     pairs.append((render_prompt(info["goal"], histories[i], observations[i], history_length,
-                                                info["admissible_commands"]), command))
+                                                admissible if list_commands else None), command))
             next_observations, _, dones, infos = env.step(commands)
             for i, command in enumerate(commands):
                 if not done[i]:
@@ -206,19 +217,23 @@ class PretrainConfig:
     seed: int = 0
     max_steps: int = 30
     history_length: int = 2
+    list_commands: bool = False
+    task_bias: float = 1.0
     dim: int = 64
     layers: int = 2
     heads: int = 4
+    mlp_ratio: int = 4
 
 
 def pretrain(config: PretrainConfig, progress=True):
     """Next-token prediction on random-play transcripts; returns (model, tokenizer, final loss)."""
     torch.manual_seed(config.seed)
-    pairs = random_play_texts(config.episodes, config.seed, config.max_steps, config.history_length)
+    pairs = random_play_texts(config.episodes, config.seed, config.max_steps, config.history_length,
+                              config.list_commands, config.task_bias)
     tokenizer = WordTokenizer.from_texts(text for pair in pairs for text in pair)
     sequences = [[tokenizer.bos_id] + tokenizer.encode(p) + tokenizer.encode(c) + [tokenizer.eos_id] for p, c in pairs]
     max_len = max(256, max(map(len, sequences)) + 8)
-    model = TinyGPT(GPTConfig(len(tokenizer), config.dim, config.layers, config.heads, max_len))
+    model = TinyGPT(GPTConfig(len(tokenizer), config.dim, config.layers, config.heads, max_len, config.mlp_ratio))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps, pct_start=0.1)
     rng = np.random.default_rng(config.seed)
@@ -243,7 +258,8 @@ def pretrain(config: PretrainConfig, progress=True):
 def corpus_sample(config):
     """The first (prompt, command) of the corpus: a cached model whose sample differs was pretrained on
     another version of the environment or prompt, and is pretrained again."""
-    return list(random_play_texts(1, config.seed, config.max_steps, config.history_length)[0])
+    return list(random_play_texts(1, config.seed, config.max_steps, config.history_length, config.list_commands,
+                                  config.task_bias)[0])
 
 
 def load_or_pretrain(path, config: PretrainConfig, progress=True):
@@ -271,7 +287,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/tiny_lm.pt", help="where to cache the model (default: %(default)s)")
     for name, value in asdict(PretrainConfig()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
+        parser.add_argument("--" + name.replace("_", "-"), **kind, default=value,
                             help=f"pretraining {name.replace('_', ' ')} (default: %(default)s)")
     options = vars(parser.parse_args())
     load_or_pretrain(options.pop("out"), PretrainConfig(**options))

@@ -13,15 +13,19 @@ different experts. The granularities it is compared with: single (one LoRA), tok
 every adapted layer, per token), trajectory (one expert per episode, chosen at the first step).
 
 The policy scores every admissible command by the LM's log-likelihood of the command given the prompt
-(envs.render_prompt) and samples from the softmax over commands. The frozen base is tiny_lm.TinyGPT,
-pretrained on random play (the stand-in for a pretrained LLM); only the experts and the routers train.
+(envs.render_prompt) and samples from the softmax over commands; all of a step's commands are scored in
+one sequence packed after the prompt (pack_continuations). The frozen base is tiny_lm.TinyGPT, pretrained
+on the play of a player that reads only the task's words (the stand-in for a pretrained LLM's prior);
+only the experts and the routers train.
 With --model, any Hugging Face causal LM is the frozen base (hf_model.py), and --action-mode generate lets
 it answer in free text as verl-agent's ALFWorld agents do (<think>...</think><action>...</action>).
 
 RL: groups of G rollouts per task seed; GRPO advantages (Shao et al. 2024) or GiGPO's (arXiv 2505.10978:
-episode groups plus anchor-state step groups); a PPO-clipped objective over the rollout's log-probs
-with several epochs per batch; the router learns from the same clipped objective on the log-probability
-of the expert it chose, plus PA-MoE's balance, diversity and switch losses.
+episode groups plus anchor-state step groups); a PPO-clipped objective in minibatches of whole episodes;
+the router learns from the same clipped objective on the log-probability of the expert it chose, plus
+PA-MoE's balance, diversity and switch losses. log pi_old is recomputed at the start of each update, in
+the update's own batches and with no dropout anywhere (verl's old_log_prob), so every ratio, the routers'
+and RAIS's gamma included, is exactly 1 before the first optimizer step.
 
 Importance sampling (--is-mode): token (PPO's ratio per decision), sequence (GSPO, arXiv 2507.18071: one
 length-normalised ratio per episode) or rais (RSPO, arXiv 2510.23027: each decision's ratio times the
@@ -33,6 +37,7 @@ Writes runs/NAME/log.jsonl and runs/NAME/checkpoint.pt; the last line printed is
 """
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -52,7 +57,8 @@ from hf_model import DTYPES, default_target_modules, free_text_prompt, load_hf_b
 from moe_rl import (count_switches, expert_utilisation, gradient_conflict, loss_shares, majority_expert,
                     parameter_count, parameter_occupancy, router_shift_ratio)
 from policy_gradient import IS_MODES, clipped_surrogate, compute_advantages, policy_objective
-from router import PhaseRouter, PhaseRouting, TokenRouter, diversity_loss, phase_balance_loss, switch_loss
+from router import (PhaseRouter, PhaseRouting, TokenRouter, TokenRouting, diversity_loss, phase_balance_loss,
+                    switch_loss)
 from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain, pad
 from train_dqn import arg, parse_dataclass
 
@@ -73,18 +79,25 @@ class Args:
     token_k: int = arg(1, "experts per token for --routing token")
     rank: int = arg(8, "LoRA rank r")
     lora_alpha: float = arg(16.0, "LoRA alpha (scale alpha / r)")
-    lora_dropout: float = arg(0.05, "dropout on the adapter input")
+    lora_dropout: float = arg(0.0, "dropout on the adapter input (paper: 0.05). Above 0 each pass of the update "
+                              "draws its own dropout mask, so the importance ratios are not 1 before the first "
+                              "step")
     target_modules: str = arg("auto", "comma-separated names (or dotted name endings) of the linear layers to adapt; "
                               "auto: the attention projections, q/k/v/o_proj (Llama, Qwen, Mistral, the tiny "
                               "transformer) or attn.c_attn/attn.c_proj (GPT-2), and with --lora-mlp the MLP's")
     lora_mlp: bool = arg(False, "with --target-modules auto, also adapt the MLP projections")
     # the phase router (PA-MoE Sec. 3.2)
     router_hidden: int = arg(64, "router LSTM and MLP width (paper: 256 on a 1.5B model)")
+    router_dropout: float = arg(0.0, "dropout in the phase router's MLP (the paper has a Dropout layer there; above "
+                                "0 the router's ratio and RAIS's gamma carry its noise)")
     router_history: int = arg(5, "L, the (action, observation) pairs the router's LSTM reads")
     router_temperature_start: float = arg(2.0, "router softmax temperature at the start (annealed linearly)")
     router_temperature_end: float = arg(0.5, "router softmax temperature at the end of the annealing")
     router_anneal_iterations: int = arg(0, "iterations over which the temperature anneals (0 = all of them)")
-    balance_weight: float = arg(0.001, "lambda_bal, load-balance loss weight (0 = off)")
+    balance_weight: float = arg(1.0, "lambda_bal, the phase router's load-balance loss weight (paper: 0.001, at which "
+                                "the router sends every decision to one expert here; 0 = off)")
+    token_balance_weight: float = arg(0.001, "--routing token: weight of the token routers' Switch-style balance "
+                                      "loss (0 = off)")
     diversity_weight: float = arg(0.01, "lambda_div, expert diversity loss weight (0 = off)")
     diversity_margin: float = arg(0.1, "tau_div: pairs of experts whose KL is below it are pushed apart")
     diversity_steps: int = arg(32, "steps per minibatch on which every expert's policy is computed for L_div")
@@ -94,6 +107,9 @@ class Args:
                    "AlfredTWEnv, data from --alfworld-data)", ENVS)
     max_steps: int = arg(0, "step limit of an episode (0: the environment's, household 30, alfworld 50)")
     history_length: int = arg(2, "past (action, observation) pairs in the prompt")
+    list_commands: bool = arg(False, "--action-mode score: also list the admissible commands in the prompt (the "
+                              "policy scores each of them anyway; --action-mode generate always lists them, as "
+                              "verl-agent's prompt does)")
     # RL
     iterations: int = arg(30, "training iterations (one batch of rollouts and its update each)")
     tasks_per_batch: int = arg(8, "distinct task seeds per batch")
@@ -127,6 +143,9 @@ class Args:
     base_cache: str = arg("runs/tiny_lm.pt", "where the pretrained tiny LM is cached (pretrained on first use)")
     pretrain_episodes: int = arg(600, "random-play episodes in the base model's pretraining corpus")
     pretrain_steps: int = arg(2500, "pretraining steps of the base model")
+    pretrain_task_bias: float = arg(1.0, "the pretraining player draws a command task_bias ** (task words it names) "
+                                    "times as often (tiny_lm.play_weights): the prior of a reader of the task; "
+                                    "1 is uniformly random play")
     # the run
     seed: int = arg(1, "seed of the training tasks, sampling and initialisation")
     threads: int = arg(2, "torch CPU threads")
@@ -143,7 +162,7 @@ class Args:
     dtype: str = arg("float32", "dtype of the frozen --model weights (the LoRA experts stay float32)",
                      tuple(DTYPES))
     gradient_checkpointing: bool = arg(False, "recompute the --model's activations in the backward pass (less "
-                                       "memory; commands are then scored as full sequences, without the cache)")
+                                       "memory)")
     trust_remote_code: bool = arg(False, "let --model run its own code from the Hub (only for models you trust)")
     action_mode: str = arg("score", "score: a softmax over the admissible commands of the LM's likelihood of each; "
                            "generate: free text with <think> and <action> tags, sampled (needs --model)",
@@ -169,8 +188,9 @@ def validate(args):
         raise ValueError(f"--token-k {args.token_k} is larger than --experts {args.experts}")
     if args.routing != "single" and args.experts < 2:
         raise ValueError(f"--routing {args.routing} needs at least 2 experts, got --experts {args.experts}")
-    if not 0 <= args.lora_dropout < 1:
-        raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    for name in ("lora_dropout", "router_dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     if min(args.router_temperature_start, args.router_temperature_end) <= 0:
         raise ValueError("router temperatures must be positive")
     if not 0 <= args.gamma_min <= 1:
@@ -211,105 +231,102 @@ class Agent(nn.Module):
         add_lora(base, target_modules(base, args), num_experts, args.rank, args.lora_alpha, args.lora_dropout,
                  router_factory)
         dim = base.config.dim
-        self.router = PhaseRouter(dim, num_experts, args.router_hidden) if args.routing in ("trajectory", "phase") else None
+        self.router = PhaseRouter(dim, num_experts, args.router_hidden, dropout=args.router_dropout) \
+            if args.routing in ("trajectory", "phase") else None
         self.num_experts = num_experts
         self.max_prompt = base.config.max_len - (args.max_new_tokens if args.action_mode == "generate" else 16)
-        # without a cache (gradient checkpointing turns it off) commands are scored as whole sequences
-        self.full_sequences = args.gradient_checkpointing
-        self._encoded = {}
+        self._ids, self._encodings, self._encoded_floats = {}, {}, 0
+
+    def train(self, mode=True):
+        """Training mode reaches only what trains (the adapters' dropout, the routers): the frozen base's own
+        modules, such as a Hugging Face model's dropout, always stay in evaluation mode."""
+        super().train(mode)
+        self.base.eval()
+        for layer in lora_layers(self.base):
+            layer.train(mode)
+        return self
 
     def trainable_parameters(self):
         return lora_parameters(self.base) + (list(self.router.parameters()) if self.router else [])
 
     def encode_text(self, text):
-        """Token ids of a text, memoised (commands and observations repeat); the memo is bounded."""
-        if text not in self._encoded:
-            if len(self._encoded) > 200_000:
-                self._encoded.clear()
-            self._encoded[text] = self.tokenizer.encode(text)
-        return self._encoded[text]
+        """Token ids of a short text that repeats (a command, an observation), memoised; the memo is bounded."""
+        if text not in self._ids:
+            if len(self._ids) >= 100_000:
+                self._ids.clear()
+            self._ids[text] = self.tokenizer.encode(text)
+        return self._ids[text]
 
     @torch.no_grad()
     def frozen_encodings(self, texts):
-        """Enc(.) of PA-MoE: the frozen base's final hidden states (no adapter), one (t, d) tensor per text."""
-        ids, mask = pad([self.encode_text(t)[-self.max_prompt:] or [self.tokenizer.unk_id] for t in texts],
-                        self.tokenizer.pad_id)
-        with route(self.base, torch.full((len(texts),), -1)):
-            hidden, _ = self.base(ids, mask)
-        return [h[m.to(h.device)].float() for h, m in zip(hidden, mask)]
+        """Enc(.) of PA-MoE: the frozen base's final hidden states (no adapter), one (t, d) tensor per text.
+        The base never changes, so each text is encoded once (the memo is bounded by its size in floats)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._encodings))
+        if missing:
+            ids, mask = pad([self.encode_text(t)[-self.max_prompt:] or [self.tokenizer.unk_id] for t in missing],
+                            self.tokenizer.pad_id)
+            with route(self.base, torch.full((len(missing),), -1)):
+                hidden, _ = self.base(ids, mask)
+            if self._encoded_floats > 2 ** 25:
+                self._encodings.clear()
+                self._encoded_floats = 0
+            for text, h, m in zip(missing, hidden, mask):
+                self._encodings[text] = h[m.to(h.device)].float()
+                self._encoded_floats += self._encodings[text].numel()
+        return [self._encodings[t] for t in texts]
 
-    def command_log_probs(self, prompts, commands, expert_index):
-        """log pi(command | prompt) over each step's admissible commands: the softmax over the commands of
-        the LM's log-likelihood of each (its tokens and <eos>). The prompt runs once; every command
-        attends to its cached keys and values, which are never copied per command.
-        prompts: b id lists; commands: b lists of id lists; expert_index (b,) or None (token routing).
-        Returns (b, c) log-probs (-inf on padding) and, for token routing, each adapted layer's routing of
-        every command token, on the CPU (the model may sit on another device): chosen experts
-        (layers, b, c, l, k) and router log-probs (layers, b, c, l, e)."""
-        b, c = len(prompts), max(len(cs) for cs in commands)
-        if self.full_sequences:
-            return self.command_log_probs_full(prompts, commands, expert_index)
-        prompt_ids, prompt_mask = pad([p[-self.max_prompt:] for p in prompts], self.tokenizer.pad_id, left=True)
-        flat = [cmd for cs in commands for cmd in cs + [[]] * (c - len(cs))]
-        command_ids, command_mask = pad(flat, self.tokenizer.pad_id)                  # (b*c, l)
-        repeat = lambda t: t.repeat_interleave(c, 0)
-        with route(self.base, expert_index):
-            prompt_hidden, past = self.base(prompt_ids, prompt_mask)
-        with route(self.base, None if expert_index is None else repeat(expert_index)):
-            command_hidden, _ = self.base(command_ids, command_mask, past, prompt_mask)
-        token_routes = None
-        if self.routing == "token":
-            token_routes = tuple(x.view(x.shape[0], b, c, command_ids.shape[1], -1).cpu()
-                                 for x in token_routing(self.base))
-        # the first command token is predicted from the last prompt position, the others from the command's
-        hidden = torch.cat([repeat(prompt_hidden[:, -1:]), command_hidden], 1)        # (b*c, l+1, d)
-        command_ids, command_mask = command_ids.to(hidden.device), command_mask.to(hidden.device)
-        lengths = command_mask.sum(1)
-        targets = torch.cat([command_ids, torch.full_like(command_ids[:, :1], self.tokenizer.pad_id)], 1)
-        targets[torch.arange(b * c), lengths] = self.tokenizer.eos_id
-        target_mask = torch.arange(targets.shape[1], device=hidden.device) <= lengths.unsqueeze(1)
-        token_log_probs = self.base.logits(hidden).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        scores = (token_log_probs * target_mask).sum(1).view(b, c).cpu()
-        exists = torch.tensor([[j < len(cs) for j in range(c)] for cs in commands])
-        return scores.masked_fill(~exists, -math.inf).log_softmax(-1), token_routes
+    def score(self, prompts, continuations, expert_index, temperature=1.0):
+        """sum_i log softmax(logits_i / temperature)[token_i] over the tokens of each continuation of each prompt
+        (a step's commands each followed by <eos>, or its one free-text answer).
+        prompts: b id lists; continuations: b lists of id lists; expert_index (b,) or None (token routing).
+        Identical (prompt, continuations, expert) rows are computed once; the rest are packed
+        (pack_continuations: a prompt runs once, and each continuation attends to it and to its own tokens),
+        sorted by length and run in chunks of about CHUNK_TOKENS tokens, so that little is padding.
+        Returns Scores, on the CPU."""
+        keys = [(tuple(p[-self.max_prompt:]), tuple(map(tuple, cs)), -2 if expert_index is None else int(x))
+                for p, cs, x in zip(prompts, continuations, expert_index if expert_index is not None else prompts)]
+        unique = list(dict.fromkeys(keys))
+        where = {key: u for u, key in enumerate(unique)}
+        lengths = [len(k[0]) + sum(len(c) - 1 for c in k[1]) for k in unique]
+        order = sorted(range(len(unique)), key=lengths.__getitem__)
+        c = max(len(cs) for cs in continuations)
+        sums = torch.full((len(unique), c), -math.inf)
+        scored, routes, start = [], [], 0
+        while start < len(order):
+            stop = start + 1
+            while stop < len(order) and (stop + 1 - start) * lengths[order[stop]] <= CHUNK_TOKENS:
+                stop += 1
+            rows = order[start:stop]
+            chunk = [unique[u] for u in rows]
+            packed = pack_continuations([list(k[0]) for k in chunk], [list(map(list, k[1])) for k in chunk],
+                                        self.tokenizer.pad_id)
+            experts = None if expert_index is None else torch.tensor([k[2] for k in chunk])
+            with route(self.base, experts):
+                hidden, _ = self.base(packed.ids, packed.mask, packed.positions, packed.allowed)
+            predicted = hidden[packed.target_row.to(hidden.device), packed.target_position.to(hidden.device)]
+            logits = self.base.logits(predicted) / temperature                               # (targets, vocab)
+            token_log_probs = logits.log_softmax(-1).gather(-1, packed.target.to(logits.device)[:, None]).squeeze(-1)
+            per_continuation = torch.zeros(len(packed.continuation_row), device=logits.device).index_add(
+                0, packed.target_owner.to(logits.device), token_log_probs).cpu()
+            scored.append((torch.tensor(rows), packed, per_continuation))
+            if self.routing == "token":
+                routes.append(token_routing(self.base, packed))
+            start = stop
+        for rows, packed, per_continuation in scored:
+            sums = sums.index_put((rows[packed.continuation_row], packed.continuation_index), per_continuation)
+        inverse = torch.tensor([where[k] for k in keys])
+        return Scores(sums[inverse], inverse, scored, routes)
 
-    def sequence_log_probs(self, prompts, continuations, expert_index, temperature=1.0):
-        """sum_t log softmax(logits_t / temperature)[token_t] over each continuation's tokens given its prompt,
-        from whole sequences (prompt left-padded, continuation right-padded) in one forward pass, no cache.
-        The free-text mode's log pi(answer | prompt). Returns (n,) on the CPU and, for token routing, each
-        layer's routing of the continuations' input tokens: chosen (layers, n, l, k), log-probs (layers, n, l, e)."""
-        prompt_ids, prompt_mask = pad([p[-self.max_prompt:] for p in prompts], self.tokenizer.pad_id, left=True)
-        ids, mask = pad(continuations, self.tokenizer.pad_id)
-        with route(self.base, expert_index):
-            hidden, _ = self.base(torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1))
-        start = prompt_ids.shape[1]
-        token_routes = None
-        if self.routing == "token":
-            token_routes = tuple(x[:, :, start:].cpu() for x in token_routing(self.base))
-        logits = self.base.logits(hidden[:, start - 1:-1]) / temperature              # predicts each continuation token
-        ids, mask = ids.to(logits.device), mask.to(logits.device)
-        token_log_probs = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        return (token_log_probs * mask).sum(1).cpu(), token_routes
-
-    def command_log_probs_full(self, prompts, commands, expert_index):
-        """command_log_probs from whole (prompt, command, <eos>) sequences: c times the compute, no cache."""
-        b, c = len(prompts), max(len(cs) for cs in commands)
-        flat = [cmd + [self.tokenizer.eos_id] for cs in commands for cmd in cs + [[]] * (c - len(cs))]
-        scores, token_routes = self.sequence_log_probs([p for p in prompts for _ in range(c)], flat,
-                                                       None if expert_index is None else expert_index.repeat_interleave(c))
-        if token_routes is not None:
-            token_routes = tuple(x[:, :, :-1].reshape(x.shape[0], b, c, -1, x.shape[-1]) for x in token_routes)
-        exists = torch.tensor([[j < len(cs) for j in range(c)] for cs in commands])
-        return scores.view(b, c).masked_fill(~exists, -math.inf).log_softmax(-1), token_routes
-
-    def action_log_probs(self, prompts, actions, expert_index, args):
-        """(b, c) log pi of each step's candidate actions: its admissible commands (score mode), or its one
-        sampled answer (generate mode, c = 1, at the sampling temperature)."""
+    def policy_log_probs(self, prompts, actions, expert_index, args):
+        """log pi of each step's candidate actions: (b, c) over its admissible commands (score mode: the
+        softmax over the commands of the LM's log-likelihood of each, its tokens and <eos>), or (b, 1) of its
+        one sampled answer (generate mode, at the sampling temperature). Returns (log-probs, Scores)."""
         if args.action_mode == "generate":
-            scores, token_routes = self.sequence_log_probs(prompts, [a[0] for a in actions], expert_index,
-                                                           args.temperature)
-            return scores.unsqueeze(1), None if token_routes is None else tuple(x.unsqueeze(2) for x in token_routes)
-        return self.command_log_probs(prompts, actions, expert_index)
+            scores = self.score(prompts, actions, expert_index, args.temperature)
+            return scores.log_likelihoods, scores
+        eos = self.tokenizer.eos_id
+        scores = self.score(prompts, [[cmd + [eos] for cmd in cs] for cs in actions], expert_index)
+        return scores.log_likelihoods.log_softmax(-1), scores
 
     def route_steps(self, inputs, temperature):
         """Run the phase router on a list of stored inputs (obs encoding, goal encoding, pair history).
@@ -321,11 +338,114 @@ class Agent(nn.Module):
         return PhaseRouting(routing.logits.cpu(), routing.log_probs.cpu())
 
 
-def token_routing(model):
-    """What every token router of the model decided in its last forward, stacked over the adapted layers:
-    chosen experts (layers, ..., k) and router log-probs (layers, ..., e)."""
+CHUNK_TOKENS = 16384     # padded tokens per forward pass of Agent.score
+
+
+@dataclass
+class Packed:
+    """Rows of (prompt, continuation inputs...) for pack_continuations. n rows of width t; targets are the
+    scored tokens: row, the position whose output predicts the token, the token, the continuation it
+    belongs to (an index into continuation_row / continuation_index, the continuation's row and its
+    index among that row's continuations)."""
+    ids: torch.Tensor                 # (n, t)
+    mask: torch.Tensor                # (n, t) bool
+    positions: torch.Tensor           # (n, t)
+    allowed: torch.Tensor             # (n, t, t) bool
+    target_row: torch.Tensor          # (targets,)
+    target_position: torch.Tensor     # (targets,)
+    target: torch.Tensor              # (targets,)
+    target_owner: torch.Tensor        # (targets,)
+    continuation_row: torch.Tensor    # (continuations,)
+    continuation_index: torch.Tensor  # (continuations,)
+    first_continuation: list          # row -> index of its first continuation
+    continuation_start: list          # continuation -> index of its first target (and the total at the end)
+
+
+def pack_continuations(prompts, continuations, pad_id):
+    """Pack each prompt and all its continuations into one sequence, so that one forward pass scores them all:
+    the prompt, then each continuation's tokens but its last (its inputs). A continuation attends to the
+    prompt and to its own earlier tokens, never to another continuation, and its positions restart where
+    the prompt ends: every continuation sees exactly what it would see alone after the prompt. Its first
+    token is predicted from the prompt's last position, each other token from the token before it.
+    prompts: n non-empty id lists; continuations: n lists of non-empty id lists."""
+    prompt_length = np.array([len(p) for p in prompts])
+    count = np.array([len(cs) for cs in continuations])                      # continuations per row
+    length = np.array([len(c) for cs in continuations for c in cs])           # (C,) tokens per continuation
+    row_of = np.repeat(np.arange(len(prompts)), count)                        # (C,)
+    first = np.concatenate([[0], np.cumsum(count)])                           # row -> its first continuation
+    inputs = length - 1
+    # column where each continuation's inputs start: after its prompt and the earlier continuations' inputs
+    earlier = np.cumsum(inputs) - inputs                                      # inputs of all earlier continuations
+    start = prompt_length[row_of] + earlier - earlier[first[row_of]]
+    width = int((prompt_length + np.bincount(row_of, inputs, len(prompts))).max())
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    segment = np.full((len(prompts), width), -1, dtype=np.int16)          # 0 prompt, j + 1 continuation j, -1 pad
+    position = np.zeros((len(prompts), width), dtype=np.int64)
+    prompt_row = np.repeat(np.arange(len(prompts)), prompt_length)
+    prompt_column = np.arange(prompt_length.sum()) - np.repeat(np.cumsum(prompt_length) - prompt_length, prompt_length)
+    ids[prompt_row, prompt_column] = np.fromiter(itertools.chain.from_iterable(prompts), np.int64, prompt_length.sum())
+    segment[prompt_row, prompt_column] = 0
+    position[prompt_row, prompt_column] = prompt_column
+    tokens = np.fromiter(itertools.chain.from_iterable(c for cs in continuations for c in cs), np.int64, length.sum())
+    owner = np.repeat(np.arange(len(length)), length)                         # (targets,) its continuation
+    offset = np.arange(len(tokens)) - np.repeat(np.cumsum(length) - length, length)   # index within it
+    is_input = offset < length[owner] - 1
+    column = start[owner] + offset                                            # where an input token sits
+    ids[row_of[owner][is_input], column[is_input]] = tokens[is_input]
+    segment[row_of[owner][is_input], column[is_input]] = (np.arange(len(length)) - first[row_of])[owner][is_input] + 1
+    position[row_of[owner][is_input], column[is_input]] = (prompt_length[row_of[owner]] + offset)[is_input]
+    predictor = np.where(offset == 0, prompt_length[row_of[owner]] - 1, column - 1)
+    # a query attends to the prompt's keys and to its own continuation's, causally (numpy: far faster here)
+    key = np.where(segment < 0, -2, segment)                                  # a padding key matches no query
+    allowed = ((key[:, None, :] == segment[:, :, None]) | (key == 0)[:, None, :]) & np.tri(width, dtype=bool)
+    ids, position, allowed = torch.from_numpy(ids), torch.from_numpy(position), torch.from_numpy(allowed)
+    mask = torch.from_numpy(segment >= 0)
+    as_tensor = lambda values: torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+    return Packed(ids, mask, position, allowed, as_tensor(row_of[owner]), as_tensor(predictor), torch.from_numpy(tokens),
+                  as_tensor(owner), as_tensor(row_of), as_tensor(np.arange(len(length)) - first[row_of]),
+                  first[:-1].tolist(), np.concatenate([[0], np.cumsum(length)]).tolist())
+
+
+@dataclass
+class Scores:
+    """What Agent.score computed: the (b, c) log-likelihoods (-inf where a step has fewer continuations) and,
+    for token routing, what every token router decided at the positions that scored each continuation."""
+    log_likelihoods: torch.Tensor
+    inverse: torch.Tensor             # (b,) step -> the unique row that computed it
+    chunks: list                      # (unique rows, Packed, per-continuation sums) per forward pass
+    token_routes: list                # per chunk: token_routing's (chosen, log-probs, TokenRoutings)
+
+    def __post_init__(self):
+        self.location = {int(u): (c, r) for c, (rows, _, _) in enumerate(self.chunks) for r, u in enumerate(rows)}
+
+    def routes(self, step, continuation):
+        """Token routing of one continuation's scored tokens: chosen experts (layers, tokens, k) and router
+        log-probs (layers, tokens, e), on the CPU."""
+        chunk, row = self.location[int(self.inverse[step])]
+        packed, (chosen, log_probs, _) = self.chunks[chunk][1], self.token_routes[chunk]
+        owner = packed.first_continuation[row] + continuation
+        tokens = slice(packed.continuation_start[owner], packed.continuation_start[owner + 1])
+        return chosen[:, tokens], log_probs[:, tokens]
+
+    def balance_loss(self):
+        """The token routers' balance loss over every real token of these forward passes, mean over layers."""
+        per_layer = [TokenRouting(torch.cat([chunk[2][layer].log_probs for chunk in self.token_routes]),
+                                  torch.cat([chunk[2][layer].chosen for chunk in self.token_routes]))
+                     for layer in range(len(self.token_routes[0][2]))]
+        return torch.stack([routing.balance_loss() for routing in per_layer]).mean()
+
+
+def token_routing(model, packed):
+    """What every token router of the model decided in its last forward pass (over `packed`): chosen experts
+    (layers, targets, k) and log-probs (layers, targets, e) at each scored token's predicting position, on
+    the CPU, and per layer the TokenRouting of all real tokens (for the balance loss)."""
     routings = [layer.last_routing for layer in lora_layers(model)]
-    return torch.stack([r.chosen for r in routings]), torch.stack([r.log_probs for r in routings])
+    at = lambda x: x[packed.target_row.to(x.device), packed.target_position.to(x.device)]
+    chosen = torch.stack([at(r.chosen) for r in routings]).cpu()
+    log_probs = torch.stack([at(r.log_probs) for r in routings]).cpu()
+    real = [TokenRouting(r.log_probs[packed.mask.to(r.log_probs.device)], r.chosen[packed.mask.to(r.chosen.device)])
+            for r in routings]
+    return chosen, log_probs, real
 
 
 def stack_padded(tensors):
@@ -352,12 +472,11 @@ class Episode:
     base_log_probs: list = field(default_factory=list)   # frozen base's log-probs over commands (for the KL)
     experts: list = field(default_factory=list)          # expert of each step (-1: token routing)
     router_inputs: list = field(default_factory=list)    # the phase router's inputs where it decided
-    router_log_probs: list = field(default_factory=list) # rollout router's log-probs of every expert (e,)
     token_routes: list = field(default_factory=list)     # (layers, l, k) experts of the chosen command's tokens
-    token_router_log_probs: list = field(default_factory=list)  # (layers, l, e) their rollout router log-probs
     observations: list = field(default_factory=list)     # the observation each step acted on (GiGPO anchor)
     rewards: list = field(default_factory=list)
     won: bool = False
+    reference: dict = None      # the update's log pi_old and old router log-probs (remember_reference)
 
     def switches(self):
         """Expert switches in this episode: (per decision, per step). For token routing the first counts
@@ -372,8 +491,9 @@ class Episode:
 
 @torch.no_grad()
 def rollout(agent, env, seeds, groups, args, temperature, train, generator):
-    """Play one episode per seed with the current policy; returns the Episodes. Dropout is off while
-    acting (eval mode) and on in the update, as in PPO fine-tuning of LMs with LoRA dropout."""
+    """Play one episode per seed with the current policy; returns the Episodes. Each step's log pi_old is
+    computed by Agent.policy_log_probs, the function the update calls for log pi (with no dropout by
+    default, the two are the same computation; README, Exact importance ratios)."""
     agent.eval()
     n = len(seeds)
     observations, infos = env.reset(seeds)
@@ -394,10 +514,11 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
                 goals[i], histories[i], observations[i], infos[i]["admissible_commands"], args.history_length)))
                 for i in active]
         else:
-            prompts = [agent.encode_text(render_prompt(goals[i], histories[i], observations[i], args.history_length,
-                                                       infos[i]["admissible_commands"])) for i in active]
+            prompts = [agent.tokenizer.encode(render_prompt(
+                goals[i], histories[i], observations[i], args.history_length,
+                infos[i]["admissible_commands"] if args.list_commands else None)) for i in active]
             commands = [[agent.encode_text(c) for c in infos[i]["admissible_commands"]] for i in active]
-        router_inputs = router_log_probs = None
+        router_inputs = None
         if agent.router is not None and (args.routing == "phase" or t == 0):
             encodings = agent.frozen_encodings([observations[i] for i in active] +
                                                [f"{last_actions[i]} {observations[i]}" for i in active])
@@ -408,7 +529,6 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
                                       torch.stack(pair_encodings[i][-args.router_history:])))
             routing = agent.route_steps(router_inputs, temperature)
             chosen = routing.choose(greedy=not train, generator=generator)
-            router_log_probs = routing.log_probs
             for j, i in enumerate(active):
                 experts[i] = int(chosen[j])
         expert_index = None if args.routing == "token" else torch.tensor([experts[i] for i in active])
@@ -417,18 +537,18 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
                 answers = sample(agent.base, agent.tokenizer, [p[-agent.max_prompt:] for p in prompts],
                                  args.temperature, args.max_new_tokens, generator)
             commands = [[answer] for answer in answers]
-            # log pi_old recomputed by the same full-sequence pass the update uses (verl's old_log_prob)
-            log_pi, token_routes = agent.action_log_probs(prompts, commands, expert_index, args)
+            # log pi_old from the same packed pass the update uses (verl's old_log_prob), not from sampling
+            log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
             actions = torch.zeros(len(active), dtype=torch.long)
         else:
-            log_pi, token_routes = agent.command_log_probs(prompts, commands, expert_index)
+            log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
             if train or not args.eval_greedy_actions:
                 actions = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
             else:
                 actions = log_pi.argmax(1)
         base_log_pi = None
         if train and args.kl_coef > 0:
-            base_log_pi, _ = agent.command_log_probs(prompts, commands, torch.full((len(active),), -1))
+            base_log_pi, _ = agent.policy_log_probs(prompts, commands, torch.full((len(active),), -1), args)
         step_commands, well_formed = ["look"] * n, [True] * n
         for j, i in enumerate(active):
             if args.action_mode == "generate":
@@ -450,11 +570,8 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
                 e.base_log_probs.append(base_log_pi[j, :len(commands[j])].clone())
             if router_inputs is not None:
                 e.router_inputs.append(router_inputs[j])
-                e.router_log_probs.append(router_log_probs[j].clone())
-            if token_routes is not None:
-                length = len(commands[j][int(actions[j])]) or 1
-                e.token_routes.append(token_routes[0][:, j, int(actions[j]), :length].clone())
-                e.token_router_log_probs.append(token_routes[1][:, j, int(actions[j]), :length].clone())
+            if args.routing == "token":
+                e.token_routes.append(scores.routes(j, int(actions[j]))[0].clone())
             histories[i].append((step_commands[i], next_observations[i]))
             last_actions[i] = step_commands[i]
             if dones[i]:
@@ -475,62 +592,89 @@ def answer_to_command(text):
 
 # --- the update -------------------------------------------------------------------------------------------
 
-def token_router_shift(routes, steps, actions, gamma_min):
-    """RAIS's gamma for token routing, per step: the router shift ratio of each of the chosen command's
-    tokens (moe_rl.router_shift_ratio over the adapted layers and the old top-k), combined over the
-    tokens by a geometric mean (the aggregation RSPO applies to the weights). routes: the (chosen,
-    log-probs) of Agent.command_log_probs now; the rollout's are stored in the episodes.
-    Returns (gamma (n,), shift (n,))."""
+@dataclass
+class PolicyPass:
+    """One pass of the policy and its routers over the steps of some whole episodes (in episode order)."""
+    log_pi: torch.Tensor              # (n, c) log pi over each step's candidate actions
+    taken: torch.Tensor               # (n,) log pi of the action the rollout took
+    scores: Scores
+    routing: PhaseRouting | None      # the phase router at the steps where it decided (all, or t = 0)
+    token_routes: list | None         # per step: the token routers at the taken action's tokens
+
+
+def policy_pass(agent, steps, args, temperature):
+    expert_index = None if args.routing == "token" else torch.tensor([e.experts[t] for e, t in steps])
+    log_pi, scores = agent.policy_log_probs([e.prompts[t] for e, t in steps], [e.commands[t] for e, t in steps],
+                                            expert_index, args)
+    actions = [e.actions[t] for e, t in steps]
+    taken = log_pi[torch.arange(len(steps)), actions]
+    routing = token_routes = None
+    if agent.router is not None:
+        routing = agent.route_steps([e.router_inputs[t] for e, t in steps if t < len(e.router_inputs)], temperature)
+    if args.routing == "token":
+        token_routes = [scores.routes(j, a) for j, a in enumerate(actions)]
+    return PolicyPass(log_pi, taken, scores, routing, token_routes)
+
+
+def remember_reference(episodes, policy):
+    """Keep a pass's log-probabilities as the episodes' reference (log pi_old, and the old routers') for the
+    update. The update takes them from a pass at the weights the rollout used, run as the update's own
+    passes are (verl's recomputed old_log_prob): so before any optimizer step the ratios are exactly 1."""
+    steps = np.cumsum([0] + [len(e.actions) for e in episodes])
+    decisions = np.cumsum([0] + [len(e.router_inputs) for e in episodes])
+    for k, e in enumerate(episodes):
+        e.reference = {"log_probs": policy.taken[steps[k]:steps[k + 1]].detach()}
+        if policy.routing is not None:
+            e.reference["router_log_probs"] = policy.routing.log_probs[decisions[k]:decisions[k + 1]].detach()
+        if policy.token_routes is not None:
+            e.reference["token_routes"] = [(chosen, log_probs.detach())
+                                           for chosen, log_probs in policy.token_routes[steps[k]:steps[k + 1]]]
+
+
+def token_router_shift(token_routes, old_routes, gamma_min):
+    """RAIS's gamma for token routing, per step: the router shift ratio of each of the taken command's scored
+    tokens (moe_rl.router_shift_ratio over the adapted layers and the old top-k), combined over the tokens
+    by a geometric mean (the aggregation RSPO applies to the weights). token_routes: this pass's (chosen,
+    log-probs) per step; old_routes: the reference's. Returns (gamma (n,), shift (n,))."""
     pad = lambda tensors: nn.utils.rnn.pad_sequence([x.transpose(0, 1) for x in tensors], batch_first=True)
-    old = pad([e.token_router_log_probs[t] for e, t in steps])               # (n, l, layers, e)
-    chosen = pad([e.token_routes[t] for e, t in steps])                       # (n, l, layers, k)
-    length = torch.tensor([e.token_routes[t].shape[1] for e, t in steps])
-    new = routes[1][:, torch.arange(len(steps)), actions, :old.shape[1]].permute(1, 2, 0, 3)
+    old = pad([log_probs for _, log_probs in old_routes])                    # (n, l, layers, e)
+    chosen = pad([chosen for chosen, _ in old_routes])                        # (n, l, layers, k)
+    new = pad([log_probs.detach() for _, log_probs in token_routes])          # (n, l, layers, e)
+    length = torch.tensor([chosen.shape[1] for chosen, _ in old_routes])
     gamma, shift = router_shift_ratio(new, old, chosen)                       # (n, l)
     valid = (torch.arange(old.shape[1]) < length.unsqueeze(1)).float()
     mean = lambda x: (x * valid).sum(1) / length
     return mean(gamma.clamp(min=gamma_min).log()).exp(), mean(shift)
 
 
-@torch.no_grad()
-def phase_router_log_probs(agent, inputs, temperature):
-    """The phase router's log-probs without dropout, as at rollout time: RAIS compares these with the
-    rollout's, so that gamma measures how the router's parameters moved, not dropout noise."""
-    mode = agent.router.training
-    agent.router.eval()
-    log_probs = agent.route_steps(inputs, temperature).log_probs
-    agent.router.train(mode)
-    return log_probs
-
-
 def minibatch_loss(agent, episodes, advantages, args, temperature):
     """The PA-MoE loss L_RL + L_bal + L_div + L_switch on some whole episodes; returns (loss, per-step policy
-    loss, stats). Steps are in episode order, so the switch loss sees consecutive steps."""
+    loss, stats). Steps are in episode order, so the switch loss sees consecutive steps. The ratios are
+    against the episodes' reference (remember_reference); episodes without one take this pass's."""
     steps = [(e, t) for e in episodes for t in range(len(e.actions))]
     episode = torch.tensor([k for k, e in enumerate(episodes) for _ in e.actions])
     advantage = torch.tensor(np.concatenate(advantages), dtype=torch.float32)
-    old = torch.tensor([e.log_probs[t] for e, t in steps])
-    expert_index = None if args.routing == "token" else torch.tensor([e.experts[t] for e, t in steps])
-    log_pi, routes = agent.action_log_probs([e.prompts[t] for e, t in steps], [e.commands[t] for e, t in steps],
-                                            expert_index, args)
-    actions = torch.tensor([e.actions[t] for e, t in steps])
-    # the router shift since the rollout: per step, from the phase router's decision or the token routers
+    current = policy_pass(agent, steps, args, temperature)
+    if any(e.reference is None for e in episodes):
+        remember_reference(episodes, current)
+    old = torch.cat([e.reference["log_probs"] for e in episodes])
+    # the router shift since the reference: per step, from the phase router's decision or the token routers
     gamma = shift = routing = None
     if agent.router is not None:
-        decided = [(e, t) for e, t in steps if t < len(e.router_inputs)]   # phase: every step; trajectory: t = 0
-        inputs = [e.router_inputs[t] for e, t in decided]
-        routing = agent.route_steps(inputs, temperature)
-        chosen = torch.tensor([e.experts[t] for e, t in decided])
-        old_router = torch.stack([e.router_log_probs[t] for e, t in decided])
-        gamma, shift = router_shift_ratio(phase_router_log_probs(agent, inputs, temperature)[:, None],
-                                          old_router[:, None], chosen[:, None, None], args.gamma_min)
+        routing = current.routing
+        chosen = torch.tensor([e.experts[t] for e, t in steps if t < len(e.router_inputs)])
+        old_router = torch.cat([e.reference["router_log_probs"] for e in episodes])
+        gamma, shift = router_shift_ratio(routing.log_probs.detach()[:, None], old_router[:, None],
+                                          chosen[:, None, None], args.gamma_min)
         first = np.cumsum([0] + [len(e.router_inputs) for e in episodes])
         decision = torch.tensor([first[k] + min(t, len(e.router_inputs) - 1)
                                  for k, e in enumerate(episodes) for t in range(len(e.actions))])
         gamma, shift = gamma[decision], shift[decision]                       # a step's latest decision
     elif args.routing == "token":
-        gamma, shift = token_router_shift(routes, steps, actions, args.gamma_min)
-    log_ratio = log_pi.gather(1, actions.unsqueeze(1)).squeeze(1) - old
+        gamma, shift = token_router_shift(current.token_routes,
+                                          [r for e in episodes for r in e.reference["token_routes"]], args.gamma_min)
+    log_pi = current.log_pi
+    log_ratio = current.taken - old
     clip = {"token": args.clip_coef, "sequence": args.sequence_clip_coef, "rais": args.geometric_clip_coef}
     loss, policy_loss, weights, clipped = policy_objective(
         log_ratio, advantage, episode, args.is_mode, clip[args.is_mode],
@@ -546,18 +690,19 @@ def minibatch_loss(agent, episodes, advantages, args, temperature):
         kl = (log_pi.exp() * (log_pi - base).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1)   # KL(pi || base)
         loss = loss + args.kl_coef * kl.mean()
         stats["kl_to_base"] = kl.mean().item()
-    if args.routing == "token" and args.balance_weight:
-        balance = torch.stack([layer.last_routing.balance_loss() for layer in lora_layers(agent.base)]).mean()
-        loss = loss + args.balance_weight * balance
+    if args.routing == "token" and args.token_balance_weight:
+        balance = current.scores.balance_loss()
+        loss = loss + args.token_balance_weight * balance
         stats["balance_loss"] = balance.item()
     if agent.router is not None:
         router_advantage = advantage[[i for i, (e, t) in enumerate(steps) if t < len(e.router_inputs)]]
-        router_loss, _ = clipped_surrogate(routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1),
-                                           old_router.gather(1, chosen.unsqueeze(1)).squeeze(1),
-                                           router_advantage, args.clip_coef)
+        router_loss, router_ratio = clipped_surrogate(routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1),
+                                                      old_router.gather(1, chosen.unsqueeze(1)).squeeze(1),
+                                                      router_advantage, args.clip_coef)
         balance = phase_balance_loss(routing.probs)
         loss = loss + router_loss.mean() + args.balance_weight * balance
         stats.update(router_loss=router_loss.mean().item(), balance_loss=balance.item(),
+                     router_ratio_mean=router_ratio.mean().item(),
                      router_entropy=-(routing.probs * routing.log_probs).sum(-1).mean().item())
         if args.routing == "phase":
             switch = switch_loss(routing.probs, chosen, episode)
@@ -567,9 +712,9 @@ def minibatch_loss(agent, episodes, advantages, args, temperature):
                 pick = torch.randperm(len(steps))[:args.diversity_steps]
                 sub = [steps[i] for i in pick]
                 k = agent.num_experts
-                all_experts, _ = agent.command_log_probs([e.prompts[t] for e, t in sub for _ in range(k)],
-                                                         [e.commands[t] for e, t in sub for _ in range(k)],
-                                                         torch.arange(k).repeat(len(sub)))
+                all_experts, _ = agent.policy_log_probs([e.prompts[t] for e, t in sub for _ in range(k)],
+                                                        [e.commands[t] for e, t in sub for _ in range(k)],
+                                                        torch.arange(k).repeat(len(sub)), args)
                 all_experts = all_experts.view(len(sub), k, -1)
                 command_mask = torch.isfinite(all_experts[:, 0])
                 diversity = diversity_loss(routing.probs[pick], all_experts.masked_fill(~command_mask[:, None], 0),
@@ -589,16 +734,24 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
     if not kept:
         return {"informative_episodes": 0}, None
     episodes, advantages = [episodes[i] for i in kept], [advantages[i] for i in kept]
+    for e in episodes:
+        e.reference = None
     agent.train()
     parameters = agent.trainable_parameters()
     all_stats, shares = [], None
     for epoch in range(args.update_epochs):
         order = rng.permutation(len(episodes))
+        batches = [order[start:start + args.minibatch_episodes] for start in range(0, len(order), args.minibatch_episodes)]
         per_step, types = [], []
-        for start in range(0, len(episodes), args.minibatch_episodes):
-            chosen = order[start:start + args.minibatch_episodes]
+        for b, chosen in enumerate(batches):
             batch = [episodes[i] for i in chosen]
             loss, policy_loss, stats = minibatch_loss(agent, batch, [advantages[i] for i in chosen], args, temperature)
+            if epoch == 0 and b == 0:     # before the first step: the other minibatches' reference passes
+                with torch.no_grad():
+                    for other in batches[1:]:
+                        other = [episodes[i] for i in other]
+                        remember_reference(other, policy_pass(agent, [(e, t) for e in other for t in range(len(e.actions))],
+                                                              args, temperature))
             if not finite_on_every_rank(loss):
                 return None, None
             optimizer.zero_grad(set_to_none=True)
@@ -616,6 +769,9 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
     if "gamma_min" in stats:
         stats["gamma_min"] = min(s["gamma_min"] for s in all_stats)
     stats["grad_norm_var"] = float(np.var([s["grad_norm"] for s in all_stats]))
+    # how far the rollout's log pi_old is from the reference pass's: float rounding only, from other batching
+    stats["rollout_log_prob_gap"] = max(float((e.reference["log_probs"] - torch.tensor(e.log_probs)).abs().max())
+                                        for e in episodes)
     return {**stats, "informative_episodes": len(episodes)}, shares
 
 
@@ -687,7 +843,8 @@ def parameter_digest(parameters):
 
 
 def measure_gradient_conflict(agent, episodes, advantages, args, temperature):
-    """Per-task-type gradients of the RL loss over the trainable parameters, and their conflict score."""
+    """Per-task-type gradients of the RL loss over the trainable parameters: (their conflict score, the number
+    of pairs of task types that both had a gradient). The score is None when no pair had one."""
     parameters = agent.trainable_parameters()
     gradients = {}
     for task_type in sorted({e.task_type for e in episodes}):
@@ -699,10 +856,27 @@ def measure_gradient_conflict(agent, episodes, advantages, args, temperature):
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)
         gradients[task_type] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                           for g, p in zip(grads, parameters)])
-    return gradient_conflict(gradients), len(gradients)
+    pairs = len(gradients) * (len(gradients) - 1) // 2
+    return (gradient_conflict(gradients) if pairs else None), pairs
 
 
 # --- evaluation, checkpoints, the loop ----------------------------------------------------------------------
+
+def peak_memory_mb():
+    """This process's peak resident memory so far, in MB (Linux reports it in KB; None without `resource`)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mean_conflict(conflicts):
+    """The mean conflict score over the measurements where at least one pair of task types had a gradient
+    (None if none had): a measurement without a pair is "no signal", not a conflict of 0."""
+    measured = [value for value, pairs in conflicts if pairs]
+    return float(np.mean(measured)) if measured else None
+
 
 def episode_metrics(episodes, num_experts):
     """Success per task type, switches per episode, expert utilisation per task type."""
@@ -748,8 +922,10 @@ def load_base(args):
     if args.model:
         return load_hf_base(args.model, model_device(args), args.dtype, args.trust_remote_code,
                             args.gradient_checkpointing)
+    # random play on the household env at its own step limit, whatever the run's env and limit
     config = PretrainConfig(episodes=args.pretrain_episodes, steps=args.pretrain_steps, seed=0,
-                            max_steps=args.max_steps, history_length=args.history_length)
+                            history_length=args.history_length, list_commands=args.list_commands,
+                            task_bias=args.pretrain_task_bias)
     return load_or_pretrain(args.base_cache, config, args.progress)
 
 
@@ -842,7 +1018,7 @@ def train(args):
             record = {"iteration": iteration, "env_steps": env_steps, "eval": metrics,
                       "wall_seconds": time.time() - train_start}
             if conflicts:
-                record["gradient_conflict"] = conflicts[-1]
+                record["gradient_conflict"], record["gradient_conflict_pairs"] = conflicts[-1]
             record["occupancy"] = parameter_occupancy(batch_shares, HOUSEHOLD_TASK_TYPES)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -859,7 +1035,7 @@ def train(args):
         env_steps += sum(len(e.actions) for e in episodes)
         advantages = compute_advantages(episodes, args.algo, args.gamma, args.step_advantage_weight, args.normalize_std)
         if main and args.conflict_every and iteration % args.conflict_every == 0:
-            conflicts.append(measure_gradient_conflict(agent, episodes, advantages, args, temperature)[0])
+            conflicts.append(measure_gradient_conflict(agent, episodes, advantages, args, temperature))
         stats, shares = update(agent, optimizer, episodes, advantages, args, temperature, rng)
         if stats is None:
             bar.close()
@@ -881,7 +1057,7 @@ def train(args):
                               "train_success": train_metrics["success"], "train_return": train_return,
                               "train_switches_per_episode": train_metrics["switches_per_episode"],
                               "loss_shares": shares, **stats, "wall_seconds": elapsed,
-                              "env_steps_per_second": env_steps / elapsed}) + "\n")
+                              "env_steps_per_second": env_steps / elapsed, "peak_rss_mb": peak_memory_mb()}) + "\n")
         log.flush()
         if main:
             bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}",
@@ -900,9 +1076,11 @@ def train(args):
                "step_switches_per_episode": final["step_switches_per_episode"],
                "utilisation": final["utilisation"],
                "occupancy": parameter_occupancy(batch_shares, HOUSEHOLD_TASK_TYPES),
-               "gradient_conflict": float(np.mean(conflicts)) if conflicts else None,
+               "gradient_conflict": mean_conflict(conflicts),
+               "gradient_conflict_pairs": sum(pairs for _, pairs in conflicts),
                "wall_seconds": time.time() - start, "env_steps_per_second": env_steps / (time.time() - train_start),
                "trainable_parameters": trainable, "parameters": parameter_count(agent), "checkpoint": checkpoint_path,
+               "peak_rss_mb": peak_memory_mb(),
                "rank": rank, "world_size": world_size, "parameter_digest": digest,
                "initial_parameter_digest": initial_digest}
     if args.env == "alfworld":
