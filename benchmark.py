@@ -167,7 +167,7 @@ def agent_costs(routings, tasks=4, group_size=4, repeats=3, flags=()):
         base, tokenizer = train_agent.load_base(args)
         torch.manual_seed(0)
         agent = train_agent.Agent(base, tokenizer, args)
-        optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=args.learning_rate)
+        optimizer = agent.optimizer(args)
         built[routing] = (args, agent, optimizer)
     seeds = [s for s in range(tasks) for _ in range(group_size)]      # every task type among the first six
     groups = [g for g in range(tasks) for _ in range(group_size)]

@@ -3,11 +3,11 @@ tabulate the summaries.
 
     python reproduce.py moe --quick --jobs 2                # MoE in MTRL and CRL (Willi et al. 2024), 5 seeds
     python reproduce.py moe                                 # the whole grid at the full size (about 5 h, an estimate)
-    python reproduce.py agent --quick --jobs 2              # single vs token vs trajectory vs phase, 5 seeds, short
-    python reproduce.py agent --jobs 2                      # the same at train_agent.py's defaults (about 1.5 h)
+    python reproduce.py agent --quick --jobs 2              # single vs token vs trajectory vs phase, 3 seeds, short
+    python reproduce.py agent --jobs 2                      # 5 seeds at train_agent.py's defaults (hours)
     python reproduce.py agent --table-only                 # re-print the table from finished runs
     python reproduce.py agent --table-only --summaries results/agent_comparison.json   # and plot them
-    python reproduce.py rais --seeds 1 2 3 --jobs 2         # token vs sequence vs rais importance sampling
+    python reproduce.py rais --jobs 2                       # token vs sequence vs rais importance sampling
 
 The moe study (Willi, Obando-Ceron et al. 2024, arXiv 2406.18420) trains DQN on CartPole, MountainCar and
 Acrobot in MTRL and CRL for every placement (dense, Middle, Final, All, Big) and router (Top-k, SoftMoE,
@@ -26,9 +26,13 @@ any row can be re-run alone with the command printed for it. Summaries (the last
 run) are collected in OUTPUT_DIR/summaries.json and printed as a markdown table: mean over seeds, with
 the spread (min..max) for the overall success, then the held-out success curve.
 
-The rais study runs token and phase routing with each --is-mode at RAIS_FLAGS (more update epochs per
-batch than the default, where the router moves most between rollout and update) and tabulates the
-importance weights, gradient norms, clipping and router shift logged by every update.
+The rais study runs token routing with each --is-mode at RAIS_FLAGS (more update epochs per batch than
+the default, where the routers move most between rollout and update) and tabulates the importance
+weights, gradient norms, clipping and router shift logged by every update; extra flags (for example a
+faster --router-learning-rate) go to every run.
+
+A run whose console log already holds a finished summary is not run again, so a study that was cut off
+picks up where it stopped.
 """
 import argparse
 import json
@@ -58,11 +62,13 @@ QUICK_FLAGS = ["--total-steps", "18000", "--eval-frequency", "3000", "--eval-epi
                "--final-eval-episodes", "10", "--train-frequency", "4"]
 FULL_FLAGS = ["--total-steps", "150000", "--eval-frequency", "5000", "--train-frequency", "4"]
 
-# the agent study's --quick size: 8 of train_agent.py's 30 iterations, half its held-out episodes
-AGENT_QUICK_FLAGS = ["--iterations", "8", "--eval-every", "4", "--eval-episodes", "60", "--conflict-every", "4"]
+# the agent study's --quick size: 60 of train_agent.py's 400 iterations, half its held-out episodes, 3 seeds
+AGENT_QUICK_FLAGS = ["--iterations", "60", "--eval-every", "20", "--eval-episodes", "60", "--conflict-every", "20"]
+AGENT_QUICK_SEEDS = [1, 2, 3]
 
-# the rais study's budget: 4 update epochs per batch; 20 iterations with held-out evaluations every 5
-RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "20", "--eval-every", "5", "--eval-episodes", "60",
+# the rais study's budget: 4 update epochs per batch (the routers move further between rollout and update
+# than at the default 2); 100 iterations with held-out evaluations every 20
+RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "100", "--eval-every", "20", "--eval-episodes", "60",
               "--conflict-every", "0"]
 
 
@@ -442,9 +448,9 @@ def main():
                         help="moe: MoE placements and routers in MTRL and CRL (DQN); agent: the PA-MoE routings "
                         "compared; rais: token vs sequence vs rais importance sampling")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 1 2 3 4 5, for moe consecutive as they "
-                        "run batched in one process; 1 2 3 for rais)")
+                        "run batched in one process; 1 2 3 for agent --quick)")
     parser.add_argument("--routings", nargs="+", help="routings to compare (default: single token trajectory "
-                        "phase for agent, token phase for rais)")
+                        "phase for agent, token for rais)")
     parser.add_argument("--is-modes", nargs="+", default=["token", "sequence", "rais"],
                         help="rais study: importance-sampling modes (default: %(default)s)")
     parser.add_argument("--settings", nargs="+", default=["mtrl", "crl"], choices=["mtrl", "crl"],
@@ -467,7 +473,7 @@ def main():
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
     rais, moe = options.study == "rais", options.study == "moe"
-    options.seeds = options.seeds or ([1, 2, 3] if rais else [1, 2, 3, 4, 5])
+    options.seeds = options.seeds or (AGENT_QUICK_SEEDS if options.quick and options.study == "agent" else [1, 2, 3, 4, 5])
     if moe and options.seeds != list(range(options.seeds[0], options.seeds[0] + len(options.seeds))):
         parser.error(f"the moe study runs its seeds batched in one process (--seed S --seeds N), so --seeds must be "
                      f"consecutive, got {options.seeds}")
@@ -476,7 +482,7 @@ def main():
             moe_grid(only=options.cells)
         except ValueError as error:
             parser.error(str(error))
-    options.routings = options.routings or (["token", "phase"] if rais else ["single", "token", "trajectory", "phase"])
+    options.routings = options.routings or (["token"] if rais else ["single", "token", "trajectory", "phase"])
     options.output_dir = options.output_dir or f"runs/compare_{options.study}{'_quick' if options.quick else ''}"
     modes = options.is_modes if rais else [None]
     if rais:

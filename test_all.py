@@ -858,9 +858,9 @@ def test_utilisation_occupancy_and_conflict():
 
 @pytest.fixture(scope="module")
 def base_cache(tmp_path_factory):
+    """A tiny base pretrained once per module, with the config that AGENT_FAST runs ask for."""
     path = str(tmp_path_factory.mktemp("base") / "tiny_lm.pt")
-    config = PretrainConfig(episodes=40, steps=30, max_steps=8)
-    load_or_pretrain(path, config, progress=False)
+    train_agent.load_base(train_agent.parse_args(AGENT_FAST + ["--base-cache", path]))
     return path
 
 

@@ -218,7 +218,7 @@ class PretrainConfig:
     max_steps: int = 30
     history_length: int = 2
     list_commands: bool = False
-    task_bias: float = 1.0
+    task_bias: float = 2.0
     dim: int = 64
     layers: int = 2
     heads: int = 4

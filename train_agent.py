@@ -111,14 +111,17 @@ class Args:
                               "policy scores each of them anyway; --action-mode generate always lists them, as "
                               "verl-agent's prompt does)")
     # RL
-    iterations: int = arg(30, "training iterations (one batch of rollouts and its update each)")
+    iterations: int = arg(400, "training iterations (one batch of rollouts and its update each)")
     tasks_per_batch: int = arg(8, "distinct task seeds per batch")
     group_size: int = arg(8, "G, rollouts per task seed (the GRPO/GiGPO group)")
     gamma: float = arg(0.95, "discount of GiGPO's step returns")
     step_advantage_weight: float = arg(1.0, "omega, weight of GiGPO's step advantage")
     normalize_std: bool = arg(True, "divide advantages by the group's std (GiGPO 'w/ std'); --no-normalize-std is 'w/o std'")
     invalid_penalty: float = arg(0.1, "reward penalty for a command that is not admissible")
-    learning_rate: float = arg(1e-3, "Adam learning rate of the experts and routers")
+    learning_rate: float = arg(1e-3, "Adam learning rate of the experts (and of the routers, unless "
+                               "--router-learning-rate)")
+    router_learning_rate: float = arg(0.0, "Adam learning rate of the routers, the phase router or the token "
+                                      "routers (0: --learning-rate)")
     update_epochs: int = arg(2, "passes over each batch")
     minibatch_episodes: int = arg(16, "episodes per minibatch")
     clip_coef: float = arg(0.2, "PPO clipping epsilon")
@@ -135,15 +138,15 @@ class Args:
                                      "(GMPO's 0.4)")
     gamma_min: float = arg(0.5, "--is-mode rais: floor of the router shift ratio gamma")
     # evaluation and logging
-    eval_every: int = arg(10, "evaluate on held-out seeds every this many iterations (and before training)")
+    eval_every: int = arg(20, "evaluate on held-out seeds every this many iterations (and before training)")
     eval_episodes: int = arg(120, "held-out evaluation episodes (balanced over the six task types)")
     eval_greedy_actions: bool = arg(False, "argmax commands at evaluation (default: sample them; the router is argmax either way)")
-    conflict_every: int = arg(5, "measure the gradient conflict every this many iterations (0 = never)")
+    conflict_every: int = arg(20, "measure the gradient conflict every this many iterations (0 = never)")
     # the frozen base
     base_cache: str = arg("runs/tiny_lm.pt", "where the pretrained tiny LM is cached (pretrained on first use)")
     pretrain_episodes: int = arg(600, "random-play episodes in the base model's pretraining corpus")
     pretrain_steps: int = arg(2500, "pretraining steps of the base model")
-    pretrain_task_bias: float = arg(1.0, "the pretraining player draws a command task_bias ** (task words it names) "
+    pretrain_task_bias: float = arg(2.0, "the pretraining player draws a command task_bias ** (task words it names) "
                                     "times as often (tiny_lm.play_weights): the prior of a reader of the task; "
                                     "1 is uniformly random play")
     # the run
@@ -195,7 +198,7 @@ def validate(args):
         raise ValueError("router temperatures must be positive")
     if not 0 <= args.gamma_min <= 1:
         raise ValueError(f"--gamma-min must be in [0, 1], got {args.gamma_min}")
-    for name in ("clip_coef", "sequence_clip_coef", "geometric_clip_coef"):
+    for name in ("clip_coef", "sequence_clip_coef", "geometric_clip_coef", "learning_rate"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eval_only and not args.checkpoint:
@@ -248,6 +251,15 @@ class Agent(nn.Module):
 
     def trainable_parameters(self):
         return lora_parameters(self.base) + (list(self.router.parameters()) if self.router else [])
+
+    def optimizer(self, args):
+        """Adam over the experts and the routers, the routers at --router-learning-rate if it is set."""
+        routers = [p for name, p in self.named_parameters() if p.requires_grad and "router" in name]
+        ids = {id(p) for p in routers}
+        experts = [p for p in self.trainable_parameters() if id(p) not in ids]
+        groups = [{"params": experts}] + ([{"params": routers, "lr": args.router_learning_rate or args.learning_rate}]
+                                          if routers else [])
+        return torch.optim.Adam(groups, lr=args.learning_rate)
 
     def encode_text(self, text):
         """Token ids of a short text that repeats (a command, an observation), memoised; the memo is bounded."""
@@ -994,7 +1006,7 @@ def train(args):
     rng = np.random.default_rng(args.seed + 1_000_003 * rank)
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
     env, eval_env = make_envs(args)
-    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=args.learning_rate)
+    optimizer = agent.optimizer(args)
     initial_digest = parameter_digest(agent.trainable_parameters())
     run_dir = os.path.join(args.output_dir, args.run_name or f"{args.routing}_{args.algo}_s{args.seed}")
     os.makedirs(run_dir, exist_ok=True)
