@@ -295,25 +295,17 @@ class Agent(nn.Module):
         (pack_continuations: a prompt runs once, and each continuation attends to it and to its own tokens),
         sorted by length and run in chunks of about CHUNK_TOKENS tokens, so that little is padding.
         Returns Scores, on the CPU."""
-        keys = [(tuple(p[-self.max_prompt:]), tuple(map(tuple, cs)), -2 if expert_index is None else int(x))
-                for p, cs, x in zip(prompts, continuations, expert_index if expert_index is not None else prompts)]
+        experts = [-2] * len(prompts) if expert_index is None else expert_index.tolist()
+        keys = [(tuple(p[-self.max_prompt:]), tuple(map(tuple, cs)), x) for p, cs, x in zip(prompts, continuations, experts)]
         unique = list(dict.fromkeys(keys))
-        where = {key: u for u, key in enumerate(unique)}
-        lengths = [len(k[0]) + sum(len(c) - 1 for c in k[1]) for k in unique]
-        order = sorted(range(len(unique)), key=lengths.__getitem__)
-        c = max(len(cs) for cs in continuations)
-        sums = torch.full((len(unique), c), -math.inf)
-        scored, routes, start = [], [], 0
-        while start < len(order):
-            stop = start + 1
-            while stop < len(order) and (stop + 1 - start) * lengths[order[stop]] <= CHUNK_TOKENS:
-                stop += 1
-            rows = order[start:stop]
+        lengths = [len(k[0]) + sum(len(c) - 1 for c in k[1]) for k in unique]      # packed length of each row
+        sums = torch.full((len(unique), max(len(cs) for cs in continuations)), -math.inf)
+        scored, routes = [], []
+        for rows in length_chunks(lengths, CHUNK_TOKENS):
             chunk = [unique[u] for u in rows]
             packed = pack_continuations([list(k[0]) for k in chunk], [list(map(list, k[1])) for k in chunk],
                                         self.tokenizer.pad_id)
-            experts = None if expert_index is None else torch.tensor([k[2] for k in chunk])
-            with route(self.base, experts):
+            with route(self.base, None if expert_index is None else torch.tensor([k[2] for k in chunk])):
                 hidden, _ = self.base(packed.ids, packed.mask, packed.positions, packed.allowed)
             predicted = hidden[packed.target_row.to(hidden.device), packed.target_position.to(hidden.device)]
             logits = self.base.logits(predicted) / temperature                               # (targets, vocab)
@@ -323,9 +315,9 @@ class Agent(nn.Module):
             scored.append((torch.tensor(rows), packed, per_continuation))
             if self.routing == "token":
                 routes.append(token_routing(self.base, packed))
-            start = stop
         for rows, packed, per_continuation in scored:
             sums = sums.index_put((rows[packed.continuation_row], packed.continuation_index), per_continuation)
+        where = {key: u for u, key in enumerate(unique)}
         inverse = torch.tensor([where[k] for k in keys])
         return Scores(sums[inverse], inverse, scored, routes)
 
@@ -351,6 +343,19 @@ class Agent(nn.Module):
 
 
 CHUNK_TOKENS = 16384     # padded tokens per forward pass of Agent.score
+
+
+def length_chunks(lengths, budget):
+    """Indices sorted by length, cut into runs whose padded size (count x longest) stays within budget (a
+    row longer than the budget runs alone)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and (stop + 1 - start) * lengths[order[stop]] <= budget:
+            stop += 1
+        yield order[start:stop]
+        start = stop
 
 
 @dataclass
