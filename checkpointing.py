@@ -78,8 +78,11 @@ def prepare_folder(run_dir, resume, overwrite):
     """Check what the (locked) folder holds against resume/overwrite; delete an old run for overwrite and the
     temporary files of saves that were cut off (no other process can be writing them: we hold the lock)."""
     held = [name for name in (LOG, CHECKPOINT) if os.path.exists(os.path.join(run_dir, name))]
+    if resume and not held:
+        raise RunError(f"nothing to resume: {run_dir} holds no run; start it without --resume")
     if resume and CHECKPOINT not in held:
-        raise RunError(f"nothing to resume: {run_dir} holds no {CHECKPOINT}; start the run again with --overwrite")
+        raise RunError(f"nothing to resume: {run_dir} holds no {CHECKPOINT} (the run stopped before its first); "
+                       "start it again with --overwrite")
     if held and not (resume or overwrite):
         raise RunError(f"{run_dir} already holds a run ({', '.join(held)}): pass --resume to continue it or "
                        "--overwrite to start it again")

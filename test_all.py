@@ -2039,7 +2039,8 @@ def test_agent_bad_input_is_one_clear_line(tmp_path, agent_checkpoint, capsys, n
             (["--model", str(tmp_path / "empty_model")], ["holds no model/tokenizer files", "config.json"]),
             (["--model", str(tmp_path / "nowhere")], ["no such folder"]),
             (["--checkpoint", agent_checkpoint], ["--checkpoint is read only with --eval-only", "--resume"]),
-            (["--no-progess"], ["unrecognized arguments: --no-progess", "did you mean --no-progress?"])]:
+            (["--no-progess"], ["unrecognized arguments: --no-progess", "did you mean --no-progress?"]),
+            (["--output-dir", agent_checkpoint], ["cannot write the run folder", "Not a directory"])]:
         error = usage_error(train_agent.main, flags, capsys)
         assert all(m in error for m in messages), error
 
