@@ -4,6 +4,7 @@
     python benchmark.py --parts costs        # just the per-update costs (about a minute)
     python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N, about 8 minutes)
     python benchmark.py --parts agent        # the PA-MoE agent's rollout and update per routing (about 5 minutes)
+    python benchmark.py --resume             # after a cut-off benchmark: skip the parts results/benchmark.json has
 
 Measured in one run, on one machine, so the numbers compare as ratios:
 1. time to a greedy evaluation return of 475 (mean of 10 episodes, checked every 1000 steps) for each
@@ -27,6 +28,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -55,7 +57,7 @@ COST_VARIANTS = {
 
 def time_to_475(name, flags, seed, max_steps):
     args = train_dqn.parse_args([*flags, "--seed", str(seed), "--total-steps", str(max_steps), "--stop-when-solved",
-                                 "--eval-frequency", "1000", "--eval-episodes", "10", "--no-progress",
+                                 "--eval-frequency", "1000", "--eval-episodes", "10", "--no-progress", "--overwrite",
                                  "--output-dir", "/tmp/moe_rl_benchmark", "--run-name", f"{name}_s{seed}"])
     summary = train_dqn.train(args)
     reached = summary["stopped_early"]
@@ -143,7 +145,7 @@ def seed_scaling(routing_flags, seed_counts, steps, repeats):
         for n in seed_counts:
             args = train_dqn.parse_args([*routing_flags, "--seeds", str(n), "--total-steps", str(steps),
                                          "--no-stop-when-solved", "--eval-frequency", str(steps),
-                                         "--final-eval-episodes", "10", "--no-progress",
+                                         "--final-eval-episodes", "10", "--no-progress", "--overwrite",
                                          "--output-dir", "/tmp/moe_rl_benchmark", "--run-name", f"scaling_{n}"])
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):   # the runs' JSON summaries
@@ -223,6 +225,7 @@ def default_run_speed(revision, iterations, repeats=1, workdir="/tmp/moe_rl_benc
     for repeat in range(repeats):
         for name, folder in versions.items():
             output = os.path.join(workdir, f"runs_{name}")
+            shutil.rmtree(os.path.join(output, f"r{repeat}"), ignore_errors=True)   # a timing run starts afresh
             command = [sys.executable, "-c", PEAK_MEMORY, "train_agent.py", "--iterations", str(iterations),
                        "--eval-every", str(iterations), "--no-progress", "--output-dir", output, "--run-name",
                        f"r{repeat}", "--base-cache", os.path.join(workdir, f"tiny_lm_{name}.pt")]
@@ -267,7 +270,11 @@ def main():
     parser.add_argument("--agent-iterations", type=int, default=20,
                         help="agent part: iterations of each default run in the comparison")
     parser.add_argument("--out", default="results/benchmark.json",
-                        help="the JSON results; parts not measured in this run keep their figures from the file")
+                        help="the JSON results, written after each part; parts not measured in this run keep their "
+                        "figures from the file")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the parts that --out already holds from this same command (a benchmark cut off "
+                        "and run again); a part is always measured whole, in one go")
     args = parser.parse_args()
     for name in ("max_steps", "scaling_steps", "scaling_repeats", "agent_tasks", "agent_group_size", "agent_repeats",
                  "agent_iterations"):
@@ -278,12 +285,22 @@ def main():
     if min(args.scaling_threads) < 1:
         parser.error(f"--scaling-threads must all be at least 1, got {args.scaling_threads}")
     torch.set_num_threads(1)
-    command = "python benchmark.py " + " ".join(sys.argv[1:])
+    command = "python benchmark.py " + " ".join(a for a in sys.argv[1:] if a != "--resume")
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    done = [part for part in args.parts if args.resume and previous.get("commands", {}).get(part) == command
+            and all(key in previous for key in PART_RESULTS[part])]
+    if done:
+        print(f"--resume: {args.out} holds the parts {', '.join(done)} of this command already; measuring the rest")
+    todo = [part for part in args.parts if part not in done]
     results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1,
-                           "scaling_threads": args.scaling_threads},
-               "commands": {part: command for part in args.parts}}
+                           "scaling_threads": args.scaling_threads}, "commands": {}}
 
-    if "costs" in args.parts:
+    def finished(part):
+        """Write what is measured so far (merged into --out), so that a cut-off benchmark keeps its finished parts."""
+        results["commands"][part] = command
+        write_results(args.out, results)
+
+    if "costs" in todo:
         costs = update_costs({name: (flags, 1) for name, flags in {**ROUTINGS, **COST_VARIANTS}.items()})
         dense_update, dense_act = costs["dense"]["update_ms"], costs["dense"]["act_ms"]
         print("\nCost of one update (batch 128) and one action selection, CartPole-v1, 1 thread:")
@@ -298,8 +315,9 @@ def main():
         for name, c in layers.items():
             print(f"{name:19} {c['microseconds']:>7.0f} us {c['x_dense_layer']:>6.2f} x dense layer")
         results["layer_costs"] = layers
+        finished("costs")
 
-    if "scaling" in args.parts:
+    if "scaling" in todo:
         results["seed_scaling"] = {}
         for name in args.scaling_routings:
             for threads in args.scaling_threads:
@@ -320,8 +338,9 @@ def main():
                           f"{r['update_ms']:>10.2f} {r['update_vs_1_seed']:>9.2f}")
                 results["seed_scaling"][f"{name}, {threads} thread(s)"] = {"steps": args.scaling_steps,
                                                                          "threads": threads, "by_seeds": runs}
+        finished("scaling")
 
-    if "475" in args.parts:
+    if "475" in todo:
         runs = [time_to_475(name, flags, seed, args.max_steps) for name, flags in ROUTINGS.items() for seed in args.seeds]
         print(f"\nTime to a greedy eval return of 475 on CartPole-v1 (seeds {args.seeds}, train_dqn.py defaults):")
         print(f"{'routing':8} {'reached':>8} {'median s':>9} {'max s':>7} {'median steps':>13} {'steps/s':>8}")
@@ -339,8 +358,9 @@ def main():
             print(f"{name:8} {row['reached']:>8} {fmt(row['median_seconds'], '9.1f')} {fmt(row['max_seconds'], '7.1f')} "
                   f"{fmt(row['median_steps'], '13.0f')} {row['steps_per_second']:>8.0f}")
         results.update(time_to_475=table, runs=runs)
+        finished("475")
 
-    if "agent" in args.parts:
+    if "agent" in todo:
         costs = agent_costs(args.agent_routings, args.agent_tasks, args.agent_group_size, args.agent_repeats,
                             ["--base-cache", args.base_cache])
         first = next(iter(costs.values()))
@@ -363,14 +383,24 @@ def main():
                 print(f"{name:8} {r['env_steps_per_second']:>12.1f} {r['env_steps']:>10} {r['peak_rss_mb']:>12.0f}")
             print(f"speedup: {speed['speedup']:.1f}x")
             results["agent_default_run"] = speed
+        finished("agent")
+    if todo:
+        print(f"\nwrote {args.out}")
 
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
-    results["commands"] = {**previous.get("commands", {}), **results["commands"]}
-    results = {**previous, **results}   # the parts not measured this time keep their earlier figures
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nwrote {args.out}")
+
+# what each part writes to --out
+PART_RESULTS = {"costs": ("update_costs", "layer_costs"), "scaling": ("seed_scaling",), "475": ("time_to_475", "runs"),
+                "agent": ("agent_costs",)}
+
+
+def write_results(path, results):
+    """Merge `results` into the JSON file at `path`: the parts not measured this time keep their earlier figures."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    previous = json.load(open(path)) if os.path.exists(path) else {}
+    merged = {**previous, **results, "commands": {**previous.get("commands", {}), **results["commands"]}}
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+        json.dump(merged, f, indent=1)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,33 @@ class TaskSet:
             self.obs[task] = next_obs
         return obs, reward, next_obs, terminated, finished
 
+    def state_dict(self):
+        """All that carries over from one step to the next, for resuming a run exactly, in plain Python types:
+        per task the observation to act on, the running episode return, and its env's physics state, RNG
+        (each reset draws the next start state from it) and time-limit count. (The classic-control envs hold
+        nothing else that changes; their action spaces are never sampled.)"""
+        envs = []
+        for env in self.envs:
+            inner = env.unwrapped
+            envs.append({"state": [float(x) for x in inner.state],
+                         "state_is_array": isinstance(inner.state, np.ndarray),
+                         "steps_beyond_terminated": getattr(inner, "steps_beyond_terminated", None),
+                         "rng": inner.np_random.bit_generator.state,
+                         "elapsed_steps": env.get_wrapper_attr("_elapsed_steps")})
+        return {"envs": envs, "obs": [o.tolist() for o in self.obs],
+                "episode_returns": [float(r) for r in self.episode_returns]}
+
+    def load_state_dict(self, state):
+        for env, saved in zip(self.envs, state["envs"]):
+            inner = env.unwrapped
+            inner.state = np.array(saved["state"]) if saved["state_is_array"] else tuple(saved["state"])
+            if hasattr(inner, "steps_beyond_terminated"):
+                inner.steps_beyond_terminated = saved["steps_beyond_terminated"]
+            inner.np_random.bit_generator.state = saved["rng"]
+            env.set_wrapper_attr("_elapsed_steps", saved["elapsed_steps"])
+        self.obs = [np.array(o, np.float32) for o in state["obs"]]
+        self.episode_returns = list(state["episode_returns"])
+
     def evaluate(self, task, policy, episodes, seed):
         """Run `episodes` episodes of one task in parallel with policy(obs (N, obs), task) -> actions (N,).
         Fresh envs seeded seed, seed+1, ...; returns the list of episode returns."""

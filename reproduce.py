@@ -22,9 +22,14 @@ token, trajectory, phase) for 5 seeds and tabulates success per task type, switc
 utilisation per task type, occupancy and gradient conflict; --quick runs it at AGENT_QUICK_FLAGS.
 
 Every run is an ordinary `train_agent.py` run in its own process (1 thread each, --jobs at a time), so
-any row can be re-run alone with the command printed for it. Summaries (the last JSON line of each
-run) are collected in OUTPUT_DIR/summaries.json and printed as a markdown table: mean over seeds, with
-the spread (min..max) for the overall success, then the held-out success curve.
+any row can be re-run alone with the command printed for it (plus --overwrite, as its folder holds a run).
+Summaries (the last JSON line of each run) are collected in OUTPUT_DIR/summaries.json and printed as a
+markdown table: mean over seeds, with the spread (min..max) for the overall success, then the held-out
+success curve.
+
+A study that was cut off picks up where it stopped when its command is run again: a run whose console log
+(OUTPUT_DIR/NAME.out) holds a finished summary is not run again, and one cut off after a checkpoint continues
+from it with the trainer's --resume, exactly as if it had not stopped (README: Resuming a run).
 
 The rais study runs token routing with each --is-mode at RAIS_FLAGS (more update epochs per batch than
 the default, where the routers move most between rollout and update) and tabulates the importance
@@ -323,14 +328,17 @@ def finished_summary(log_path):
     return summary if summary and summary.get("status") == "finished" else None
 
 
-def run(command, log_path):
-    """Run one training command, its console output to log_path; a run that already finished there (a study
-    cut off and started again) is not run again."""
+def run(command, log_path, run_dir):
+    """Run one training command, its console output to log_path. A run that already finished there (a study cut
+    off and started again) is not run again; one cut off after a checkpoint continues from it (--resume, its
+    console output appended); one cut off before its first checkpoint starts again (--overwrite)."""
     done = finished_summary(log_path)
     if done is not None:
         return done
-    with open(log_path, "w") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+    again = ["--resume"] if resume else ["--overwrite"] if os.path.exists(run_dir) else []
+    with open(log_path, "a" if resume else "w") as log:
+        subprocess.run(command + again, stdout=log, stderr=subprocess.STDOUT, check=False)
     return finished_summary(log_path) or {"status": "failed", "log": log_path}
 
 
@@ -433,9 +441,10 @@ def run_moe(options, extra):
     for command in commands:
         print(" ".join(command[1:]))
     logs = [os.path.join(options.output_dir, f"{name}.out") for name in names]
+    run_dirs = [os.path.join(options.output_dir, name) for name in names]
     start = time.time()
     with ThreadPoolExecutor(options.jobs) as pool:
-        results = list(pool.map(run, commands, logs))
+        results = list(pool.map(run, commands, logs, run_dirs))
     print(f"the {len(grid)} cells took {(time.time() - start) / 60:.1f} minutes of wall time with --jobs {options.jobs}")
     return [{**result, "setting": setting, "placement": placement, "router": router, "command": " ".join(c[1:]),
              **(dqn_evaluations(result["run_dir"]) if result.get("status") == "finished" else {})}
@@ -508,8 +517,9 @@ def main():
         for command in commands:
             print(" ".join(command[1:]))
         logs = [os.path.join(options.output_dir, f"{name}.out") for name in names]
+        run_dirs = [os.path.join(options.output_dir, name) for name in names]
         with ThreadPoolExecutor(options.jobs) as pool:
-            results = list(pool.map(run, commands, logs))
+            results = list(pool.map(run, commands, logs, run_dirs))
         summaries = [{**result, "routing": r, "label": f"{r}/{m}" if m else r, "seed": s, "command": " ".join(c[1:])}
                      for (r, m, s), result, c in zip(grid, results, commands)]
         json.dump(summaries, open(summary_path, "w"), indent=1)

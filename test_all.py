@@ -3,11 +3,13 @@
     python -m pytest -q test_all.py
 """
 import copy
+import inspect
 import json
 import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpointing
 import policy_gradient
 from policy_gradient import IS_MODES
 import train_agent
@@ -1806,3 +1809,467 @@ def test_benchmark_costs_and_scaling_parts_at_a_tiny_size():
     layers = benchmark.layer_costs(repeats=1, calls=2)
     assert layers["dense layer"]["x_dense_layer"] == 1.0 and layers["soft layer"]["microseconds"] > 0
     assert set(layers) == {"dense layer", "soft layer", "router", "experts", "dispatch + combine"}
+
+
+# ---- Resuming a run exactly, run folders, the NaN guard, one clear line per bad input (issue 17) ----
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TIMING = {"wall_seconds", "steps_per_second", "env_steps_per_second", "peak_rss_mb"}
+
+
+def signal_advantages(episodes, *args):
+    """Advantages from the episodes alone: a tiny agent run wins no episode, so without these its updates are
+    all skipped and a resume would have nothing to get wrong."""
+    return [np.linspace(-1.0, 1.0, len(e.actions)) * (-1) ** e.seed for e in episodes]
+
+
+KILL_WORKER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+import {module} as trainer
+
+{advantages}
+
+when, count = sys.argv[1], int(sys.argv[2])
+real, saves = trainer.save_checkpoint, [0]
+
+
+def save_and_die(*args, **kwargs):   # SIGKILL right before or right after checkpoint number `count`
+    saves[0] += 1
+    if when == "before" and saves[0] == count:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(*args, **kwargs)
+    if when == "after" and saves[0] == count:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+trainer.save_checkpoint = save_and_die
+if {module!r} == "train_agent":
+    trainer.compute_advantages = signal_advantages
+sys.exit(trainer.main(sys.argv[3:]))
+"""
+
+
+def without_timing(value):
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in TIMING}
+    return [without_timing(v) for v in value] if isinstance(value, list) else value
+
+
+def killed_and_resumed(tmp_path, module, flags, when, count):
+    """Run `flags` in a process that is SIGKILLed right `when` ("before"/"after") its checkpoint number `count`,
+    then rerun the same command with --resume; returns the resumed run's summary."""
+    worker = tmp_path / "kill_worker.py"
+    worker.write_text(KILL_WORKER.format(root=ROOT, module=module, advantages=inspect.getsource(signal_advantages)))
+    killed = subprocess.run([sys.executable, str(worker), when, str(count), *flags], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, str(worker), "never", "0", *flags, "--resume"], capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return json.loads(resumed.stdout.strip().splitlines()[-1])
+
+
+def assert_same_run(whole, resumed):
+    """The resumed run wrote the same log lines and summary as the uninterrupted one, but for timing fields and
+    the run's folder."""
+    logs = [[json.loads(line) for line in open(os.path.join(s["run_dir"], "log.jsonl"))] for s in (whole, resumed)]
+    for log in logs:
+        log[0]["config"].pop("output_dir")
+    assert len(logs[0]) == len(logs[1])
+    for a, b in zip(*logs):
+        assert without_timing(a) == without_timing(b)
+    summaries = [without_timing({k: v for k, v in s.items() if k not in ("run_dir", "checkpoint")})
+                 for s in (whole, resumed)]
+    assert summaries[0] == summaries[1]
+
+
+@pytest.mark.parametrize("setting, architecture, when, count", [
+    ("single", ["--routing", "soft"], "after", 1),                                   # right after a checkpoint
+    ("mtrl", ["--routing", "topk", "--balance-loss-weight", "0.01"], "after", 2),
+    ("crl", ["--routing", "big", "--big-gate", "topk", "--k", "2"], "before", 3)])   # lines past the checkpoint
+def test_a_killed_dqn_run_resumes_exactly(tmp_path, setting, architecture, when, count):
+    """Several seeds in one process; the resumed run continues the networks, target, Adam, replay buffer,
+    environments, every RNG and the counters, so its log is the uninterrupted run's line for line."""
+    flags = [*FAST, "--total-steps", "600", "--eval-frequency", "150", *architecture, "--setting", setting,
+             "--seeds", "2", "--run-name", "run"]
+    whole, _ = run(tmp_path / "whole", *flags)
+    resumed = killed_and_resumed(tmp_path, "train_dqn", [*flags, "--output-dir", str(tmp_path / "cut")], when, count)
+    assert whole["status"] == "finished" and whole["updates"] > 0
+    assert_same_run(whole, resumed)
+
+
+@pytest.mark.parametrize("routing, when, count", [("phase", "after", 2), ("token", "before", 3)])
+def test_a_killed_agent_run_resumes_exactly(tmp_path, base_cache, monkeypatch, routing, when, count):
+    """Phase and token routing, with dropout (the global RNG) and a signal in every update: the resumed run
+    continues the experts, routers, Adam, the rollout and update RNGs and the counters."""
+    flags = [*AGENT_FAST, "--iterations", "4", "--eval-every", "2", "--base-cache", base_cache, "--routing", routing,
+             "--lora-dropout", "0.1", "--router-dropout", "0.1", "--run-name", "run"]
+    monkeypatch.setattr(train_agent, "compute_advantages", signal_advantages)
+    whole = train_agent.train(train_agent.parse_args([*flags, "--output-dir", str(tmp_path / "whole")]))
+    resumed = killed_and_resumed(tmp_path, "train_agent", [*flags, "--output-dir", str(tmp_path / "cut")], when, count)
+    log = [json.loads(line) for line in open(os.path.join(whole["run_dir"], "log.jsonl"))]
+    assert whole["status"] == "finished" and all(r["informative_episodes"] > 0 for r in log if "train_success" in r)
+    assert_same_run(whole, resumed)
+
+
+def usage_error(main, argv, capsys):
+    """Run a trainer's command line that must fail: it exits 2 with a short usage line and one error line;
+    returns the error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 2, lines
+    assert lines[0].startswith("usage: ") and lines[0].endswith(" [options] (see --help)")
+    return lines[1]
+
+
+@pytest.fixture
+def nothing_heavy(monkeypatch):
+    """Every usage error comes before the environments, the base model or its pretraining are loaded."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("loaded before the usage error")
+    for module, name in ((train_dqn, "TaskSet"), (train_agent, "load_base"), (train_agent, "make_envs")):
+        monkeypatch.setattr(module, name, loaded)
+
+
+@pytest.fixture(scope="module")
+def dqn_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dqn_checkpoint")
+    summary, _ = run(folder, "--total-steps", "150", "--run-name", "dense")
+    return summary["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def agent_checkpoint(tmp_path_factory, base_cache):
+    folder = tmp_path_factory.mktemp("agent_checkpoint")
+    return run_agent(folder, base_cache, "--iterations", "1")["checkpoint"]
+
+
+@pytest.mark.parametrize("flags, messages", [
+    (["--routing", "sofft"], ["argument --routing: invalid choice: 'sofft'", "'dense', 'topk', 'soft', 'big', 'task'"]),
+    (["--rouitng", "soft"], ["unrecognized arguments: --rouitng soft", "did you mean --routing?"]),
+    (["--env", "Pong-v5"], ["invalid choice: 'Pong-v5'", "'CartPole-v1', 'MountainCar-v0', 'Acrobot-v1'"]),
+    (["--setting", "mtrl", "--tasks", "CartPole-v1,Pong-v5"], ["unknown env 'Pong-v5'", "CartPole-v1, MountainCar-v0"]),
+    (["--setting", "mtrl", "--tasks", ","], ["--tasks is empty", "CartPole-v1, MountainCar-v0, Acrobot-v1"]),
+    (["--setting", "crl", "--tasks", "CartPole-v1"], ["needs at least 2 --tasks", "CartPole-v1, MountainCar-v0"]),
+    (["--routing", "topk", "--k", "5"], ["--k 5 is larger than --experts 4", "1 to 4"]),
+    (["--routing", "soft", "--hidden", "100", "--tokens", "8"], ["not divisible", "one of 1, 2, 4, 5, 10, 20, 25, 50"]),
+    (["--seed", "-1"], ["--seed must be at least 0", "got -1"]),
+    (["--learning-rate", "-0.001"], ["--learning-rate must be positive, got -0.001"]),
+    (["--routing", "topk", "--capacity-factor", "-1"], ["--capacity-factor must be at least 0", "0 = no capacity"]),
+    (["--seeds", "0"], ["--seeds must be at least 1, got 0"]),
+    (["--checkpoint", "runs/x/checkpoint.pt"], ["--checkpoint is read only with --eval-only", "--resume"]),
+    (["--eval-only"], ["--eval-only needs --checkpoint PATH"]),
+])
+def test_dqn_bad_input_is_one_clear_line(flags, messages, capsys, nothing_heavy):
+    error = usage_error(train_dqn.main, flags, capsys)
+    assert all(m in error for m in messages), error
+
+
+def test_the_command_line_prints_the_short_usage_line():
+    result = subprocess.run([sys.executable, "train_dqn.py", "--routing", "sofft"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "usage: train_dqn.py [options] (see --help)",
+        "train_dqn.py: error: argument --routing: invalid choice: 'sofft' (choose from 'dense', 'topk', 'soft', 'big', "
+        "'task')"]
+
+
+def bad_checkpoints(folder, good, other, other_name):
+    """{case: (path, words of its error)}: every way a checkpoint file can be wrong. good: a checkpoint of this
+    trainer, other: of the other trainer (other_name)."""
+    (folder / "notes.txt").write_text("not a checkpoint\n")
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "truncated.pt").write_bytes(open(good, "rb").read()[:2000])
+    return {"missing": (folder / "nowhere.pt", "no checkpoint at"),
+            "folder": (folder, "is a folder, not a checkpoint file"),
+            "text": (folder / "notes.txt", "is not a checkpoint: it was not written by torch.save"),
+            "empty": (folder / "empty.pt", "is empty, not a checkpoint"),
+            "truncated": (folder / "truncated.pt", "is truncated or damaged"),
+            "other trainer": (other, f"is a {other_name} checkpoint")}
+
+
+def test_bad_checkpoints_are_one_clear_line(tmp_path, dqn_checkpoint, agent_checkpoint, capsys, nothing_heavy,
+                                            monkeypatch):
+    for main, good, other, episodes in ((train_dqn.main, dqn_checkpoint, agent_checkpoint, "--final-eval-episodes"),
+                                        (train_agent.main, agent_checkpoint, dqn_checkpoint, "--eval-episodes")):
+        folder = tmp_path / main.__module__
+        folder.mkdir()
+        other_name = "train_agent.py" if main is train_dqn.main else "train_dqn.py"
+        for case, (path, words) in bad_checkpoints(folder, good, other, other_name).items():
+            error = usage_error(main, ["--eval-only", "--checkpoint", str(path), episodes, "1"], capsys)
+            assert str(path) in error and words in error, (case, error)
+    real_open = open
+
+    def unreadable(path, *args, **kwargs):       # as chmod 000 would be, but also when the tests run as root
+        if str(path) == dqn_checkpoint:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", unreadable)
+    error = usage_error(train_dqn.main, ["--eval-only", "--checkpoint", dqn_checkpoint], capsys)
+    assert error.endswith(f"cannot read the checkpoint {dqn_checkpoint}: Permission denied")
+
+
+def test_flags_that_contradict_an_eval_only_checkpoint_are_named(dqn_checkpoint, agent_checkpoint, capsys):
+    error = usage_error(train_dqn.main, ["--eval-only", "--checkpoint", dqn_checkpoint, "--routing", "topk", "--env",
+                                         "Acrobot-v1", "--resume"], capsys)
+    assert "--resume and --overwrite do not apply" in error
+    error = usage_error(train_dqn.main, ["--eval-only", "--checkpoint", dqn_checkpoint, "--routing", "topk", "--env",
+                                         "Acrobot-v1", "--total-steps", "150"], capsys)
+    assert "--env Acrobot-v1, --routing topk contradict the checkpoint, trained with --env CartPole-v1, --routing " \
+           "dense" in error
+    # flags it reads itself, and flags equal to the checkpoint's, are fine
+    train_dqn.parse_args(["--eval-only", "--checkpoint", dqn_checkpoint, "--routing", "dense", "--final-eval-episodes",
+                          "3"])
+    error = usage_error(train_agent.main, ["--eval-only", "--checkpoint", agent_checkpoint, "--routing", "token"],
+                        capsys)
+    assert "--routing token contradicts the checkpoint, trained with --routing phase" in error
+
+
+def test_agent_bad_input_is_one_clear_line(tmp_path, agent_checkpoint, capsys, nothing_heavy):
+    (tmp_path / "empty_model").mkdir()
+    for flags, messages in [
+            (["--routing", "hop"], ["invalid choice: 'hop'", "'single', 'token', 'trajectory', 'phase'"]),
+            (["--algo", "ppo"], ["invalid choice: 'ppo'", "'grpo', 'gigpo'"]),
+            (["--routing", "token", "--token-k", "5"], ["--token-k 5 is larger than --experts 4"]),
+            (["--seed", "-1"], ["--seed must be at least 0", "got -1"]),
+            (["--learning-rate", "-1"], ["--learning-rate must be positive"]),
+            (["--model", str(tmp_path / "empty_model")], ["holds no model/tokenizer files", "config.json"]),
+            (["--model", str(tmp_path / "nowhere")], ["no such folder"]),
+            (["--checkpoint", agent_checkpoint], ["--checkpoint is read only with --eval-only", "--resume"]),
+            (["--no-progess"], ["unrecognized arguments: --no-progess", "did you mean --no-progress?"]),
+            (["--output-dir", agent_checkpoint], ["cannot write the run folder", "Not a directory"])]:
+        error = usage_error(train_agent.main, flags, capsys)
+        assert all(m in error for m in messages), error
+
+
+def test_a_run_folder_holding_a_run_is_never_overwritten_silently(tmp_path, capsys, monkeypatch):
+    flags = [*FAST, "--total-steps", "150", "--output-dir", str(tmp_path), "--run-name", "run"]
+    assert train_dqn.main(flags) == 0
+    capsys.readouterr()
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    real_task_set = train_dqn.TaskSet
+    monkeypatch.setattr(train_dqn, "TaskSet", lambda *a, **k: pytest.fail("loaded before the usage error"))
+    error = usage_error(train_dqn.main, flags, capsys)
+    assert error.endswith("already holds a run (log.jsonl, checkpoint.pt): pass --resume to continue it or "
+                          "--overwrite to start it again")
+    assert "pass one of them" in usage_error(train_dqn.main, [*flags, "--resume", "--overwrite"], capsys)
+    assert "nothing to resume" in usage_error(train_dqn.main, [*flags[:-1], "other", "--resume"], capsys)
+    assert "cannot write the run folder" in usage_error(
+        train_dqn.main, [*FAST, "--output-dir", str(tmp_path / "run" / "log.jsonl")], capsys)
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log                  # nothing was touched
+    error = usage_error(train_dqn.main, [*flags, "--routing", "soft", "--resume"], capsys)
+    assert "other settings: --routing dense (now soft)" in error and "--overwrite" in error
+    monkeypatch.setattr(train_dqn, "TaskSet", real_task_set)
+    assert train_dqn.main([*flags, "--overwrite", "--seed", "2"]) == 0                 # a new run, from scratch
+    assert json.loads(open(tmp_path / "run" / "log.jsonl").readline())["seeds"] == [2]
+
+
+def test_a_checkpoint_that_cannot_be_resumed_is_one_clear_line(tmp_path, agent_checkpoint, capsys, monkeypatch):
+    flags = [*FAST, "--total-steps", "150", "--output-dir", str(tmp_path), "--run-name", "run", "--resume"]
+    assert train_dqn.main(flags[:-1]) == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    monkeypatch.setattr(train_dqn, "TaskSet", lambda *a, **k: pytest.fail("loaded before the usage error"))
+    torch.save({k: v for k, v in state.items() if k != "resume"}, path)
+    assert "holds no resume state" in usage_error(train_dqn.main, flags, capsys)
+    path.write_bytes(open(agent_checkpoint, "rb").read())
+    assert "is a train_agent.py checkpoint; train_dqn.py cannot read it" in usage_error(train_dqn.main, flags, capsys)
+    torch.save(state, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    assert "cannot resume:" in usage_error(train_dqn.main, flags, capsys)
+
+
+def test_the_agent_refuses_a_taken_folder_and_another_config(tmp_path, base_cache, capsys, monkeypatch):
+    flags = [*AGENT_FAST, "--iterations", "1", "--base-cache", base_cache, "--output-dir", str(tmp_path)]
+    assert train_agent.main(flags) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(train_agent, "load_base", lambda *a: pytest.fail("loaded before the usage error"))
+    assert "already holds a run" in usage_error(train_agent.main, flags, capsys)
+    error = usage_error(train_agent.main, [*flags, "--algo", "grpo", "--run-name", "phase_gigpo_s1", "--resume"],
+                        capsys)
+    assert "other settings: --algo gigpo (now grpo)" in error
+
+
+def test_two_runs_cannot_write_one_folder_at_once(tmp_path, capsys):
+    flags = [*FAST, "--total-steps", "150", "--output-dir", str(tmp_path), "--run-name", "run"]
+    with checkpointing.claim(str(tmp_path / "run")):               # another run holds the folder
+        error = usage_error(train_dqn.main, flags, capsys)
+    assert f"is in use by another run (process {os.getpid()})" in error
+    (tmp_path / "run" / "lock").write_text("999999999\n")              # the lock file of a process that died
+    assert train_dqn.main(flags) == 0
+    # two processes started together: one runs, the other stops with one line (in use, or already holds a run)
+    command = [sys.executable, "train_dqn.py", *flags[:-1], "both"]
+    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    results = sorted((p.wait(), p.stderr.read()) for p in processes)
+    assert [code for code, _ in results] == [0, 2]
+    assert re.search("is in use by another run|already holds a run", results[1][1])
+    assert len([json.loads(line) for line in open(tmp_path / "both" / "log.jsonl")]) == 2   # one run's log, whole
+
+
+def test_temporary_files_are_the_writers_own(tmp_path, monkeypatch):
+    written = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, path, *a, **k: (written.append(str(path)), real_save(obj, path)))
+    checkpointing.save({"x": 1}, str(tmp_path / "checkpoint.pt"))
+    load_or_pretrain(str(tmp_path / "tiny_lm.pt"), PretrainConfig(episodes=4, steps=2, max_steps=4), progress=False)
+    pid = os.getpid()
+    assert written == [str(tmp_path / f"checkpoint.pt.{pid}.tmp"), str(tmp_path / f"tiny_lm.pt.{pid}.tmp")]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "tiny_lm.pt"]
+
+
+def corrupt_after(count, value, seeds=None):
+    """A dqn_update that, from its call number `count` on, writes `value` into the weights of `seeds` (all by
+    default) after the real update: weights gone bad with a finite loss."""
+    real, calls = train_dqn.dqn_update, [0]
+
+    def update(network, *args, **kwargs):
+        stats = real(network, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] >= count:
+            with torch.no_grad():
+                for p in network.parameters():
+                    p[slice(None) if seeds is None else seeds] = value
+        return stats
+    return update
+
+
+def assert_finite_checkpoint(path, step):
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == step
+    tensors = [*state["network"].values(), *state["target"].values(),
+               *(v for s in state["optimizer"]["state"].values() for v in s.values())]
+    assert all(torch.isfinite(t).all() for t in tensors)
+    return state
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, 1e30])
+def test_weights_gone_bad_stop_the_run_and_never_reach_a_checkpoint(tmp_path, monkeypatch, value, capsys):
+    monkeypatch.setattr(train_dqn, "dqn_update", corrupt_after(60, value))      # update 60 is at step 218
+    summary, _ = run(tmp_path)
+    assert summary["status"] == "diverged" and "the last good checkpoint is" in summary["message"]
+    assert "(step 150)" in summary["message"] and summary["checkpoint"]
+    assert_finite_checkpoint(summary["checkpoint"], 150)
+    assert "stopping" in capsys.readouterr().err
+
+
+def test_a_seed_whose_weights_go_bad_is_rolled_back_to_its_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_dqn, "dqn_update", corrupt_after(60, math.nan, seeds=1))
+    saved, real_save = {}, train_dqn.save_checkpoint
+    monkeypatch.setattr(train_dqn, "save_checkpoint", lambda path, network, *a: (
+        saved.update({a[3]: copy.deepcopy(network.state_dict())}), real_save(path, network, *a)))
+    summary, _ = run(tmp_path, "--seed", "1", "--seeds", "2", "--run-name", "b")
+    assert [r["status"] for r in summary["per_seed"]] == ["finished", "diverged"]
+    assert "seed 2" in summary["message"] and "keeps its weights of then" in summary["message"]
+    state = assert_finite_checkpoint(summary["checkpoint"], 300)
+    for name, weights in state["network"].items():   # seed 2 holds its step-150 weights, seed 1 trained on
+        assert torch.equal(weights[1], saved[150][name][1]) and torch.equal(weights[0], saved[300][name][0])
+    assert any(not torch.equal(saved[150][name][0], saved[300][name][0]) for name in saved[150])
+
+
+def test_q_values_that_overflow_in_an_evaluation_stop_the_run(tmp_path, monkeypatch):
+    real = train_dqn.make_seed_networks
+
+    def huge_weights(*args):      # finite weights whose Q-values overflow float32
+        network = real(*args)
+        with torch.no_grad():
+            for p in network.parameters():
+                p.fill_(1e30)
+        return network
+
+    monkeypatch.setattr(train_dqn, "make_seed_networks", huge_weights)
+    summary, _ = run(tmp_path, "--learning-starts", "1000", "--start-e", "1", "--end-e", "1")   # no update, no greedy
+    assert summary["status"] == "diverged" and summary["checkpoint"] is None
+    assert "Q-values became non-finite in the evaluation at step 150" in summary["message"]
+    assert not os.path.exists(tmp_path / "dense_middle_single_s1" / "checkpoint.pt")
+
+
+def test_a_loss_that_explodes_is_logged_as_a_warning(tmp_path, monkeypatch, capsys):
+    calls = [0]
+    real_loss = F.smooth_l1_loss
+
+    def exploding(*args, **kwargs):
+        calls[0] += 1
+        return real_loss(*args, **kwargs) * (1e8 if calls[0] > 150 else 1.0)
+
+    monkeypatch.setattr(train_dqn.F, "smooth_l1_loss", exploding)
+    summary, _ = run(tmp_path, "--train-frequency", "1")
+    assert summary["status"] == "finished"
+    warnings = [r.get("warning") for r in read_log(summary)[1:]]
+    assert warnings[0] is None and "is over 1000 times the first update's" in warnings[1]
+    assert "warning: seed 1 at step 300" in capsys.readouterr().err
+
+
+def test_the_agent_stops_on_non_finite_probabilities_and_weights(tmp_path, base_cache, monkeypatch, capsys):
+    real_rollout, calls = train_agent.rollout, [0]
+
+    def sampling_fails(*args):       # the first training rollout (the second rollout, after iteration 0's evaluation)
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real_rollout(*args)
+
+    monkeypatch.setattr(train_agent, "rollout", sampling_fails)
+    summary = run_agent(tmp_path, base_cache, "--run-name", "sampling")
+    assert summary["status"] == "diverged" and "sampling probabilities became non-finite in the rollout of " \
+        "iteration 0" in summary["message"] and "(iteration 0)" in summary["message"]
+    monkeypatch.setattr(train_agent, "rollout", real_rollout)
+    real_update = train_agent.update
+
+    def update_gone_bad(agent, *args):
+        stats = real_update(agent, *args)
+        with torch.no_grad():
+            agent.trainable_parameters()[0].fill_(math.nan)
+        return stats, None
+
+    monkeypatch.setattr(train_agent, "update", update_gone_bad)
+    summary = run_agent(tmp_path, base_cache, "--run-name", "weights")
+    assert summary["status"] == "diverged"
+    assert "weights became non-finite in the update of iteration 0" in summary["message"]
+    state = torch.load(summary["checkpoint"], weights_only=True)
+    assert state["iteration"] == 0 and all(torch.isfinite(v).all() for v in state["agent"].values())
+    assert "stopping" in capsys.readouterr().err
+
+
+def test_the_agent_warns_when_its_loss_explodes(tmp_path, base_cache, monkeypatch):
+    real_update, calls = train_agent.update, [0]
+
+    def exploding(*args):
+        stats, shares = real_update(*args)
+        calls[0] += 1
+        return {**stats, "policy_loss": 0.5 if calls[0] == 1 else 5e4}, shares
+
+    monkeypatch.setattr(train_agent, "update", exploding)
+    summary = run_agent(tmp_path, base_cache)
+    lines = [json.loads(l) for l in open(os.path.join(summary["run_dir"], "log.jsonl")) if "train_success" in l]
+    assert "warning" not in lines[0] and "policy_loss 5e+04 is over 1000 times the first" in lines[1]["warning"]
+
+
+def test_reproduce_skips_finished_runs_and_resumes_cut_off_ones(tmp_path):
+    """A study's run: skipped when its console log holds a finished summary; --resume when its folder holds a
+    checkpoint; --overwrite when it holds a run cut off before its first checkpoint."""
+    report = [sys.executable, "-c", "import json, sys; print(json.dumps({'status': 'finished', 'argv': sys.argv[1:]}))"]
+    folder, log = tmp_path / "run", str(tmp_path / "run.out")
+    assert reproduce.run(report, log, str(folder))["argv"] == []
+    assert reproduce.run([*report, "again"], log, str(folder))["argv"] == []        # finished: not run again
+    os.remove(log)
+    folder.mkdir()
+    assert reproduce.run(report, log, str(folder))["argv"] == ["--overwrite"]
+    os.remove(log)
+    (folder / "checkpoint.pt").write_bytes(b"")
+    open(log, "w").write("killed mid-run\n")
+    assert reproduce.run(report, log, str(folder))["argv"] == ["--resume"]
+    assert open(log).read().startswith("killed mid-run\n")                        # the console log goes on
+
+
+def test_benchmark_resume_skips_the_parts_it_has(tmp_path):
+    out = tmp_path / "benchmark.json"
+    command = f"python benchmark.py --parts costs --out {out}"
+    out.write_text(json.dumps({"commands": {"costs": command}, "update_costs": {"dense": 1}, "layer_costs": {}}))
+    result = subprocess.run([sys.executable, "benchmark.py", "--parts", "costs", "--out", str(out), "--resume"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "holds the parts costs of this command already" in result.stdout
+    assert json.loads(out.read_text())["update_costs"] == {"dense": 1}

@@ -275,7 +275,7 @@ def load_or_pretrain(path, config: PretrainConfig, progress=True):
     model, tokenizer, loss = pretrain(config, progress)
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"   # this process's own: two runs pretraining at once never share one
         torch.save({"pretrain": asdict(config), "gpt": asdict(model.config), "model": model.state_dict(),
                     "words": tokenizer.words[len(SPECIAL_TOKENS):], "loss": loss, "sample": corpus_sample(config)}, tmp)
         os.replace(tmp, path)

@@ -33,8 +33,10 @@ router shift ratio of moe_rl.router_shift_ratio, clipped per decision, geometric
 as in GMPO, arXiv 2507.20673). A decision is one environment step: the policy is a softmax over whole
 commands, so a step is the unit that has a probability, and an episode is the "sequence".
 
-Writes runs/NAME/log.jsonl and runs/NAME/checkpoint.pt; the last line printed is a JSON summary.
+Writes runs/NAME/log.jsonl and runs/NAME/checkpoint.pt; the last line printed is a JSON summary. Rerunning
+a run's command with --resume continues it from its checkpoint exactly (README: Resuming a run).
 """
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -50,6 +52,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import checkpointing
 from envs import (ALFWORLD_EVAL_SPLITS, ALFWORLD_TASK_TYPES, EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, AlfWorldEnv,
                   HouseholdEnv, alfworld_task_type_ids, eval_seeds, gigpo_table, render_prompt)
 from experts import add_lora, lora_layers, lora_parameters, route
@@ -156,7 +159,11 @@ class Args:
     run_name: str = arg("", "run directory name (default: routing_algo_sSEED)")
     progress: bool = arg(True, "show a progress bar")
     eval_only: bool = arg(False, "only evaluate --checkpoint")
-    checkpoint: str = arg("", "checkpoint to evaluate with --eval-only")
+    checkpoint: str = arg("", "checkpoint to evaluate with --eval-only (to continue a run, rerun it with --resume)")
+    resume: bool = arg(False, "continue the run in OUTPUT_DIR/RUN_NAME from its checkpoint, exactly as if it had "
+                       "never stopped (same flags; README: Resuming a run)")
+    overwrite: bool = arg(False, "start the run again even if its folder holds one (its log and checkpoint are "
+                          "deleted)")
     # a Hugging Face model, ALFWorld, several processes (README: Real LLMs and ALFWorld)
     model: str = arg("", "Hugging Face causal LM (Hub name or save_pretrained directory) loaded with "
                      "AutoModelForCausalLM as the frozen base; empty: the tiny transformer")
@@ -181,7 +188,9 @@ class Args:
         self.max_steps = self.max_steps or ENV_MAX_STEPS.get(self.env, 0)
 
 
-def validate(args):
+def validate(args, given=()):
+    """Every bad value or impossible combination, as a ValueError naming the valid values, before anything loads.
+    `given`: the fields set on the command line (for --eval-only, which takes its config from the checkpoint)."""
     for name in ("experts", "token_k", "rank", "router_hidden", "router_history", "max_steps", "iterations",
                  "tasks_per_batch", "group_size", "update_epochs", "minibatch_episodes", "eval_every",
                  "eval_episodes", "threads", "diversity_steps"):
@@ -201,8 +210,10 @@ def validate(args):
     for name in ("clip_coef", "sequence_clip_coef", "geometric_clip_coef", "learning_rate"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.eval_only and not args.checkpoint:
-        raise ValueError("--eval-only needs --checkpoint PATH")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be at least 0 (numpy takes no negative seeds), got {args.seed}")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
     if not [t for t in args.target_modules.split(",") if t.strip()]:
         raise ValueError("--target-modules is empty")
     if args.action_mode == "generate" and not args.model:
@@ -215,6 +226,32 @@ def validate(args):
                          f"and {args.max_new_tokens}")
     if args.env == "alfworld":
         alfworld_task_type_ids(args.task_types)      # names the bad id and the valid ones
+    if args.model:
+        check_model_folder(args.model)
+    checkpointing.check_checkpoint_flags(args, given, "train_agent.py", AGENT_EVAL_FLAGS)
+
+
+# flags that --eval-only reads itself; every other flag given with it must agree with the checkpoint's config
+AGENT_EVAL_FLAGS = ("eval_only", "checkpoint", "eval_episodes", "progress", "threads", "output_dir", "run_name")
+# what a save_pretrained folder holds: the config, the weights, and one of the tokenizer's files
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def check_model_folder(model):
+    """A --model that names a local folder must hold a model and a tokenizer (transformers' own message for an
+    empty one is about sentencepiece or tiktoken); a path that looks local must exist. Hub names pass."""
+    if os.path.isdir(model):
+        files = os.listdir(model)
+        if "config.json" not in files or not any(f.endswith(WEIGHT_FILES) for f in files) or \
+                not set(files) & set(TOKENIZER_FILES):
+            raise ValueError(f"--model {model} holds no model/tokenizer files: a save_pretrained folder has "
+                             f"config.json, the weights (*.safetensors or *.bin) and a tokenizer "
+                             f"({', '.join(TOKENIZER_FILES)}); or pass a Hugging Face Hub name")
+    elif os.path.exists(model):
+        raise ValueError(f"--model {model} is a file; pass a save_pretrained folder or a Hugging Face Hub name")
+    elif model.startswith(("/", "./", "../", "~")):
+        raise ValueError(f"--model {model}: no such folder; pass a save_pretrained folder or a Hugging Face Hub name")
 
 
 def parse_args(argv=None):
@@ -913,8 +950,8 @@ def episode_metrics(episodes, num_experts):
 
 def evaluate(agent, env, args, num_episodes, seed):
     seeds = eval_seeds(num_episodes)
-    episodes = rollout(agent, env, seeds, list(range(len(seeds))), args, args.router_temperature_end, False,
-                       torch.Generator().manual_seed(seed + 12345))
+    episodes = sample_episodes(agent, env, seeds, list(range(len(seeds))), args, args.router_temperature_end, False,
+                               torch.Generator().manual_seed(seed + 12345))
     return episode_metrics(episodes, agent.num_experts)
 
 
@@ -957,9 +994,10 @@ def make_envs(args):
     return env, env
 
 
-def save_checkpoint(path, agent, optimizer, args, iteration):
-    """The agent, the optimizer and the config. With a --model only the trainable weights are saved (the
-    frozen model is reloaded from --model); the tiny LM is saved whole."""
+def save_checkpoint(path, agent, optimizer, args, iteration, resume=None):
+    """The agent, the optimizer, the config and `resume` (all else that continuing the run needs: train_in's
+    resume_record). With a --model only the trainable weights are saved (the frozen model is reloaded from
+    --model); the tiny LM is saved whole."""
     state = agent.state_dict()
     extra = {}
     if args.model:
@@ -967,27 +1005,32 @@ def save_checkpoint(path, agent, optimizer, args, iteration):
         state = {k: v for k, v in state.items() if k in trainable}
     else:
         extra = {"gpt": asdict(agent.base.config), "words": agent.tokenizer.words[4:]}
-    tmp = path + ".tmp"
-    torch.save({"agent": state, "optimizer": optimizer.state_dict(), "args": asdict(args), "iteration": iteration,
-                **extra}, tmp)
-    os.replace(tmp, path)   # atomic: a crash mid-save never leaves a broken checkpoint
+    checkpointing.save({"trainer": "train_agent.py", "agent": state, "optimizer": optimizer.state_dict(),
+                        "args": asdict(args), "iteration": iteration, "resume": resume, **extra}, path)
+
+
+def saved_agent(state, args):
+    """The Agent of a checkpoint: the tiny LM rebuilt from it, or the frozen --model loaded again with the
+    checkpoint's trainable weights (all of which must be there)."""
+    if not args.model:
+        agent = Agent(TinyGPT(GPTConfig(**state["gpt"])), WordTokenizer(state["words"]), args)
+        agent.load_state_dict(state["agent"])
+        return agent.to(model_device(args))
+    agent = Agent(*load_base(args), args).to(model_device(args))
+    missing, unexpected = agent.load_state_dict(state["agent"], strict=False)
+    trainable = {name for name, p in agent.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise checkpointing.RunError(f"the checkpoint does not match --model {args.model}: missing "
+                                     f"{sorted(trainable & set(missing))}, unexpected {unexpected}")
+    return agent
 
 
 def evaluate_checkpoint(path, episodes):
     """Evaluate a saved agent on held-out seeds, rebuilt from the checkpoint alone (its own config)."""
     start = time.time()
-    state = torch.load(path, weights_only=True)
-    saved = Args(**state["args"])
-    if saved.model:
-        agent = Agent(*load_base(saved), saved).to(model_device(saved))
-        missing, unexpected = agent.load_state_dict(state["agent"], strict=False)
-        trainable = {name for name, p in agent.named_parameters() if p.requires_grad}
-        if unexpected or trainable & set(missing):
-            raise ValueError(f"{path} does not match --model {saved.model}: missing {sorted(trainable & set(missing))}, "
-                             f"unexpected {unexpected}")
-    else:
-        agent = Agent(TinyGPT(GPTConfig(**state["gpt"])), WordTokenizer(state["words"]), saved)
-        agent.load_state_dict(state["agent"])
+    state = checkpointing.load(path, "train_agent.py")
+    saved = Args(**{k: v for k, v in state["args"].items() if k in Args.__dataclass_fields__})
+    agent = saved_agent(state, saved)
     metrics = evaluate(agent, make_envs(saved)[1], saved, episodes, saved.seed)
     summary = {"status": "evaluated", "checkpoint": path, "iteration": state["iteration"], **metrics,
                "wall_seconds": time.time() - start}
@@ -997,105 +1040,252 @@ def evaluate_checkpoint(path, episodes):
     return summary
 
 
+class NonFinite(Exception):
+    """The policy's or a router's probabilities were not finite in a rollout."""
+
+
+def sample_episodes(agent, env, seeds, groups, args, temperature, train, generator):
+    """rollout, with non-finite probabilities raised as NonFinite: torch's multinomial refuses them with a
+    RuntimeError, and a greedy choice would take them silently (its log-probability is then not finite)."""
+    try:
+        episodes = rollout(agent, env, seeds, groups, args, temperature, train, generator)
+    except RuntimeError as error:
+        if "probability tensor contains" not in str(error):
+            raise
+        raise NonFinite("the sampling probabilities became non-finite") from None
+    if not all(math.isfinite(p) for e in episodes for p in e.log_probs):
+        raise NonFinite("the policy's log-probabilities became non-finite")
+    return episodes
+
+
+def finite_training_state(agent, optimizer):
+    """Whether the trainable weights and the optimizer's moments are all finite (checked before every save)."""
+    moments = [v for state in optimizer.state.values() for k, v in state.items() if k != "step"]
+    return checkpointing.all_finite([*agent.trainable_parameters(), *moments])
+
+
+def on_any_rank(flag):
+    """Whether `flag` holds on this rank or, under torchrun, on any rank: so that all ranks stop together."""
+    if not distributed():
+        return bool(flag)
+    value = torch.tensor([float(bool(flag))], device=collective_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value)
+
+
+def rank_rng_states(rng, generator):
+    """Every rank's RNG states (its numpy Generator, its torch Generator, the global RNGs), gathered for rank 0's
+    checkpoint: a collective under torchrun, so every rank calls it at every checkpoint."""
+    mine = {"numpy": rng.bit_generator.state, "torch": generator.get_state(), "global": checkpointing.rng_state()}
+    if not distributed():
+        return [mine]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def diverged(reason, checkpoint_path, saved_iteration):
+    """Stop: the message names the last good checkpoint; the diverged summary is printed and returned."""
+    where = f"the last good checkpoint is {checkpoint_path} (iteration {saved_iteration})" if saved_iteration \
+        is not None else "no checkpoint was saved yet"
+    message = f"{reason}; stopping. {where}"
+    print(message, file=sys.stderr)
+    summary = {"status": "diverged", "message": message,
+               "checkpoint": checkpoint_path if saved_iteration is not None else None}
+    print(json.dumps(summary))
+    return summary
+
+
+# flags that may differ between a run and its --resume (they change no result; threads and device can change
+# the floating-point rounding, so an exact resume keeps them)
+RUN_CONTROL = ("threads", "progress", "output_dir", "run_name", "eval_only", "checkpoint", "resume", "overwrite",
+               "device", "base_cache", "alfworld_data")
+
+
 def train(args):
-    """Train (or, with --eval-only, evaluate) and return the run summary."""
+    """Train (or, with --eval-only, evaluate) and return the run summary. Rank 0 claims the run folder first (a
+    folder in use, or holding a run without --resume or --overwrite, is a RunError before anything loads)."""
     if args.eval_only:
         return evaluate_checkpoint(args.checkpoint, args.eval_episodes)
     torch.set_num_threads(args.threads)
-    start = time.time()
     rank, world_size = init_distributed(args)
+    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.routing}_{args.algo}_s{args.seed}")
+    # rank 0 evaluates, logs and saves, so it alone holds the folder
+    with checkpointing.claim(run_dir, args.resume, args.overwrite) if rank == 0 else contextlib.nullcontext():
+        return train_in(args, run_dir, rank, world_size)
+
+
+def restore_run(saved, optimizer, rng, generator, rank):
+    """Put a resumed run's optimizer and this rank's RNGs back (the agent is built from the checkpoint); returns
+    the loop's bookkeeping, the `progress` of train_in."""
+    states = saved["resume"]["rngs"]
+    optimizer.load_state_dict(saved["optimizer"])
+    rng.bit_generator.state = states[rank]["numpy"]
+    generator.set_state(states[rank]["torch"])
+    checkpointing.set_rng_state(states[rank]["global"])
+    return json.loads(saved["resume"]["progress"])
+
+
+def train_in(args, run_dir, rank, world_size):
+    """Train in run_dir (claimed by rank 0), from scratch or (--resume) from its checkpoint: every --eval-every
+    iterations rank 0 evaluates and saves, then every rank plays a batch of rollouts and the update follows.
+    Non-finite probabilities, losses or weights stop the run on every rank, naming the last good checkpoint."""
     main = rank == 0                      # rank 0 evaluates, logs and saves; every rank runs its own envs
-    base, tokenizer = load_base(args)
-    torch.manual_seed(args.seed)          # after pretraining, which seeds itself: the experts' init (equal on all ranks)
-    agent = Agent(base, tokenizer, args).to(model_device(args))
+    checkpoint_path = os.path.join(run_dir, checkpointing.CHECKPOINT)
+    log_path = os.path.join(run_dir, checkpointing.LOG)
+    saved = checkpointing.resume_state(checkpoint_path, "train_agent.py", asdict(args), RUN_CONTROL) if args.resume \
+        else None
+    if saved and len(saved["resume"]["rngs"]) != world_size:      # each rank continues its own RNG streams
+        raise checkpointing.RunError(f"cannot resume: {checkpoint_path} was saved by {len(saved['resume']['rngs'])} "
+                                     f"process(es), this run has {world_size}; resume it with as many")
+    start = time.time() - (saved["resume"]["wall_seconds"] if saved else 0.0)
+    if saved:
+        agent = saved_agent(saved, args)  # the tiny LM comes from the checkpoint: nothing is pretrained again
+    else:
+        base, tokenizer = load_base(args)
+        torch.manual_seed(args.seed)      # after pretraining, which seeds itself: the experts' init (same on all ranks)
+        agent = Agent(base, tokenizer, args).to(model_device(args))
     rng = np.random.default_rng(args.seed + 1_000_003 * rank)
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
     env, eval_env = make_envs(args)
     optimizer = agent.optimizer(args)
-    initial_digest = parameter_digest(agent.trainable_parameters())
-    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.routing}_{args.algo}_s{args.seed}")
-    os.makedirs(run_dir, exist_ok=True)
-    checkpoint_path, log_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
-    log = open(log_path if main else os.devnull, "w")
+    progress = {"iteration": 0, "env_steps": 0, "batch_shares": [], "conflicts": [], "record": None, "untrained": None,
+                "saved_iteration": None, "first_loss": None, "train_seconds": 0.0,
+                "initial_digest": parameter_digest(agent.trainable_parameters())}
+    if saved:
+        progress = restore_run(saved, optimizer, rng, generator, rank)
+    log = checkpointing.open_log(log_path, saved["resume"]["log_bytes"] if saved else None) if main \
+        else open(os.devnull, "w")
     trainable = sum(p.numel() for p in agent.trainable_parameters())
-    log.write(json.dumps({"config": asdict(args), "trainable_parameters": trainable,
-                          "parameters": parameter_count(agent)}) + "\n")
+    if not saved:
+        log.write(json.dumps({"config": asdict(args), "trainable_parameters": trainable,
+                              "parameters": parameter_count(agent)}) + "\n")
     anneal = args.router_anneal_iterations or args.iterations
-    batch_shares, conflicts, env_steps, saved_iteration = [], [], 0, None
-    record = untrained = None
-    bar = tqdm(range(args.iterations + 1), disable=not (args.progress and main), dynamic_ncols=True, unit="it")
-    train_start = time.time()
-    for iteration in bar:
-        temperature = args.router_temperature_start + (args.router_temperature_end - args.router_temperature_start) \
-            * min(1.0, iteration / anneal)
-        if main and (iteration % args.eval_every == 0 or iteration == args.iterations):
-            metrics = evaluate(agent, eval_env, args, args.eval_episodes, args.seed)
-            if args.env == "alfworld":
-                metrics["alfworld_success"] = gigpo_table(metrics["success_per_task"], metrics["success"])
-            record = {"iteration": iteration, "env_steps": env_steps, "eval": metrics,
-                      "wall_seconds": time.time() - train_start}
-            if conflicts:
-                record["gradient_conflict"], record["gradient_conflict_pairs"] = conflicts[-1]
-            record["occupancy"] = parameter_occupancy(batch_shares, HOUSEHOLD_TASK_TYPES)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            untrained = untrained or record["eval"]
-            save_checkpoint(checkpoint_path, agent, optimizer, args, iteration)
-            saved_iteration = iteration
-            bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}")
-        if iteration == args.iterations:
-            break
-        task_seeds = [int(s) for s in rng.integers(0, EVAL_SEED_OFFSET, args.tasks_per_batch)]
-        seeds = [s for s in task_seeds for _ in range(args.group_size)]
-        groups = [g for g in range(args.tasks_per_batch) for _ in range(args.group_size)]
-        episodes = rollout(agent, env, seeds, groups, args, temperature, True, generator)
-        env_steps += sum(len(e.actions) for e in episodes)
-        advantages = compute_advantages(episodes, args.algo, args.gamma, args.step_advantage_weight, args.normalize_std)
-        if main and args.conflict_every and iteration % args.conflict_every == 0:
-            conflicts.append(measure_gradient_conflict(agent, episodes, advantages, args, temperature))
-        stats, shares = update(agent, optimizer, episodes, advantages, args, temperature, rng)
-        if stats is None:
-            bar.close()
-            where = f"the last good checkpoint is {checkpoint_path} (iteration {saved_iteration})" if saved_iteration \
-                is not None else "no checkpoint was saved yet"
-            message = f"the loss became non-finite at iteration {iteration}; stopping. {where}"
-            print(message, file=sys.stderr)
-            summary = {"status": "diverged", "message": message,
-                       "checkpoint": checkpoint_path if saved_iteration is not None else None}
-            print(json.dumps(summary))
-            log.close()
-            return summary
-        if shares:
-            batch_shares.append(shares)
-        train_metrics = episode_metrics(episodes, agent.num_experts)
-        elapsed = time.time() - train_start
-        train_return = float(np.mean([sum(e.rewards) for e in episodes]))
-        log.write(json.dumps({"iteration": iteration + 1, "env_steps": env_steps, "temperature": temperature,
-                              "train_success": train_metrics["success"], "train_return": train_return,
-                              "train_switches_per_episode": train_metrics["switches_per_episode"],
-                              "loss_shares": shares, **stats, "wall_seconds": elapsed,
-                              "env_steps_per_second": env_steps / elapsed, "peak_rss_mb": peak_memory_mb()}) + "\n")
-        log.flush()
-        if main:
-            bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}",
-                            train_success=f"{train_metrics['success']:.2f}", sps=f"{env_steps / elapsed:.0f}")
-    bar.close()
-    log.close()
+    first = progress["iteration"]
+    bar = tqdm(range(first, args.iterations + 1), initial=first, total=args.iterations + 1,
+               disable=not (args.progress and main), dynamic_ncols=True, unit="it")
+    train_start = time.time() - progress["train_seconds"]
+    stop = lambda reason: diverged(reason, checkpoint_path, progress["saved_iteration"])
+    with log, bar:
+        for iteration in bar:
+            progress["iteration"] = iteration
+            start_t, end_t = args.router_temperature_start, args.router_temperature_end
+            temperature = start_t + (end_t - start_t) * min(1.0, iteration / anneal)
+            due = iteration % args.eval_every == 0 or iteration == args.iterations
+            if due and not (saved and iteration == first):     # a resumed iteration's evaluation is logged already
+                failure = evaluate_and_log(args, agent, optimizer, eval_env, progress, log, bar, train_start) \
+                    if main else None
+                states = rank_rng_states(rng, generator)
+                if on_any_rank(failure):
+                    return stop(failure or "another rank stopped")
+                if main:
+                    progress.update(saved_iteration=iteration, train_seconds=time.time() - train_start)
+                    save_checkpoint(checkpoint_path, agent, optimizer, args, iteration,
+                                    resume_record(progress, states, log, start))
+            if iteration == args.iterations:
+                break
+            task_seeds = [int(s) for s in rng.integers(0, EVAL_SEED_OFFSET, args.tasks_per_batch)]
+            seeds = [s for s in task_seeds for _ in range(args.group_size)]
+            groups = [g for g in range(args.tasks_per_batch) for _ in range(args.group_size)]
+            try:
+                episodes, failure = sample_episodes(agent, env, seeds, groups, args, temperature, True, generator), None
+            except NonFinite as error:
+                failure = f"{error} in the rollout of iteration {iteration}"
+            if on_any_rank(failure):
+                return stop(failure or "another rank stopped")
+            progress["env_steps"] += sum(len(e.actions) for e in episodes)
+            advantages = compute_advantages(episodes, args.algo, args.gamma, args.step_advantage_weight,
+                                            args.normalize_std)
+            if main and args.conflict_every and iteration % args.conflict_every == 0:
+                progress["conflicts"].append(measure_gradient_conflict(agent, episodes, advantages, args, temperature))
+            stats, shares = update(agent, optimizer, episodes, advantages, args, temperature, rng)
+            if stats is None:
+                return stop(f"the loss became non-finite at iteration {iteration}")
+            if not finite_training_state(agent, optimizer):   # the same on every rank: their weights are equal
+                return stop(f"the weights became non-finite in the update of iteration {iteration}")
+            if shares:
+                progress["batch_shares"].append(shares)
+            log_iteration(agent, episodes, stats, shares, temperature, progress, log, bar, main, train_start)
+    return train_summary(args, agent, progress, run_dir, checkpoint_path, rank, world_size, trainable, start,
+                         train_start)
+
+
+def evaluate_and_log(args, agent, optimizer, eval_env, progress, log, bar, train_start):
+    """Rank 0's held-out evaluation and its log line; returns why the run must stop instead (non-finite
+    probabilities, weights or optimizer state, which would make a bad checkpoint), or None."""
+    iteration = progress["iteration"]
+    try:
+        metrics = evaluate(agent, eval_env, args, args.eval_episodes, args.seed)
+    except NonFinite as error:
+        return f"{error} in the evaluation at iteration {iteration}"
+    if not finite_training_state(agent, optimizer):
+        return f"the weights became non-finite by iteration {iteration}"
+    if args.env == "alfworld":
+        metrics["alfworld_success"] = gigpo_table(metrics["success_per_task"], metrics["success"])
+    record = {"iteration": iteration, "env_steps": progress["env_steps"], "eval": metrics,
+              "wall_seconds": time.time() - train_start}
+    if progress["conflicts"]:
+        record["gradient_conflict"], record["gradient_conflict_pairs"] = progress["conflicts"][-1]
+    record["occupancy"] = parameter_occupancy(progress["batch_shares"], HOUSEHOLD_TASK_TYPES)
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    progress["record"], progress["untrained"] = record, progress["untrained"] or record["eval"]
+    bar.set_postfix(eval_success=f"{record['eval']['success']:.2f}")
+    return None
+
+
+def log_iteration(agent, episodes, stats, shares, temperature, progress, log, bar, main, train_start):
+    """One training iteration's log line, with a warning when the policy loss has exploded."""
+    train_metrics = episode_metrics(episodes, agent.num_experts)
+    elapsed = time.time() - train_start
+    env_steps = progress["env_steps"]
+    train_return = float(np.mean([sum(e.rewards) for e in episodes]))
+    line = {"iteration": progress["iteration"] + 1, "env_steps": env_steps, "temperature": temperature,
+            "train_success": train_metrics["success"], "train_return": train_return,
+            "train_switches_per_episode": train_metrics["switches_per_episode"],
+            "loss_shares": shares, **stats, "wall_seconds": elapsed,
+            "env_steps_per_second": env_steps / elapsed, "peak_rss_mb": peak_memory_mb()}
+    if "policy_loss" in stats:
+        if progress["first_loss"] is None:
+            progress["first_loss"] = stats["policy_loss"]
+        first = progress["first_loss"]
+        if checkpointing.exploded(stats["policy_loss"], first):
+            line["warning"] = (f"policy_loss {stats['policy_loss']:.3g} is over {checkpointing.EXPLOSION:g} times the "
+                               f"first iteration's {first:.3g}: the run may be diverging")
+            print(f"warning: iteration {progress['iteration']}: {line['warning']}", file=sys.stderr)
+    log.write(json.dumps(line) + "\n")
+    log.flush()
+    if main:
+        bar.set_postfix(eval_success=f"{progress['record']['eval']['success']:.2f}",
+                        train_success=f"{train_metrics['success']:.2f}", sps=f"{env_steps / elapsed:.0f}")
+
+
+def resume_record(progress, rng_states, log, start):
+    """All else that continuing exactly from this checkpoint needs (README: Resuming a run): the loop's
+    bookkeeping, every rank's RNG states, the log's size and the time so far."""
+    return {"progress": json.dumps(progress), "rngs": rng_states, "log_bytes": checkpointing.log_size(log),
+            "wall_seconds": time.time() - start}
+
+
+def train_summary(args, agent, progress, run_dir, checkpoint_path, rank, world_size, trainable, start, train_start):
+    """The run's summary (rank 0), or what the other ranks report for the test of data parallelism."""
     digest = parameter_digest(agent.trainable_parameters())
-    if not main:      # the other ranks report what the test of data parallelism compares
+    env_steps, initial_digest = progress["env_steps"], progress["initial_digest"]
+    if rank != 0:
         return {"status": "finished", "rank": rank, "world_size": world_size, "env_steps": env_steps,
                 "parameter_digest": digest, "initial_parameter_digest": initial_digest}
-    final = record["eval"]
+    final, conflicts, batch_shares = progress["record"]["eval"], progress["conflicts"], progress["batch_shares"]
     summary = {"status": "finished", "run_dir": run_dir, "iterations": args.iterations, "env_steps": env_steps,
                "success": final["success"], "success_per_task": final["success_per_task"],
-               "untrained_success": untrained["success"],
+               "untrained_success": progress["untrained"]["success"],
                "switches_per_episode": final["switches_per_episode"],
                "step_switches_per_episode": final["step_switches_per_episode"],
                "utilisation": final["utilisation"],
                "occupancy": parameter_occupancy(batch_shares, HOUSEHOLD_TASK_TYPES),
                "gradient_conflict": mean_conflict(conflicts),
                "gradient_conflict_pairs": sum(pairs for _, pairs in conflicts),
-               "wall_seconds": time.time() - start, "env_steps_per_second": env_steps / (time.time() - train_start),
+               "wall_seconds": time.time() - start,
+               "env_steps_per_second": env_steps / (time.time() - train_start),
                "trainable_parameters": trainable, "parameters": parameter_count(agent), "checkpoint": checkpoint_path,
                "peak_rss_mb": peak_memory_mb(),
                "rank": rank, "world_size": world_size, "parameter_digest": digest,
@@ -1106,6 +1296,16 @@ def train(args):
     return summary
 
 
+def main(argv=None):
+    """The command line: parse, train, exit 0 if the run finished (or evaluated), 1 if it diverged, 2 on a
+    usage error (a bad flag or value, or a run folder or checkpoint that does not fit)."""
+    args = parse_args(argv)
+    try:
+        summary = train(args)
+    except checkpointing.RunError as error:
+        checkpointing.usage_exit(error)
+    return 0 if summary["status"] in ("finished", "evaluated") else 1
+
+
 if __name__ == "__main__":
-    summary = train(parse_args())
-    sys.exit(0 if summary["status"] in ("finished", "evaluated") else 1)
+    sys.exit(main())

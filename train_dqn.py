@@ -16,10 +16,13 @@ single run with that seed; only the clipping is per seed by construction (clip_g
 
 Writes runs/NAME/log.jsonl (the config, then one line per seed per evaluation, plus with several seeds
 one line of mean and 95% interval over the seeds) and runs/NAME/checkpoint.pt (all seeds' weights,
-stacked); the last line printed is a JSON summary of the run, per seed and averaged over the seeds.
+stacked, and all that resuming needs); the last line printed is a JSON summary of the run, per seed and
+averaged over the seeds. Rerunning a run's command with --resume continues it from its checkpoint exactly
+(README: Resuming a run).
 """
 import argparse
 import copy
+import difflib
 import json
 import math
 import os
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpointing
 from envs import (SETTINGS, TASKS, TaskSet, active_tasks, check_env_ids, crl_steps_per_task, normalized_score,
                   run_episodes)
 from many_seeds import FrozenSeeds, clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
@@ -102,26 +106,48 @@ class Args:
     threads: int = arg(1, "torch CPU threads")
     progress: bool = arg(True, "show a progress bar")
     eval_only: bool = arg(False, "only evaluate --checkpoint, then print the summary")
-    checkpoint: str = arg("", "checkpoint to evaluate with --eval-only")
+    checkpoint: str = arg("", "checkpoint to evaluate with --eval-only (to continue a run, rerun it with --resume)")
+    resume: bool = arg(False, "continue the run in OUTPUT_DIR/RUN_NAME from its checkpoint, exactly as if it had "
+                       "never stopped (same flags; README: Resuming a run)")
+    overwrite: bool = arg(False, "start the run again even if its folder holds one (its log and checkpoint are "
+                          "deleted)")
+
+
+USAGE = "%(prog)s [options] (see --help)"
 
 
 def parse_dataclass(cls, argv, description, validate):
     """An argparse CLI from a dataclass: one flag per field, its help from the field's metadata; bools get
-    --flag/--no-flag. `validate(args)` raising ValueError becomes a usage error naming the bad value."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
+    --flag/--no-flag. A bad flag or value, or `validate(args, given)` raising ValueError (given: the fields set
+    on the command line), prints the one-line USAGE and one error line that names the valid values."""
+    parser = argparse.ArgumentParser(description=description, usage=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):   # defaults are filled in below, so that the namespace holds only the flags given
         flag = "--" + f.name.replace("_", "-")
+        help = f"{f.metadata['help']} (default: {f.default})"
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, choices=f.metadata["choices"],
-                                help=f.metadata["help"] + " (default: %(default)s)")
-    args = cls(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type=f.type, default=argparse.SUPPRESS, choices=f.metadata["choices"],
+                                help=help)
+    given, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unknown_flags(unknown, cls))
+    args = cls(**{**{f.name: f.default for f in fields(cls)}, **vars(given)})
     try:
-        validate(args)
+        validate(args, set(vars(given)))
     except ValueError as error:
         parser.error(str(error))
     return args
+
+
+def unknown_flags(words, cls):
+    """The error for unrecognised arguments, with the closest flag to each misspelt one."""
+    flags = [f"--{prefix}{f.name.replace('_', '-')}" for f in fields(cls)
+             for prefix in (("", "no-") if f.type is bool else ("",))]
+    close = [match[0] for w in words if (match := difflib.get_close_matches(w.split("=")[0], flags, 1))]
+    return (f"unrecognized arguments: {' '.join(words)}" +
+            (f" (did you mean {', '.join(close)}?)" if close else " (--help lists every flag)"))
 
 
 def parse_args(argv=None):
@@ -132,30 +158,55 @@ def task_list(args):
     return [args.env] if args.setting == "single" else [t.strip() for t in args.tasks.split(",") if t.strip()]
 
 
-def validate(args):
+def validate(args, given=()):
+    """Every bad value or impossible combination, as a ValueError naming the valid values; runs before anything
+    loads. `given`: the fields set on the command line (for --eval-only, which takes its config from the
+    checkpoint)."""
     for name in ("experts", "k", "tokens", "hidden", "expert_hidden", "cycles", "total_steps", "batch_size",
                  "buffer_size", "train_frequency", "target_network_frequency", "eval_frequency",
                  "eval_episodes", "final_eval_episodes", "threads", "seeds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    tasks = task_list(args)
-    check_env_ids(tasks)
-    uses_topk = args.routing == "topk" or (args.routing == "big" and args.big_gate == "topk")
-    if uses_topk and args.k > args.experts:
-        raise ValueError(f"--k {args.k} is larger than --experts {args.experts}: top-k needs k <= experts")
-    uses_task = args.routing == "task" or (args.routing == "big" and args.big_gate == "task")
-    if uses_task and args.experts < len(tasks):
-        raise ValueError(f"task routing needs one expert per task: --experts {args.experts} < {len(tasks)} tasks")
-    if args.routing not in ("dense", "big") and args.hidden % args.tokens:
-        raise ValueError(f"--hidden {args.hidden} is not divisible by --tokens {args.tokens}")
-    if args.setting == "crl" and args.total_steps < len(tasks) * args.cycles:
-        raise ValueError(f"--total-steps {args.total_steps} is too short for {len(tasks)} tasks x {args.cycles} cycles")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be at least 0 (numpy and gymnasium take no negative seeds), got {args.seed}")
+    for name in ("learning_rate", "adam_eps", "max_grad_norm", "capacity_factor"):
+        if getattr(args, name) < 0 or (name == "learning_rate" and args.learning_rate == 0):
+            bound = "positive" if name == "learning_rate" else "at least 0"
+            meaning = " (top-k: 0 = no capacity limit)" if name == "capacity_factor" else ""
+            raise ValueError(f"--{name.replace('_', '-')} must be {bound}{meaning}, got {getattr(args, name)}")
+    validate_network(args, task_list(args))
     if not 0 < args.exploration_fraction <= 1:
         raise ValueError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
     if not 0 <= args.end_e <= args.start_e <= 1:
         raise ValueError(f"need 0 <= --end-e <= --start-e <= 1, got {args.end_e} and {args.start_e}")
-    if args.eval_only and not args.checkpoint:
-        raise ValueError("--eval-only needs --checkpoint PATH")
+    checkpointing.check_checkpoint_flags(args, given, "train_dqn.py", DQN_EVAL_FLAGS)
+
+
+def validate_network(args, tasks):
+    """The tasks and the network's shape."""
+    if not tasks:
+        raise ValueError(f"--tasks is empty; give comma-separated env ids from {', '.join(TASKS)}")
+    check_env_ids(tasks)
+    if args.setting == "crl" and len(tasks) < 2:
+        raise ValueError(f"--setting crl trains tasks one after another and needs at least 2 --tasks (from "
+                         f"{', '.join(TASKS)}), got {len(tasks)}: {', '.join(tasks)}")
+    uses_topk = args.routing == "topk" or (args.routing == "big" and args.big_gate == "topk")
+    if uses_topk and args.k > args.experts:
+        raise ValueError(f"--k {args.k} is larger than --experts {args.experts}: top-k needs k <= experts "
+                         f"(1 to {args.experts})")
+    uses_task = args.routing == "task" or (args.routing == "big" and args.big_gate == "task")
+    if uses_task and args.experts < len(tasks):
+        raise ValueError(f"task routing needs one expert per task: --experts {args.experts} < {len(tasks)} tasks")
+    if args.routing not in ("dense", "big") and args.hidden % args.tokens:
+        divisors = [str(d) for d in range(1, args.hidden + 1) if args.hidden % d == 0]
+        raise ValueError(f"--hidden {args.hidden} is not divisible by --tokens {args.tokens}: --tokens must be one "
+                         f"of {', '.join(divisors)}")
+    if args.setting == "crl" and args.total_steps < len(tasks) * args.cycles:
+        raise ValueError(f"--total-steps {args.total_steps} is too short for {len(tasks)} tasks x {args.cycles} cycles")
+
+
+# flags that --eval-only reads itself; every other flag given with it must agree with the checkpoint's config
+DQN_EVAL_FLAGS = ("eval_only", "checkpoint", "final_eval_episodes", "progress", "threads", "output_dir", "run_name")
 
 
 def linear_schedule(start, end, duration, t):
@@ -199,6 +250,20 @@ class ReplayBuffer:
         return [torch.from_numpy(np.take(a.reshape(-1, *a.shape[2:]), rows, axis=0).reshape(*i.shape, *a.shape[2:]))
                 for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminated, self.tasks)]
 
+    ARRAYS = ("obs", "next_obs", "actions", "tasks", "rewards", "terminated")
+
+    def state_dict(self):
+        """The filled rows of every array (as tensors), the write position and the samplers' RNG states."""
+        return {"size": self.size, "index": self.index, "rngs": [rng.bit_generator.state for rng in self.rngs],
+                **{name: torch.from_numpy(getattr(self, name)[:, :self.size].copy()) for name in self.ARRAYS}}
+
+    def load_state_dict(self, state):
+        self.size, self.index = state["size"], state["index"]
+        for name in self.ARRAYS:
+            getattr(self, name)[:, :self.size] = state[name].numpy()
+        for rng, saved in zip(self.rngs, state["rngs"]):
+            rng.bit_generator.state = saved
+
     def sample_seed(self, seed, batch_size):
         """A minibatch of one seed's buffer, drawn with that seed's generator: (obs, task)."""
         i = self.rngs[seed].integers(0, self.size, batch_size)
@@ -231,6 +296,14 @@ def masked_q(network, obs, tasks, action_mask):
     return q.masked_fill(~action_mask[tasks], -math.inf), out
 
 
+def nonfinite_seeds(q, num_seeds):
+    """(seeds,) bool: seeds whose Q-values (seed-major rows) hold a NaN or +inf, which argmax would act on
+    (masked actions are -inf by design). One reduction in the usual case that all are finite."""
+    if bool(q.max() < math.inf):     # False for a NaN as for +inf
+        return np.zeros(num_seeds, bool)
+    return ~(q.reshape(num_seeds, -1) < math.inf).all(1).numpy()
+
+
 def eval_seed(seed):
     return 1_000_000 + 1000 * seed  # evaluation episodes never reuse training seeds
 
@@ -240,23 +313,26 @@ def evaluate(network, task_sets, action_mask, episodes, which):
     `episodes` episodes of each of those seeds, all stepped side by side with one forward pass of the
     network per step. Seed i's episodes of task t are reset with seeds eval_seed(seed_i) + 1000 t + j,
     so a seed gets the same episodes in a batched run as alone. Returns {i: (returns, scores)}, each
-    {task: value}: the mean episode return and its normalised score."""
+    {task: value}: the mean episode return and its normalised score, both NaN where a seed's Q-values were
+    not finite at some step (its greedy actions then mean nothing: the trainer stops that seed)."""
     num_seeds, env_ids, which = len(task_sets), task_sets[0].env_ids, [int(i) for i in which]
     returns = {i: {} for i in which}
     for t, env_id in enumerate(env_ids if which else []):
         tasks = torch.full((num_seeds * episodes,), t, dtype=torch.long)
+        nonfinite = np.zeros(num_seeds, bool)
 
         @torch.no_grad()
         def policy(obs):                             # obs (len(which), episodes, obs_dim)
             rows = np.zeros((num_seeds, *obs.shape[1:]), np.float32)   # seeds not evaluated: zero rows
             rows[which] = obs
             q = masked_q(network, torch.from_numpy(rows).flatten(0, 1), tasks, action_mask)[0]
+            nonfinite[:] |= nonfinite_seeds(q, num_seeds)
             return q.argmax(1).view(num_seeds, episodes).numpy()[which]
 
         reset_seeds = [[eval_seed(task_sets[i].seed) + 1000 * t + j for j in range(episodes)] for i in which]
         episode_returns = run_episodes(lambda n: task_sets[which[n]].make(t), reset_seeds, policy)
         for n, i in enumerate(which):
-            returns[i][env_id] = float(episode_returns[n].mean())
+            returns[i][env_id] = math.nan if nonfinite[i] else float(episode_returns[n].mean())
     return {i: (r, {env_id: normalized_score(env_id, v) for env_id, v in r.items()}) for i, r in returns.items()}
 
 
@@ -295,12 +371,41 @@ def dqn_update(network, target, optimizer, batch, action_mask, args, training=No
     return stats
 
 
-def save_checkpoint(path, network, target, optimizer, args, step, seeds):
-    """All seeds in one file: the networks' state dicts stacked on a leading seed axis."""
-    tmp = path + ".tmp"
-    torch.save({"network": network.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
-                "args": asdict(args), "step": step, "seeds": seeds}, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save never leaves a broken checkpoint
+def save_checkpoint(path, network, target, optimizer, args, step, seeds, resume):
+    """All seeds in one file: the networks' state dicts stacked on a leading seed axis, the optimizer's, the
+    config, and `resume`, all else that continuing the run needs (train_in's resume_record)."""
+    checkpointing.save({"trainer": "train_dqn.py", "network": network.state_dict(), "target": target.state_dict(),
+                        "optimizer": optimizer.state_dict(), "args": asdict(args), "step": step, "seeds": seeds,
+                        "resume": resume}, path)
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")   # Adam's per-weight state (its step count is one scalar for all seeds)
+
+
+def snapshot(network, target, optimizer):
+    """Copies of every seed's weights, target weights and Adam moments: what a diverging seed goes back to."""
+    return {"network": copy.deepcopy(network.state_dict()), "target": copy.deepcopy(target.state_dict()),
+            "moments": [{k: v.clone() for k, v in optimizer.state[p].items() if k in MOMENTS}
+                        for p in network.parameters()]}
+
+
+@torch.no_grad()
+def roll_back(i, last_good, network, target, optimizer):
+    """Seed i's weights, target weights and Adam moments back to those of the snapshot `last_good`."""
+    for module, saved in ((network, last_good["network"]), (target, last_good["target"])):
+        for name, value in module.state_dict().items():     # views of the parameters
+            value[i] = saved[name][i]
+    for p, moments in zip(network.parameters(), last_good["moments"]):
+        for name in MOMENTS:
+            if name in optimizer.state[p]:
+                optimizer.state[p][name][i] = moments[name][i] if name in moments else 0.0
+
+
+def finite_seeds(network, target, optimizer, num_seeds):
+    """(seeds,) bool: whether each seed's weights, target weights and Adam moments are all finite."""
+    tensors = [*network.parameters(), *target.parameters(),
+               *(v for p in network.parameters() for k, v in optimizer.state[p].items() if k in MOMENTS)]
+    return np.logical_and.reduce([torch.isfinite(t.detach().reshape(num_seeds, -1)).all(1).numpy() for t in tensors])
 
 
 def over_seeds(results):
@@ -320,8 +425,8 @@ def evaluate_checkpoint(path, episodes):
     """Greedy evaluation of a saved model (every seed of it) on the tasks it was trained on (its own
     saved config)."""
     start = time.time()
-    state = torch.load(path, weights_only=True)
-    saved = Args(**state["args"])
+    state = checkpointing.load(path, "train_dqn.py")
+    saved = Args(**{k: v for k, v in state["args"].items() if k in Args.__dataclass_fields__})
     seeds = state.get("seeds", [saved.seed])
     weights = state["network"] if "seeds" in state else {k: v.unsqueeze(0) for k, v in state["network"].items()}
     task_sets = [TaskSet(task_list(saved), seed=seed, scale=saved.scale_obs, task_id_in_obs=saved.task_id_in_obs)
@@ -339,14 +444,37 @@ def evaluate_checkpoint(path, episodes):
     return summary
 
 
+def run_name(args):
+    seeds = seed_list(args)
+    seed_name = f"s{args.seed}" if len(seeds) == 1 else f"s{seeds[0]}-{seeds[-1]}"
+    where = args.placement if args.routing != "big" else args.big_gate
+    return args.run_name or f"{args.routing}_{where}_{args.setting}_{seed_name}"
+
+
+# flags that may differ between a run and its --resume (they change no result, or only the thread count's rounding)
+RUN_CONTROL = ("threads", "progress", "output_dir", "run_name", "eval_only", "checkpoint", "resume", "overwrite")
+
+
 def train(args):
-    """Train (or, with --eval-only, evaluate) and return the run summary. All --seeds seeds train in
-    lockstep; a seed that solves its task (or whose loss is not finite) stops there, with its weights
-    frozen, and the run ends when every seed has stopped or at --total-steps."""
+    """Train (or, with --eval-only, evaluate) and return the run summary. The run folder is claimed first (a
+    folder in use, or holding a run without --resume or --overwrite, is a RunError before anything loads)."""
     if args.eval_only:
         return evaluate_checkpoint(args.checkpoint, args.final_eval_episodes)
+    run_dir = os.path.join(args.output_dir, run_name(args))
+    with checkpointing.claim(run_dir, args.resume, args.overwrite):
+        return train_in(args, run_dir)
+
+
+def train_in(args, run_dir):
+    """Train in the claimed folder run_dir, from scratch or (--resume) from its checkpoint. All --seeds seeds
+    train in lockstep; a seed that solves its task (or diverges: a non-finite loss, Q-value or weight) stops
+    there, with its weights frozen, and the run ends when every seed has stopped or at --total-steps."""
     torch.set_num_threads(args.threads)
-    start = time.time()
+    checkpoint_path = os.path.join(run_dir, checkpointing.CHECKPOINT)
+    log_path = os.path.join(run_dir, checkpointing.LOG)
+    saved = checkpointing.resume_state(checkpoint_path, "train_dqn.py", asdict(args), RUN_CONTROL) if args.resume \
+        else None
+    start = time.time() - (saved["resume"]["wall_seconds"] if saved else 0.0)
     seeds = seed_list(args)
     num_seeds = len(seeds)
     rngs = [np.random.default_rng(seed) for seed in seeds]     # seed i's exploration and replay sampling
@@ -359,14 +487,10 @@ def train(args):
     optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     frozen = FrozenSeeds(network.parameters())
     buffer = ReplayBuffer(args.buffer_size, task_sets[0].observation_size, rngs)
-    seed_name = f"s{args.seed}" if num_seeds == 1 else f"s{seeds[0]}-{seeds[-1]}"
-    run_name = args.run_name or f"{args.routing}_{args.placement if args.routing != 'big' else args.big_gate}_{args.setting}_{seed_name}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    checkpoint_path, log_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
-    log = open(log_path, "w")
-    log.write(json.dumps({"config": asdict(args), "tasks": tasks, "seeds": seeds,
-                          "parameters": parameter_count(plain)}) + "\n")
+    log = checkpointing.open_log(log_path, saved["resume"]["log_bytes"] if saved else None)
+    if not saved:
+        log.write(json.dumps({"config": asdict(args), "tasks": tasks, "seeds": seeds,
+                              "parameters": parameter_count(plain)}) + "\n")
     if args.setting == "crl":
         print(f"CRL: {crl_steps_per_task(len(tasks), args.total_steps, args.cycles)} steps per task, "
               f"order {' -> '.join(tasks)}, {args.cycles} cycle(s)", file=sys.stderr)
@@ -376,24 +500,35 @@ def train(args):
     training = np.ones(num_seeds, bool)                # seeds still training
     outcome = [None] * num_seeds                       # per seed, once stopped: (status, step, wall seconds, message)
     latest = [None] * num_seeds                        # each seed's latest evaluation record
+    first_loss = [None] * num_seeds                    # each seed's first TD loss, against which explosions are told
     updates = np.zeros(num_seeds, int)
     step, next_eval, saved_step = 0, args.eval_frequency, None
+    if saved:
+        step, next_eval, saved_step = restore_run(saved, network, target, optimizer, buffer, task_sets, recent,
+                                                  losses, training, outcome, latest, first_loss, updates)
+        for i in np.flatnonzero(~training):
+            frozen.freeze(i)
+    last_good = snapshot(network, target, optimizer)   # what a diverging seed is rolled back to
     solved_at = gym.spec(tasks[0]).reward_threshold if args.stop_when_solved and args.setting == "single" else None
-    bar = tqdm(total=args.total_steps, unit="step", disable=not args.progress, dynamic_ncols=True)
-    train_start = time.time()
+    bar = tqdm(total=args.total_steps, initial=step, unit="step", disable=not args.progress, dynamic_ncols=True)
+    train_start = time.time() - (saved["resume"]["train_seconds"] if saved else 0.0)
 
     def seed_network(i):
         plain.load_state_dict(seed_state_dict(network.state_dict(), i))
         return plain
 
     def log_eval(which, final=False):
-        """Evaluate seeds `which` and write one log line each (the single-run record, plus its seed)."""
+        """Evaluate seeds `which` and write one log line each (the single-run record, plus its seed). A seed
+        whose Q-values were not finite in the evaluation diverges instead."""
         elapsed = time.time() - train_start
         results = evaluate(network, task_sets, action_mask, args.final_eval_episodes if final else args.eval_episodes,
                            which)
         for i in which:
             net = seed_network(i)
             returns, scores = results[i]
+            if not all(math.isfinite(r) for r in returns.values()):
+                diverge(i, f"Q-values became non-finite in the evaluation at step {step}")
+                continue
             record = {"seed": seeds[i], "step": step, "final": final, "updates": int(updates[i]),
                       "active_tasks": [tasks[t] for t in current], "eval_return": returns, "normalized_score": scores,
                       "mean_normalized_score": float(np.mean(list(scores.values()))), "epsilon": epsilon,
@@ -401,6 +536,11 @@ def train(args):
             if losses[i]:
                 td, aux, qm = np.mean(losses[i], axis=0)
                 record.update(td_loss=float(td), aux_loss=float(aux), q_mean=float(qm))
+                first_loss[i] = float(losses[i][0][0]) if first_loss[i] is None else first_loss[i]
+                if checkpointing.exploded(td, first_loss[i]):
+                    record["warning"] = (f"td_loss {td:.3g} is over {checkpointing.EXPLOSION:g} times the first "
+                                         f"update's {first_loss[i]:.3g}: the run may be diverging")
+                    print(f"warning: seed {seeds[i]} at step {step}: {record['warning']}", file=sys.stderr)
                 losses[i].clear()
             if buffer.size:  # dormant neurons and expert load on a fixed-size sample of replayed states
                 obs, task_ids = buffer.sample_seed(i, min(1024, buffer.size))
@@ -417,8 +557,9 @@ def train(args):
     def log_over_seeds():
         """With several seeds: one line of mean and 95% interval over every seed's latest evaluation (a seed
         that has stopped counts with its last one)."""
-        if num_seeds > 1:
-            mean, interval = over_seeds(latest)
+        evaluated = [record for record in latest if record is not None]
+        if num_seeds > 1 and evaluated:
+            mean, interval = over_seeds(evaluated)
             elapsed = time.time() - train_start
             log.write(json.dumps({"over_seeds": seeds, "step": step, **mean, "ci95": interval,
                                   "seeds_training": int(training.sum()), "wall_seconds": elapsed,
@@ -430,7 +571,29 @@ def train(args):
         frozen.freeze(i)
         outcome[i] = (status, step, time.time() - start, message)
 
-    current = active_tasks(args.setting, 0, len(tasks), args.total_steps, args.cycles)
+    def diverge(i, reason):
+        """Seed i stops as diverged, rolled back to its weights of the last checkpoint (or its initial ones), so
+        that every checkpoint stays finite."""
+        where = "no checkpoint was saved yet"
+        if saved_step:
+            where = f"the last good checkpoint is {checkpoint_path} (step {saved_step})"
+            where += "; this seed keeps its weights of then in later ones" if num_seeds > 1 else ""
+        message = f"{reason}; stopping{'' if num_seeds == 1 else f' seed {seeds[i]}'}. {where}"
+        print(message, file=sys.stderr)
+        roll_back(i, last_good, network, target, optimizer)
+        stop(i, "diverged", message)
+
+    def resume_record():
+        """All else that continuing exactly from here needs (README: Resuming a run)."""
+        return {"step": step, "next_eval": next_eval, "updates": updates.tolist(), "training": training.tolist(),
+                "records": json.dumps({"outcome": outcome, "latest": latest, "recent": recent,
+                                       "first_loss": first_loss}),
+                "losses": [torch.from_numpy(np.array(l, np.float32).reshape(-1, 3)) for l in losses],
+                "replay": buffer.state_dict(), "task_sets": [task_set.state_dict() for task_set in task_sets],
+                "rng": checkpointing.rng_state(), "log_bytes": checkpointing.log_size(log),
+                "wall_seconds": time.time() - start, "train_seconds": time.time() - train_start}
+
+    current = active_tasks(args.setting, step, len(tasks), args.total_steps, args.cycles)
     epsilon = args.start_e
     seed_rows = np.arange(num_seeds)
     while step < args.total_steps and training.any():
@@ -442,8 +605,10 @@ def train(args):
         if not explore.all():  # the Q-network is only needed for the greedy actions
             obs = torch.from_numpy(np.stack([task_set.obs[t] for task_set in task_sets for t in current]))
             with torch.no_grad():
-                greedy = masked_q(network, obs, torch.tensor(current * num_seeds), action_mask)[0].argmax(1)
-            greedy = greedy.view(num_seeds, len(current)).numpy()
+                q = masked_q(network, obs, torch.tensor(current * num_seeds), action_mask)[0]
+            for i in np.flatnonzero(training & nonfinite_seeds(q, num_seeds)):
+                diverge(i, f"Q-values became non-finite at step {step}")
+            greedy = q.argmax(1).view(num_seeds, len(current)).numpy()
         for j, t in enumerate(current):
             valid = np.flatnonzero(task_sets[0].action_mask[t])
             actions = [rngs[i].choice(valid) if explore[i, j] else greedy[i, j] for i in seed_rows]
@@ -463,12 +628,7 @@ def train(args):
                     if not bad.any():
                         break
                     for i in np.flatnonzero(bad):  # that seed stops; the others redo the step without it
-                        where = f"the last good checkpoint is {checkpoint_path} (step {saved_step})" if saved_step \
-                            else "no checkpoint was saved yet"
-                        message = (f"loss became {stats[i, 0] + stats[i, 1]} at step {step}; stopping"
-                                   f"{'' if num_seeds == 1 else f' seed {seeds[i]}'}. {where}")
-                        print(message, file=sys.stderr)
-                        stop(i, "diverged", message)
+                        diverge(i, f"loss became {stats[i, 0] + stats[i, 1]} at step {step}")
                 frozen.restore()
                 for i in np.flatnonzero(training):
                     losses[i].append(stats[i])
@@ -480,7 +640,11 @@ def train(args):
         if step >= next_eval or step >= args.total_steps:
             next_eval += args.eval_frequency
             final = step >= args.total_steps
+            for i in np.flatnonzero(training & ~finite_seeds(network, target, optimizer, num_seeds)):
+                diverge(i, f"the weights became non-finite by step {step}")
             log_eval(np.flatnonzero(training), final=final)
+            if not training.any():   # every seed diverged here: the checkpoint on disk stays the last good one
+                break
             if final:
                 for i in np.flatnonzero(training):
                     outcome[i] = ("finished", step, time.time() - start, None)
@@ -490,15 +654,42 @@ def train(args):
                 for i in solved:
                     stop(i, "finished")
             log_over_seeds()
-            save_checkpoint(checkpoint_path, network, target, optimizer, args, step, seeds)
+            save_checkpoint(checkpoint_path, network, target, optimizer, args, step, seeds, resume_record())
             saved_step = step
+            last_good = snapshot(network, target, optimizer)
             short = lambda values: {t.split("-")[0]: None if r is None else round(r, 1) for t, r in values.items()}
             shown = [latest[i] for i in range(num_seeds) if latest[i] is not None]
             bar.set_postfix(eval=short(over_seeds(shown)[0]["eval_return"]), sps=round(shown[0]["steps_per_second"]),
                             training=int(training.sum()))
     bar.close()
     log.close()
+    return run_summary(args, run_dir, seeds, outcome, latest, updates, step, start, train_start,
+                       parameter_count(plain), checkpoint_path if saved_step else None)
 
+
+def restore_run(saved, network, target, optimizer, buffer, task_sets, recent, losses, training, outcome, latest,
+                first_loss, updates):
+    """Put a resumed run's checkpoint back: the weights, the optimizer, the replay buffer and its samplers (which
+    are also the exploration RNGs), the environments, the global RNGs, and the loop's bookkeeping (the lists
+    and arrays, in place). Returns (step, next_eval, saved_step)."""
+    resume = saved["resume"]
+    network.load_state_dict(saved["network"])
+    target.load_state_dict(saved["target"])
+    optimizer.load_state_dict(saved["optimizer"])
+    buffer.load_state_dict(resume["replay"])
+    for task_set, state in zip(task_sets, resume["task_sets"]):
+        task_set.load_state_dict(state)
+    checkpointing.set_rng_state(resume["rng"])
+    records = json.loads(resume["records"])
+    outcome[:], latest[:], recent[:] = records["outcome"], records["latest"], records["recent"]
+    first_loss[:] = records["first_loss"]
+    losses[:] = [list(l.numpy()) for l in resume["losses"]]
+    training[:], updates[:] = resume["training"], resume["updates"]
+    return resume["step"], resume["next_eval"], saved["step"]
+
+
+def run_summary(args, run_dir, seeds, outcome, latest, updates, step, start, train_start, parameters, checkpoint):
+    """The run's summary, per seed and over the seeds, printed as the last line and returned."""
     per_seed = []
     for i, seed in enumerate(seeds):
         status, stopped_step, wall, message = outcome[i] or ("finished", step, time.time() - start, None)
@@ -523,12 +714,21 @@ def train(args):
         mean, interval = over_seeds(evaluated)
         summary.update(mean, ci95=interval)
     summary.update(wall_seconds=time.time() - start, steps_per_second=step / max(elapsed, 1e-9),
-                   parameters=parameter_count(plain), checkpoint=checkpoint_path if saved_step else None,
-                   seeds=seeds, per_seed=per_seed)
+                   parameters=parameters, checkpoint=checkpoint, seeds=seeds, per_seed=per_seed)
     print(json.dumps(summary))
     return summary
 
 
+def main(argv=None):
+    """The command line: parse, train, exit 0 if the run finished (or evaluated), 1 if it diverged, 2 on a
+    usage error (a bad flag or value, or a run folder or checkpoint that does not fit)."""
+    args = parse_args(argv)
+    try:
+        summary = train(args)
+    except checkpointing.RunError as error:
+        checkpointing.usage_exit(error)
+    return 0 if summary["status"] in ("finished", "evaluated") else 1
+
+
 if __name__ == "__main__":
-    summary = train(parse_args())
-    sys.exit(0 if summary["status"] in ("finished", "evaluated") else 1)
+    sys.exit(main())
