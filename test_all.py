@@ -1814,7 +1814,7 @@ def test_benchmark_costs_and_scaling_parts_at_a_tiny_size():
 # ---- Resuming a run exactly, run folders, the NaN guard, one clear line per bad input (issue 17) ----
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TIMING = {"wall_seconds", "steps_per_second", "env_steps_per_second", "peak_rss_mb"}
+TIMING = {"wall_seconds", "steps_per_second", "env_steps_per_second", "rss_mb", "peak_rss_mb"}
 
 
 def signal_advantages(episodes, *args):
