@@ -72,8 +72,8 @@ AGENT_QUICK_FLAGS = ["--iterations", "60", "--eval-every", "20", "--eval-episode
 AGENT_QUICK_SEEDS = [1, 2, 3]
 
 # the rais study's budget: 4 update epochs per batch (the routers move further between rollout and update
-# than at the default 2); 100 iterations with held-out evaluations every 20
-RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "100", "--eval-every", "20", "--eval-episodes", "60",
+# than at the default 2); 60 iterations with held-out evaluations every 10
+RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "60", "--eval-every", "10", "--eval-episodes", "60",
               "--conflict-every", "0"]
 
 
