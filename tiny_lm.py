@@ -2,13 +2,13 @@
 
 PA-MoE (arXiv 2602.17038) puts LoRA experts on a frozen pretrained LLM (Qwen2.5-1.5B-Instruct). Here the
 frozen base is a GPT-style causal transformer of a few layers (Radford et al. 2019; nanoGPT's shape),
-pretrained by next-token prediction on transcripts of *random* play in the household environment
-(envs.HouseholdEnv): it learns the language of the game and which commands exist in which situation,
-but not how to solve a task, because a random player never tries to. So everything the agent learns
-about solving tasks comes from RL in the LoRA experts. Its likelihood of a command given the prompt is
-only roughly uniform over the admissible commands: it overweights the commands that are admissible
-everywhere ("look", "inventory"), and the untrained policy wins less often than a uniform random one
-(README, Measured).
+pretrained by next-token prediction on transcripts of play in the household environment
+(envs.HouseholdEnv). A pretrained LLM brings the language, the commands and some common sense to the
+game; the stand-in gets the same kind of prior from the player it learns from, who reads only the
+task's words and the admissible commands (play_weights): commands that name the task's object,
+receptacle or the appliance its transform needs are more likely, nothing else is known (no hidden state,
+no plan, no evaluation seed). With task_bias 1 the play is uniformly random. What the agent learns about
+solving tasks beyond that prior comes from RL in the LoRA experts (README, The PA-MoE agent).
 
 The attention and MLP projections are named like Llama's (q_proj, k_proj, v_proj, o_proj, up_proj,
 down_proj) so that the same LoRA targets work here and on a Hugging Face model. `forward` takes position ids
@@ -18,7 +18,6 @@ and an attention mask, so that all of a step's commands are scored in one sequen
     python tiny_lm.py --out runs/tiny_lm.pt          # pretrain and cache (train_agent.py does this itself)
 """
 import argparse
-import math
 import os
 import re
 import time
