@@ -22,9 +22,10 @@ import policy_gradient
 from policy_gradient import IS_MODES
 import train_agent
 import train_dqn
-from envs import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, AlfWorldEnv, HouseholdEnv, HouseholdGame,
-                  TaskSet, active_tasks, alfworld_task_type_ids, eval_seeds, gigpo_table, household_task_type, kind_of,
-                  normalized_score, render_prompt, scale_observation)
+from envs import (ALFWORLD_TASK_TYPES, ALFWORLD_WORDS, EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, AlfWorldEnv,
+                  HouseholdEnv, HouseholdGame, TaskSet, active_tasks, alfworld_data_root, alfworld_task_type_ids,
+                  eval_seeds, gigpo_table, household_task_type, kind_of, normalized_score, render_prompt,
+                  scale_observation)
 from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, route
 from hf_model import HFBase, parse_action
 from many_seeds import clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
@@ -1690,6 +1691,98 @@ def test_smollm2_one_update_moves_only_adapters_and_routers(smollm2_cache, mode)
     agent, args = smollm2_agent(smollm2_cache, "--action-mode", mode, "--routing", "phase", "--experts", "2",
                                 "--max-new-tokens", "4", "--diversity-weight", "0", "--update-epochs", "1")
     assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=2, seeds=(5, 5))
+
+
+# ---- ALFWorld offline: games generated from the alfworld wheel (alfworld_games.py) ----
+
+@pytest.fixture(scope="module")
+def generated_alfworld(tmp_path_factory):
+    """Games written by alfworld_games.py: 6 train games (the six task types in turn), 1 in each evaluation
+    split. Each one is kept only if the alfworld expert won it."""
+    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    import alfworld_games
+    out = str(tmp_path_factory.mktemp("generated") / "alfworld")
+    assert alfworld_games.generate(out, train=6, evaluation=1, seed=0, progress=False) == \
+        {"train": 6, "valid_seen": 1, "valid_unseen": 1}
+    return out
+
+
+def words_of(text):
+    return set(re.findall(r"[a-z]+|\d+", text.lower()))
+
+
+def test_generated_alfworld_games_are_won_by_the_expert_and_through_the_trainers_env(generated_alfworld):
+    """Every task type is there; the alfworld package's handcoded expert wins each game again (with other
+    tie-breaks), and its walkthrough, replayed through envs.AlfWorldEnv (given the json_2.1.1 folder itself),
+    wins with reward 10. Every word that env shows is one of ALFWORLD_WORDS."""
+    import alfworld_games
+    root = os.path.join(generated_alfworld, "json_2.1.1")
+    games = sorted(os.path.join(d, "game.tw-pddl") for d, _, files in os.walk(root) if "game.tw-pddl" in files)
+    assert len(games) == 8
+    traj = [json.load(open(os.path.join(os.path.dirname(g), "traj_data.json"))) for g in games]
+    assert {t["task_type"] for t in traj} == set(ALFWORLD_TASK_TYPES.values())
+    assert all("not an ALFRED scene" in t["generated_by"] for t in traj)
+    for game in games[:2]:                         # generate() kept only games the expert won: again, two of them
+        assert alfworld_games.expert_walkthrough(game, seed=1) is not None, game
+    env = AlfWorldEnv(root, "train", max_steps=50)
+    walkthroughs = [json.load(open(f))["walkthrough"] for f in env.game_files]
+    observations, infos = env.reset(list(range(len(env.game_files))))
+    seen = set().union(*(words_of(" ".join([o, i["goal"], *i["admissible_commands"]])) for o, i in zip(observations, infos)))
+    total = np.zeros(len(walkthroughs))
+    for t in range(max(map(len, walkthroughs))):
+        observations, rewards, dones, infos = env.step([w[t] if t < len(w) else "look" for w in walkthroughs])
+        total += rewards
+        seen |= set().union(*(words_of(" ".join([o, *i["admissible_commands"]])) for o, i in zip(observations, infos)))
+    assert all(i["won"] for i in infos) and list(total) == [10.0] * len(walkthroughs)
+    env.close()
+    assert seen <= set(ALFWORLD_WORDS), seen - set(ALFWORLD_WORDS)
+
+
+def test_alfworld_words_are_the_wheels_grammar_task_sentences_and_objects():
+    alfworld = pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    import alfworld.gen.constants as constants
+    import alfworld.gen.goal_library as goals
+    grammar = open(os.path.join(os.path.dirname(alfworld.__file__), "data", "alfred.twl2")).read()
+    texts = re.findall(r'"rhs": "((?:[^"\\]|\\.)*)"', grammar) + re.findall(r'template :: "([^"]*)"', grammar)
+    texts += [t for goal in goals.gdict.values() for t in goal["templates"]]
+    words = set().union(*(words_of(re.sub(r"\{[^{}]*\}|#[^#]*#|\\n", " ", t)) for t in texts))
+    words -= {"todo", "unknown", "goal"} | {w for w in words if "receptacleobject" in w}   # placeholders, debug labels
+    words |= {o.lower() for o in constants.OBJECTS} | {r.lower() for r in constants.RECEPTACLES}
+    assert words <= set(ALFWORLD_WORDS), words - set(ALFWORLD_WORDS)
+
+
+def test_alfworld_data_is_the_root_or_its_json_folder_and_a_wrong_one_fails_before_any_model(
+        generated_alfworld, tmp_path, monkeypatch):
+    assert alfworld_data_root(generated_alfworld) == generated_alfworld
+    assert alfworld_data_root(os.path.join(generated_alfworld, "json_2.1.1")) == generated_alfworld
+    monkeypatch.setattr(train_agent, "load_base", lambda args: pytest.fail("the model loaded before the data check"))
+    with pytest.raises(FileNotFoundError, match="expected a folder holding json_2.1.1.*alfworld_games.py"):
+        train_agent.train(train_agent.parse_args(["--env", "alfworld", "--alfworld-data", str(tmp_path),
+                                                  "--no-progress"]))
+
+
+def test_tiny_agent_trains_and_evaluates_on_generated_alfworld(generated_alfworld, tmp_path):
+    """--env alfworld end to end on a generated split, the tiny LM pretrained with ALFWorld's words in its own
+    cache; then --eval-only on the other evaluation split's checkpoint."""
+    base_cache = str(tmp_path / "tiny_lm.pt")
+    summary = train_agent.train(train_agent.parse_args(AGENT_FAST + [
+        "--env", "alfworld", "--alfworld-data", generated_alfworld, "--base-cache", base_cache, "--max-steps", "4",
+        "--iterations", "1", "--group-size", "2", "--eval-episodes", "2", "--output-dir", str(tmp_path)]))
+    assert summary["status"] == "finished" and 0 < summary["env_steps"] <= 2 * 2 * 4
+    assert set(summary["alfworld_success"]) == {"Pick", "Look", "Clean", "Heat", "Cool", "Pick2", "All"}
+    assert not os.path.exists(base_cache)                       # the household cache is left alone
+    words = torch.load(str(tmp_path / "tiny_lm_alfworld.pt"), weights_only=True)["words"]
+    assert set(ALFWORLD_WORDS) <= set(words)
+    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
+                                                          "--eval-episodes", "2"]))
+    assert evaluated["status"] == "evaluated" and 0 <= evaluated["alfworld_success"]["All"] <= 1
+
+
+def test_alfworld_games_cli_has_help_on_every_flag():
+    out = subprocess.run([sys.executable, "alfworld_games.py", "--help"], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    for flag in ("--out", "--train", "--eval", "--seed"):
+        assert re.search(rf"{flag} \w+\s+\w", out), flag
 
 
 # ---- Many seeds in one process (issue 6) ----

@@ -145,7 +145,8 @@ class Args:
     eval_greedy_actions: bool = arg(False, "argmax commands at evaluation (default: sample them; the router is argmax either way)")
     conflict_every: int = arg(20, "measure the gradient conflict every this many iterations (0 = never)")
     # the frozen base
-    base_cache: str = arg("runs/tiny_lm.pt", "where the pretrained tiny LM is cached (pretrained on first use)")
+    base_cache: str = arg("runs/tiny_lm.pt", "where the pretrained tiny LM is cached (pretrained on first use; "
+                          "--env alfworld keeps its own, NAME_alfworld.pt, whose tokenizer adds ALFWorld's words)")
     pretrain_episodes: int = arg(600, "random-play episodes in the base model's pretraining corpus")
     pretrain_steps: int = arg(2500, "pretraining steps of the base model")
     pretrain_task_bias: float = arg(2.0, "the pretraining player draws a command task_bias ** (task words it names) "
@@ -938,10 +939,12 @@ def load_base(args):
     if args.model:
         return load_hf_base(args.model, model_device(args), args.dtype, args.trust_remote_code,
                             args.gradient_checkpointing, cache_dir=args.model_cache)
-    # random play on the household env at its own step limit, whatever the run's env and limit
+    # random play on the household env at its own step limit, whatever the run's env and limit; for ALFWorld
+    # the tokenizer also knows ALFWorld's words (a cache of its own)
     config = PretrainConfig(episodes=args.pretrain_episodes, steps=args.pretrain_steps, seed=0,
                             history_length=args.history_length, list_commands=args.list_commands,
-                            task_bias=args.pretrain_task_bias)
+                            task_bias=args.pretrain_task_bias,
+                            vocabulary="alfworld" if args.env == "alfworld" else "household")
     return load_or_pretrain(args.base_cache, config, args.progress)
 
 
