@@ -146,8 +146,9 @@ def write_problem(task_type, receptacles, target, parent, lamp, constants, goals
     declared = (["agent1 - agent"] + [f"{t}Type - otype" for t in otypes] + [f"{t}Type - rtype" for t in rtypes]
                 + [f"{o} - object" for o in object_ids] + [f"{r} - receptacle" for r in ids]
                 + [f"{l} - location" for l in locations])
-    return ("(define (problem plan_generated)\n    (:domain alfred)\n    (:objects\n        " +
-            "\n        ".join(declared) + "\n    )\n    (:init\n        " + "\n        ".join(init) + "\n    )\n" + goal)
+    lines = lambda items: "\n        ".join(items)
+    return (f"(define (problem plan_generated)\n    (:domain alfred)\n    (:objects\n        {lines(declared)}\n    )\n"
+            f"    (:init\n        {lines(init)}\n    )\n{goal}")
 
 
 def expert_walkthrough(game_file, max_steps=50, seed=0):

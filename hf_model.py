@@ -163,7 +163,7 @@ class HFBase(nn.Module):
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         self.sliding_window = window or None
         self.layer_types = set(getattr(config, "layer_types", None) or [])
-        self.packs = True
+        self.packs = True                    # so that the probe runs the packed path
         self.packs = self.packing_matches()
         self.check_logits()
 
@@ -253,8 +253,9 @@ class HFBase(nn.Module):
         scatter = lambda x: x.new_zeros(ids.shape + x.shape[2:]).index_put((row, column), x[seq, at])
         for layer in lora_layers(self):
             if layer.router is not None and layer.expert_index is None:          # its router ran just now
-                layer.last_routing = dataclasses.replace(layer.last_routing, **{
-                    f.name: scatter(getattr(layer.last_routing, f.name)) for f in dataclasses.fields(layer.last_routing)})
+                routing = layer.last_routing
+                layer.last_routing = dataclasses.replace(routing, **{
+                    f.name: scatter(getattr(routing, f.name)) for f in dataclasses.fields(routing)})
         return scatter(hidden)
 
     def logits(self, hidden):

