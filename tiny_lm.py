@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import EVAL_SEED_OFFSET, HouseholdEnv, render_prompt
+from envs import ALFWORLD_WORDS, EVAL_SEED_OFFSET, HouseholdEnv, render_prompt
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
@@ -45,8 +45,11 @@ class WordTokenizer:
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = range(4)
 
     @classmethod
-    def from_texts(cls, texts):
-        return cls(sorted({w for text in texts for w in cls.pattern.findall(text.lower())}))
+    def from_texts(cls, texts, extra_words=()):
+        """The words of `texts`, sorted, then the extra words they lack (each its own token, never <unk>)."""
+        words = sorted({w for text in texts for w in cls.pattern.findall(text.lower())})
+        known = set(words)
+        return cls(words + [w for w in dict.fromkeys(extra_words) if w not in known])
 
     def __len__(self):
         return len(self.words)
@@ -218,6 +221,7 @@ class PretrainConfig:
     history_length: int = 2
     list_commands: bool = False
     task_bias: float = 2.0
+    vocabulary: str = "household"   # alfworld: the corpus's words and ALFWorld's (envs.ALFWORLD_WORDS)
     dim: int = 64
     layers: int = 2
     heads: int = 4
@@ -229,7 +233,7 @@ def pretrain(config: PretrainConfig, progress=True):
     torch.manual_seed(config.seed)
     pairs = random_play_texts(config.episodes, config.seed, config.max_steps, config.history_length,
                               config.list_commands, config.task_bias)
-    tokenizer = WordTokenizer.from_texts(text for pair in pairs for text in pair)
+    tokenizer = WordTokenizer.from_texts((text for pair in pairs for text in pair), VOCABULARIES[config.vocabulary])
     sequences = [[tokenizer.bos_id] + tokenizer.encode(p) + tokenizer.encode(c) + [tokenizer.eos_id] for p, c in pairs]
     max_len = max(256, max(map(len, sequences)) + 8)
     model = TinyGPT(GPTConfig(len(tokenizer), config.dim, config.layers, config.heads, max_len, config.mlp_ratio))
@@ -261,11 +265,29 @@ def corpus_sample(config):
                                   config.task_bias)[0])
 
 
+VOCABULARIES = {"household": (), "alfworld": ALFWORLD_WORDS}   # words added to those of the corpus
+
+
+def vocabulary_path(path, vocabulary):
+    """Each vocabulary keeps its own cache (runs/tiny_lm.pt, runs/tiny_lm_alfworld.pt): switching between the
+    household env and ALFWorld never pretrains again."""
+    if not path or vocabulary == "household":
+        return path
+    root, extension = os.path.splitext(path)
+    return f"{root}_{vocabulary}{extension}"
+
+
 def load_or_pretrain(path, config: PretrainConfig, progress=True):
-    """The cached base model at `path` if it was pretrained with this config, else pretrain and cache it."""
+    """The cached base model at `path` (for another vocabulary, next to it: vocabulary_path) if it was pretrained
+    with this config, else pretrain and cache it."""
+    if config.vocabulary not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {config.vocabulary!r}; one of {sorted(VOCABULARIES)}")
+    path = vocabulary_path(path, config.vocabulary)
     if path and os.path.exists(path):
         saved = torch.load(path, weights_only=True)
-        if saved["pretrain"] == asdict(config) and saved.get("sample") == corpus_sample(config):
+        # a cache written before vocabularies existed holds the household one
+        if {"vocabulary": "household", **saved["pretrain"]} == asdict(config) and \
+                saved.get("sample") == corpus_sample(config):
             model = TinyGPT(GPTConfig(**saved["gpt"]))
             model.load_state_dict(saved["model"])
             return model.eval(), WordTokenizer(saved["words"])

