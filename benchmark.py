@@ -3,7 +3,8 @@
     python benchmark.py                      # the README's tables (about 30 minutes on 2 CPU cores)
     python benchmark.py --parts costs        # just the per-update costs (about a minute)
     python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N, about 8 minutes)
-    python benchmark.py --parts agent        # the PA-MoE agent's rollout and update per routing (about 5 minutes)
+    python benchmark.py --parts agent        # the PA-MoE agent's rollout and update per routing, and the default run
+    python benchmark.py --parts memory       # peak memory of a free-text update on Qwen2.5's vocabulary (transformers)
     python benchmark.py --resume             # after a cut-off benchmark: skip the parts results/benchmark.json has
 
 Measured in one run, on one machine, so the numbers compare as ratios:
@@ -20,7 +21,10 @@ Measured in one run, on one machine, so the numbers compare as ratios:
    N = 1, 2, 4, 8, 16, relative to N = 1, and the cost of one update of all N seeds, at 1 and at 2 torch
    threads (the other parts use 1);
 4. the PA-MoE agent (train_agent.py) per routing granularity (single/token/trajectory/phase): env steps
-   per second of a fixed rollout batch, and the seconds of one update (all epochs) on that batch.
+   per second of a fixed rollout batch, and the seconds of one update (all epochs) on that batch; then the
+   default `python train_agent.py` at AGENT_BASELINE and in the working tree (env steps/s, peak memory);
+5. the peak memory of one free-text (--action-mode generate) rollout and update on a random Qwen2 with
+   Qwen2.5's vocabulary of 151,936 (WIDE_VOCABULARY), at MEMORY_BASELINE and in the working tree.
 """
 import argparse
 import contextlib
@@ -215,12 +219,7 @@ def default_run_speed(revision, iterations, repeats=1, workdir="/tmp/moe_rl_benc
     base model's pretraining) and peak resident memory. Each version pretrains and caches its own default
     base in its own folder. Needs git and the revision in this clone's history."""
     import subprocess
-    versions = {"before": os.path.join(workdir, revision), "after": os.path.dirname(os.path.abspath(__file__))}
-    if not os.path.exists(os.path.join(versions["before"], "train_agent.py")):
-        os.makedirs(versions["before"], exist_ok=True)
-        archive = subprocess.run(["git", "archive", revision], capture_output=True, check=True,
-                                 cwd=versions["after"]).stdout
-        subprocess.run(["tar", "-x", "-C", versions["before"]], input=archive, check=True)
+    versions = {"before": checkout(revision, workdir), "after": os.path.dirname(os.path.abspath(__file__))}
     results = {name: {"env_steps_per_second": 0.0} for name in versions}
     for repeat in range(repeats):
         for name, folder in versions.items():
@@ -241,12 +240,102 @@ def default_run_speed(revision, iterations, repeats=1, workdir="/tmp/moe_rl_benc
     return {"revision": revision, "iterations": iterations, **results}
 
 
+# The commit before Agent.score sliced its log-softmax (README: Real LLMs, Memory): --parts memory compares with it.
+MEMORY_BASELINE = "c238fc7"
+WIDE_VOCABULARY = 151_936   # Qwen2.5's
+# one generate-mode rollout and update (random advantages, so every episode is in it), then the peak resident memory
+MEMORY_CHILD = """import resource, sys, numpy as np, torch
+sys.path.insert(0, '.')
+import train_agent
+from envs import HouseholdEnv
+args = train_agent.parse_args(sys.argv[1:])
+torch.set_num_threads(1)
+base, tokenizer = train_agent.load_base(args)
+torch.manual_seed(0)
+agent = train_agent.Agent(base, tokenizer, args)
+optimizer = agent.optimizer(args)
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+seeds = [s for s in range(args.tasks_per_batch) for _ in range(args.group_size)]
+groups = [g for g in range(args.tasks_per_batch) for _ in range(args.group_size)]
+episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), seeds, groups, args, 1.0, True,
+                               torch.Generator().manual_seed(0))
+rollout = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rng = np.random.default_rng(0)
+train_agent.update(agent, optimizer, episodes, [rng.standard_normal(len(e.actions)) for e in episodes], args, 1.0, rng)
+tokens = sum(len(c[0]) for e in episodes for c in e.commands)
+print(loaded, rollout, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, tokens)
+"""
+
+
+def wide_vocabulary_model(path):
+    """A random 2-layer Qwen2 (width 64) with Qwen2.5's vocabulary, so that nearly all of an update's memory is
+    its (tokens x vocab) logits, and a small byte-level BPE tokenizer of household prompts, saved at `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from envs import render_prompt
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    observations, infos = HouseholdEnv().reset(list(range(12)))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([render_prompt(i["goal"], [], o, 2, i["admissible_commands"])
+                             for o, i in zip(observations, infos)] + ["<think> </think> <action> </action>"],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=WIDE_VOCABULARY, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=4096, tie_word_embeddings=True,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 bos_token_id=tokenizer.eos_token_id)).save_pretrained(path)
+    return path
+
+
+def checkout(revision, workdir):
+    """The files of git `revision` in workdir/revision (extracted once with git archive); needs git and the
+    revision in this clone's history."""
+    import subprocess
+    folder = os.path.join(workdir, revision)
+    if not os.path.exists(os.path.join(folder, "train_agent.py")):
+        os.makedirs(folder, exist_ok=True)
+        archive = subprocess.run(["git", "archive", revision], capture_output=True, check=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return folder
+
+
+def update_memory(revision, new_tokens, workdir="/tmp/moe_rl_benchmark_memory"):
+    """Peak resident memory (MB) of one generate-mode rollout of 2 x 2 episodes of 5 steps, each answer
+    `new_tokens` long (a random model never closes its <action> tag), and one update on it, at git `revision`
+    and in the working tree, each in a fresh process: after loading, after the rollout, after the update."""
+    import subprocess
+    model = wide_vocabulary_model(os.path.join(workdir, "qwen2_wide_vocabulary"))
+    versions = {"before": checkout(revision, workdir), "after": os.path.dirname(os.path.abspath(__file__))}
+    results = {"revision": revision, "vocabulary": WIDE_VOCABULARY}
+    for tokens in new_tokens:
+        for name, folder in versions.items():
+            command = [sys.executable, "-c", MEMORY_CHILD, "--model", model, "--action-mode", "generate",
+                       "--max-new-tokens", str(tokens), "--tasks-per-batch", "2", "--group-size", "2",
+                       "--max-steps", "5", "--no-progress"]
+            done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} ({folder}) failed: {done.stderr[-2000:]}")
+            loaded, rollout, peak, answer_tokens = map(float, done.stdout.strip().splitlines()[-1].split())
+            results.setdefault(str(tokens), {})[name] = {"loaded_mb": loaded, "rollout_peak_mb": rollout,
+                                                        "peak_mb": peak, "answer_tokens": int(answer_tokens)}
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["costs", "scaling", "475", "agent"],
-                        choices=["costs", "scaling", "475", "agent"],
+                        choices=["costs", "scaling", "475", "agent", "memory"],
                         help="what to measure: update costs per routing, multi-seed scaling, time to 475, the "
-                        "PA-MoE agent's rollout and update per routing")
+                        "PA-MoE agent's rollout and update per routing, peak memory of a free-text update on a "
+                        "wide vocabulary (memory: needs transformers; not in the default parts)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the time-to-475 runs")
     parser.add_argument("--max-steps", type=int, default=50_000, help="give up on 475 after this many env steps")
     parser.add_argument("--scaling-seeds", type=int, nargs="+", default=[1, 2, 4, 8, 16],
@@ -269,6 +358,10 @@ def main():
                         "('' skips the comparison)")
     parser.add_argument("--agent-iterations", type=int, default=20,
                         help="agent part: iterations of each default run in the comparison")
+    parser.add_argument("--memory-baseline", default=MEMORY_BASELINE,
+                        help="memory part: the git revision the working tree is compared with")
+    parser.add_argument("--memory-new-tokens", type=int, nargs="+", default=[64, 256],
+                        help="memory part: --max-new-tokens of each measurement")
     parser.add_argument("--out", default="results/benchmark.json",
                         help="the JSON results, written after each part; parts not measured in this run keep their "
                         "figures from the file")
@@ -384,13 +477,26 @@ def main():
             print(f"speedup: {speed['speedup']:.1f}x")
             results["agent_default_run"] = speed
         finished("agent")
+
+    if "memory" in todo:
+        memory = update_memory(args.memory_baseline, args.memory_new_tokens)
+        print(f"\nPeak resident memory (MB) of one free-text rollout (2 x 2 episodes of 5 steps) and one update, a "
+              f"random Qwen2 with a vocabulary of {WIDE_VOCABULARY:,}, at {args.memory_baseline} and now:")
+        print(f"{'new tokens':>10} {'answer tokens':>14} {'version':8} {'loaded':>7} {'rollout':>8} {'update':>7}")
+        for tokens in args.memory_new_tokens:
+            for name in ("before", "after"):
+                r = memory[str(tokens)][name]
+                print(f"{tokens:>10} {r['answer_tokens']:>14} {name:8} {r['loaded_mb']:>7.0f} "
+                      f"{r['rollout_peak_mb']:>8.0f} {r['peak_mb']:>7.0f}")
+        results["update_memory"] = memory
+        finished("memory")
     if todo:
         print(f"\nwrote {args.out}")
 
 
 # what each part writes to --out
 PART_RESULTS = {"costs": ("update_costs", "layer_costs"), "scaling": ("seed_scaling",), "475": ("time_to_475", "runs"),
-                "agent": ("agent_costs",)}
+                "agent": ("agent_costs",), "memory": ("update_memory",)}
 
 
 def write_results(path, results):

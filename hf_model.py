@@ -5,7 +5,7 @@ model with `AutoModelForCausalLM` and makes it speak the interface of the tiny s
 so train_agent.Agent, its LoRA expert bank (experts.add_lora) and its routers work on it unchanged:
 
     HFBase.forward(ids, mask, positions=None, allowed=None) -> final hidden states (n, t, d), key/value cache
-    HFBase.logits(hidden) -> (n, t, vocab) float32;   HFBase.config.dim, .max_len
+    HFBase.logits(hidden) -> (n, t, vocab) float32;   HFBase.config.dim, .max_len, .vocab_size
     HFTokenizer.encode(text) -> ids;  .pad_id, .unk_id, .eos_id
 
 and it adds what only a real LLM needs: GPT-2's Conv1D projections turned into nn.Linear (so LoRA can wrap
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from experts import LoRALinear, linear_layer_names, lora_layers
 
@@ -109,6 +110,7 @@ def conv1d_to_linear(model):
 class HFConfig:
     dim: int         # hidden size: the phase router's encoder width
     max_len: int     # longest sequence the agent feeds it (prompts are cut from the left to fit)
+    vocab_size: int  # entries of a logit vector (the LM head's rows, which may exceed the tokenizer's)
 
 
 class HFTokenizer:
@@ -151,10 +153,11 @@ class HFBase(nn.Module):
         conv1d_to_linear(model)
         config = model.config
         positions = getattr(config, "max_position_embeddings", None) or max_len
-        self.config = HFConfig(dim=config.hidden_size, max_len=min(max_len, positions))
+        self.lm_head = model.get_output_embeddings()
+        self.config = HFConfig(dim=config.hidden_size, max_len=min(max_len, positions),
+                               vocab_size=self.lm_head.weight.shape[0])
         # the backbone without the LM head (LlamaModel, Qwen2Model, GPT2Model ...): last hidden states, normed
         self.backbone = model.get_submodule(model.base_model_prefix)
-        self.lm_head = model.get_output_embeddings()
         self.takes_positions = "position_ids" in inspect.signature(self.backbone.forward).parameters
         # what the model's forward applies after its LM head (REFERENCE: Gemma2/3, Cohere, Granite)
         self.logit_scale = getattr(model, "logit_scale", None)                       # Cohere: logits * scale
@@ -372,9 +375,45 @@ def load_hf_base(name_or_path, device="cpu", dtype="float32", trust_remote_code=
                                                               trust_remote_code=trust_remote_code)
     model.to(device).eval()
     if gradient_checkpointing:
-        # non-reentrant: the frozen inputs need no grad for the LoRA weights inside to get theirs
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_blocks(model)
     return HFBase(model, max_len), HFTokenizer(tokenizer)
+
+
+def checkpoint_blocks(model):
+    """--gradient-checkpointing: every block's activations are recomputed in the backward pass instead of kept.
+    Not transformers' gradient_checkpointing_enable: that checkpoints only in train mode, which would also run
+    the frozen model's own dropout, and its recompute would read the experts' routing after `route` has reset
+    it. Here a block is checkpointed whenever autograd records, and its recompute runs with the expert indices
+    its forward had. Returns how many blocks."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError(f"--gradient-checkpointing: {type(model).__name__} has no transformers decoder blocks "
+                         f"(GradientCheckpointingLayer) to checkpoint")
+    for block in blocks:
+        block.forward = checkpointed(block, block.forward)
+    return len(blocks)
+
+
+def checkpointed(block, forward):
+    def run_checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        layers = lora_layers(block)
+        routing = [layer.expert_index for layer in layers]        # as `route` set them for this forward
+
+        def recompute(*args, **kwargs):
+            current = [layer.expert_index for layer in layers]
+            for layer, index in zip(layers, routing):
+                layer.expert_index = index
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                for layer, index in zip(layers, current):
+                    layer.expert_index = index
+        # non-reentrant: the frozen inputs need no grad for the LoRA weights inside to get theirs
+        return torch.utils.checkpoint.checkpoint(recompute, *args, use_reentrant=False, **kwargs)
+    return run_checkpointed
 
 
 # --- the free-text action mode (verl-agent / GiGPO, arXiv 2505.10978) --------------------------------------

@@ -44,6 +44,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -518,11 +519,17 @@ def main():
             print(" ".join(command[1:]))
         logs = [os.path.join(options.output_dir, f"{name}.out") for name in names]
         run_dirs = [os.path.join(options.output_dir, name) for name in names]
+        summaries, lock = [None] * len(grid), threading.Lock()
+
+        def run_one(i):
+            (r, m, s), result = grid[i], run(commands[i], logs[i], run_dirs[i])
+            with lock:      # summaries.json grows as runs finish: a study cut off keeps what it finished
+                summaries[i] = {**result, "routing": r, "label": f"{r}/{m}" if m else r, "seed": s,
+                                "command": " ".join(commands[i][1:])}
+                json.dump([x for x in summaries if x is not None], open(summary_path, "w"), indent=1)
+
         with ThreadPoolExecutor(options.jobs) as pool:
-            results = list(pool.map(run, commands, logs, run_dirs))
-        summaries = [{**result, "routing": r, "label": f"{r}/{m}" if m else r, "seed": s, "command": " ".join(c[1:])}
-                     for (r, m, s), result, c in zip(grid, results, commands)]
-        json.dump(summaries, open(summary_path, "w"), indent=1)
+            list(pool.map(run_one, range(len(grid))))
     os.makedirs(options.results_dir, exist_ok=True)
     if moe:
         tables = "\n\n".join(f"{setting.upper()}\n\n{moe_table(summaries, setting)}" for setting in options.settings)

@@ -787,6 +787,25 @@ def test_pack_continuations_layout():
     assert not packed.allowed[0, 2, 1]                                  # a continuation never sees another
 
 
+def test_log_probs_in_slices_never_keep_a_tokens_by_vocab_tensor(monkeypatch):
+    """target_log_probs in slices of 3 rows gives the log-probabilities and gradients of one full log-softmax,
+    and what autograd saves for the backward pass holds no (targets x vocab) tensor: only the hidden states."""
+    torch.manual_seed(0)
+    model = tiny_gpt(vocab=40)
+    hidden = torch.randn(10, model.config.dim, requires_grad=True)
+    targets = torch.randint(0, 40, (10,))
+    full = model.logits(hidden).div(0.7).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    expected = torch.autograd.grad(full.sum(), [hidden, model.wte.weight])
+    monkeypatch.setattr(train_agent, "LOGIT_FLOATS", 3 * 40)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        sliced = train_agent.target_log_probs(model, hidden, targets, temperature=0.7)
+    assert torch.allclose(sliced, full, atol=1e-6)
+    assert all(shape.numel() < 10 * 40 for shape in saved)
+    for got, want in zip(torch.autograd.grad(sliced.sum(), [hidden, model.wte.weight]), expected):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_phase_router_shapes_sampling_and_temperature():
     torch.manual_seed(0)
     router = PhaseRouter(16, 4, hidden=8)
@@ -1237,6 +1256,37 @@ def test_hf_packed_scoring_equals_plain_full_sequences(tiny_llama):
                 scores.append(log_probs[len(prompt) - 1:].gather(1, targets[:, None]).sum())
             plain = torch.stack(scores).log_softmax(0)
             assert torch.allclose(packed[row, :len(cs)], plain, atol=1e-4)
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_their_experts(tiny_llama):
+    """--gradient-checkpointing recomputes each block in the backward pass (a block's MLP runs twice per
+    forward) with the experts its forward used, so log pi and every gradient equal a run without it, and
+    the frozen model stays in eval mode."""
+    observations, infos = HouseholdEnv().reset([3, 4, 5])
+    results = []
+    for flags in ([], ["--gradient-checkpointing"]):
+        torch.manual_seed(0)
+        agent, args = hf_agent(tiny_llama, "--routing", "phase", "--experts", "3", *flags)
+        randomize_lora(agent.base)
+        agent.train()
+        assert not agent.base.model.training
+        prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2, None)) for o, i in zip(observations, infos)]
+        commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
+        calls = []
+        mlp = agent.base.model.model.layers[0].mlp
+        handle = mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        log_pi, _ = agent.policy_log_probs(prompts, commands, torch.tensor([2, 0, 1]), args)
+        loss = -(log_pi.exp().detach() * log_pi).nan_to_num().sum()      # every expert gets a gradient
+        loss.backward()
+        handle.remove()
+        results.append((log_pi.detach(), [p.grad.clone() for p in agent.trainable_parameters() if p.grad is not None],
+                        len(calls)))
+    (plain, plain_grads, plain_calls), (checked, checked_grads, checked_calls) = results
+    assert checked_calls == 2 * plain_calls                  # the backward pass ran each block again
+    assert torch.allclose(plain, checked, atol=1e-6)
+    assert len(plain_grads) == len(checked_grads) > 0
+    for a, b in zip(plain_grads, checked_grads):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_gpt2_style_model_gets_lora_on_its_attention(tiny_llama, tmp_path):

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 import checkpointing
@@ -352,10 +353,9 @@ class Agent(nn.Module):
             with route(self.base, None if expert_index is None else torch.tensor([k[2] for k in chunk])):
                 hidden, _ = self.base(packed.ids, packed.mask, packed.positions, packed.allowed)
             predicted = hidden[packed.target_row.to(hidden.device), packed.target_position.to(hidden.device)]
-            logits = self.base.logits(predicted) / temperature                               # (targets, vocab)
-            token_log_probs = logits.log_softmax(-1).gather(-1, packed.target.to(logits.device)[:, None]).squeeze(-1)
-            per_continuation = torch.zeros(len(packed.continuation_row), device=logits.device).index_add(
-                0, packed.target_owner.to(logits.device), token_log_probs).cpu()
+            token_log_probs = target_log_probs(self.base, predicted, packed.target.to(predicted.device), temperature)
+            per_continuation = torch.zeros(len(packed.continuation_row), device=predicted.device).index_add(
+                0, packed.target_owner.to(predicted.device), token_log_probs).cpu()
             scored.append((torch.tensor(rows), packed, per_continuation))
             if self.routing == "token":
                 routes.append(token_routing(self.base, packed))
@@ -387,6 +387,22 @@ class Agent(nn.Module):
 
 
 CHUNK_TOKENS = 16384     # padded tokens per forward pass of Agent.score
+LOGIT_FLOATS = 2 ** 24   # most (targets x vocab) logits that exist at once: 64 MB of float32
+
+
+def target_log_probs(base, hidden, targets, temperature=1.0):
+    """log softmax(logits / temperature)[target] for each row of hidden (n, d), in slices of rows whose logits
+    stay within LOGIT_FLOATS: (n x vocab) float32 logits are never materialised (151,936 entries a token for
+    Qwen2.5). Under autograd each slice is checkpointed: the backward pass recomputes its logits instead of
+    keeping them, so an update holds only the (n, d) hidden states."""
+    def piece(h, t):
+        logits = base.logits(h) / temperature
+        return logits.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+    rows = max(1, LOGIT_FLOATS // base.config.vocab_size)
+    keep = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = [torch.utils.checkpoint.checkpoint(piece, hidden[i:i + rows], targets[i:i + rows], use_reentrant=False)
+              if keep else piece(hidden[i:i + rows], targets[i:i + rows]) for i in range(0, len(hidden), rows)]
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0)
 
 
 def length_chunks(lengths, budget):
