@@ -775,6 +775,24 @@ def test_packed_scoring_equals_each_command_run_alone():
         assert log_pi[0, 2] == -math.inf
 
 
+def test_frozen_encodings_memo_stays_bounded_and_returns_every_text(monkeypatch):
+    """When the memo would pass ENCODING_FLOATS it is emptied first, and a call still returns every text's
+    encoding, those it found in the memo included, equal to encoding the text alone."""
+    tokenizer = WordTokenizer(["red", "green", "blue", "mug", "cup", "desk"])
+    agent = train_agent.Agent(tiny_gpt(vocab=40), tokenizer, train_agent.parse_args(["--routing", "phase"])).eval()
+    monkeypatch.setattr(train_agent, "ENCODING_FLOATS", 5 * 16)           # five tokens of width 16
+    agent.frozen_encodings(["red green blue", "mug"])                     # 4 tokens
+    agent.frozen_encodings(["cup desk"])                                  # would pass the bound: emptied first
+    texts = ["cup desk", "red green blue mug"]                            # one found, one new: emptied again
+    encodings = agent.frozen_encodings(texts)
+    assert agent._encoded_floats <= 5 * 16
+    for text, encoding in zip(texts, encodings):
+        ids = torch.tensor([tokenizer.encode(text)])
+        with route(agent.base, torch.tensor([-1])), torch.no_grad():
+            alone = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))[0][0]
+        assert encoding.shape == alone.shape and torch.allclose(encoding, alone, atol=1e-6)
+
+
 def test_pack_continuations_layout():
     packed = train_agent.pack_continuations([[5, 6], [7]], [[[1, 2], [3]], [[4, 8, 9]]], pad_id=0)
     assert packed.ids.tolist() == [[5, 6, 1], [7, 4, 8]]                 # inputs: each continuation but its last

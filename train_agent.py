@@ -317,20 +317,24 @@ class Agent(nn.Module):
     @torch.no_grad()
     def frozen_encodings(self, texts):
         """Enc(.) of PA-MoE: the frozen base's final hidden states (no adapter), one (t, d) tensor per text.
-        The base never changes, so each text is encoded once (the memo is bounded by its size in floats)."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._encodings))
+        The base never changes, so each text is encoded once; the memo holds at most ENCODING_FLOATS floats
+        (when a call would exceed it, it is emptied first, keeping what this call returns)."""
+        found = {t: self._encodings[t] for t in texts if t in self._encodings}
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
         if missing:
             ids, mask = pad([self.encode_text(t)[-self.max_prompt:] or [self.tokenizer.unk_id] for t in missing],
                             self.tokenizer.pad_id)
             with route(self.base, torch.full((len(missing),), -1)):
                 hidden, _ = self.base(ids, mask)
-            if self._encoded_floats > 2 ** 25:
+            fresh = {text: h[m.to(h.device)].float() for text, h, m in zip(missing, hidden, mask)}
+            size = sum(e.numel() for e in fresh.values())
+            if self._encoded_floats + size > ENCODING_FLOATS:
                 self._encodings.clear()
                 self._encoded_floats = 0
-            for text, h, m in zip(missing, hidden, mask):
-                self._encodings[text] = h[m.to(h.device)].float()
-                self._encoded_floats += self._encodings[text].numel()
-        return [self._encodings[t] for t in texts]
+            self._encodings.update(fresh)
+            self._encoded_floats += size
+            found.update(fresh)
+        return [found[t] for t in texts]
 
     def score(self, prompts, continuations, expert_index, temperature=1.0):
         """sum_i log softmax(logits_i / temperature)[token_i] over the tokens of each continuation of each prompt
@@ -387,6 +391,7 @@ class Agent(nn.Module):
 
 
 CHUNK_TOKENS = 16384     # padded tokens per forward pass of Agent.score
+ENCODING_FLOATS = 2 ** 25  # most floats Agent.frozen_encodings keeps (128 MB)
 LOGIT_FLOATS = 2 ** 24   # most (targets x vocab) logits that exist at once: 64 MB of float32
 
 
