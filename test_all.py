@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,20 +24,22 @@ import torch.nn.functional as F
 import checkpointing
 import policy_gradient
 from policy_gradient import IS_MODES
+from prompts import parse_action, render_prompt
 import train_agent
 import train_dqn
-from envs import (ALFWORLD_TASK_TYPES, ALFWORLD_WORDS, EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, AlfWorldEnv,
-                  HouseholdEnv, HouseholdGame, TaskSet, active_tasks, alfworld_data_root, alfworld_task_type_ids,
-                  eval_seeds, gigpo_table, household_task_type, kind_of, normalized_score, render_prompt,
-                  scale_observation)
+from alfworld_env import ALFWORLD_TASK_TYPES, ALFWORLD_WORDS, AlfWorldEnv, alfworld_data_root, alfworld_task_type_ids
+from envs import TASKS, TaskSet, active_tasks, normalized_score, scale_observation
+from household import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, HouseholdEnv, HouseholdGame, eval_seeds,
+                       household_task_type, kind_of)
 from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, route
-from hf_model import HFBase, parse_action
+from hf_model import HFBase
 from many_seeds import clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
 from moe_rl import (BIG_GATES, PLACEMENTS, MoELayer, QNetwork, count_switches, dormant_fraction, expert_utilisation,
                     gradient_conflict, loss_shares, parameter_occupancy, router_shift_ratio, tokenize)
 from router import (PhaseRouter, SoftMoERouter, TaskRouter, TokenRouter, TopKRouter, balance_loss, diversity_loss,
                     phase_balance_loss, switch_loss)
 from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain
+from train_agent import gigpo_table
 
 torch.set_num_threads(1)
 
@@ -1777,7 +1780,7 @@ def words_of(text):
 
 def test_generated_alfworld_games_are_won_by_the_expert_and_through_the_trainers_env(generated_alfworld):
     """Every task type is there; the alfworld package's handcoded expert wins each game again (with other
-    tie-breaks), and its walkthrough, replayed through envs.AlfWorldEnv (given the json_2.1.1 folder itself),
+    tie-breaks), and its walkthrough, replayed through alfworld_env.AlfWorldEnv (given the json_2.1.1 folder itself),
     wins with reward 10. Every word that env shows is one of ALFWORLD_WORDS."""
     import alfworld_games
     root = os.path.join(generated_alfworld, "json_2.1.1")
@@ -2664,3 +2667,42 @@ def test_benchmark_resume_skips_the_parts_it_has(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "holds the parts costs of this command already" in result.stdout
     assert json.loads(out.read_text())["update_costs"] == {"dense": 1}
+
+
+# ---- the layout: what each file imports ----
+
+LIBRARY_FILES = ("router.py", "experts.py", "moe_rl.py", "many_seeds.py", "policy_gradient.py", "envs.py", "household.py",
+                 "alfworld_env.py", "prompts.py", "tiny_lm.py", "hf_model.py", "checkpointing.py", "cli.py")
+
+
+def project_imports(path):
+    """The project files a file needs: those its import statements name (at any depth), and theirs."""
+    import ast
+    needed, todo = set(), [path]
+    while todo:
+        tree = ast.parse(open(os.path.join(ROOT, todo.pop())).read())
+        names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        names += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        for name in names:
+            file = name.split(".")[0] + ".py"
+            if os.path.exists(os.path.join(ROOT, file)) and file not in needed:
+                needed.add(file)
+                todo.append(file)
+    return needed | {path}
+
+
+@pytest.mark.parametrize("path", LIBRARY_FILES)
+def test_each_library_file_imports_with_only_the_project_files_it_names(tmp_path, path):
+    for file in project_imports(path):
+        shutil.copy(os.path.join(ROOT, file), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", f"import {path[:-3]}"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_agent_trainer_imports_neither_the_dqn_trainer_nor_gymnasium():
+    result = subprocess.run([sys.executable, "-c", "import sys, train_agent; "
+                             "print(sorted({'train_dqn', 'gymnasium', 'envs'} & set(sys.modules)))"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -13,7 +13,7 @@ different experts. The granularities it is compared with: single (one LoRA), tok
 every adapted layer, per token), trajectory (one expert per episode, chosen at the first step).
 
 The policy scores every admissible command by the LM's log-likelihood of the command given the prompt
-(envs.render_prompt) and samples from the softmax over commands; all of a step's commands are scored in
+(prompts.render_prompt) and samples from the softmax over commands; all of a step's commands are scored in
 one sequence packed after the prompt (pack_continuations). The frozen base is tiny_lm.TinyGPT, pretrained
 on the play of a player that reads only the task's words (the stand-in for a pretrained LLM's prior);
 only the experts and the routers train.
@@ -55,17 +55,18 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 import checkpointing
-from envs import (ALFWORLD_EVAL_SPLITS, ALFWORLD_TASK_TYPES, EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, AlfWorldEnv,
-                  HouseholdEnv, alfworld_task_type_ids, eval_seeds, gigpo_table, render_prompt)
+from alfworld_env import ALFWORLD_EVAL_SPLITS, ALFWORLD_TASK_TYPES, AlfWorldEnv, alfworld_task_type_ids
+from cli import arg, parse_dataclass
 from experts import add_lora, lora_layers, lora_parameters, route
-from hf_model import DTYPES, default_target_modules, free_text_prompt, load_hf_base, parse_action, sample
+from hf_model import DTYPES, default_target_modules, load_hf_base, sample
+from household import EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, HouseholdEnv, eval_seeds
 from moe_rl import (count_switches, expert_utilisation, gradient_conflict, loss_shares, majority_expert,
                     parameter_count, parameter_occupancy, router_shift_ratio)
 from policy_gradient import IS_MODES, clipped_surrogate, compute_advantages, policy_objective
+from prompts import free_text_prompt, parse_action, render_prompt
 from router import (PhaseRouter, PhaseRouting, TokenRouter, TokenRouting, diversity_loss, phase_balance_loss,
                     switch_loss)
 from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain, pad
-from train_dqn import arg, parse_dataclass
 
 ROUTINGS = ("single", "token", "trajectory", "phase")
 ALGOS = ("grpo", "gigpo")
@@ -110,7 +111,7 @@ class Args:
     diversity_steps: int = arg(32, "steps per minibatch on which every expert's policy is computed for L_div")
     switch_weight: float = arg(0.05, "lambda_s, expert-switch penalty weight (0 = off)")
     # the environment
-    env: str = arg("household", "environment: household (envs.HouseholdEnv) or alfworld (the alfworld package's "
+    env: str = arg("household", "environment: household (household.HouseholdEnv) or alfworld (the alfworld package's "
                    "AlfredTWEnv, data from --alfworld-data)", ENVS)
     max_steps: int = arg(0, "step limit of an episode (0: the environment's, household 30, alfworld 50)")
     history_length: int = arg(2, "past (action, observation) pairs in the prompt")
@@ -995,6 +996,15 @@ def episode_metrics(episodes, num_experts):
             "switches_per_episode": float(switches[:, 0].mean()),
             "step_switches_per_episode": float(switches[:, 1].mean()),
             "utilisation": expert_utilisation([d[0] for d in decisions], [d[1] for d in decisions], num_experts)}
+
+
+# the column names of GiGPO's ALFWorld table (arXiv 2505.10978, Table 1), in HOUSEHOLD_TASK_TYPES' order
+GIGPO_COLUMNS = ("Pick", "Look", "Clean", "Heat", "Cool", "Pick2")
+
+
+def gigpo_table(success_per_task, success):
+    """Success per ALFWorld task type in GiGPO's columns (Pick, Look, Clean, Heat, Cool, Pick2) and All."""
+    return {**{c: success_per_task.get(t) for c, t in zip(GIGPO_COLUMNS, HOUSEHOLD_TASK_TYPES)}, "All": success}
 
 
 def evaluate(agent, env, args, num_episodes, seed):

@@ -20,15 +20,13 @@ stacked, and all that resuming needs); the last line printed is a JSON summary o
 averaged over the seeds. Rerunning a run's command with --resume continues it from its checkpoint exactly
 (README: Resuming a run).
 """
-import argparse
 import copy
-import difflib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -37,14 +35,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpointing
+from cli import arg, parse_dataclass
 from envs import (SETTINGS, TASKS, TaskSet, active_tasks, check_env_ids, crl_steps_per_task, normalized_score,
                   run_episodes)
 from many_seeds import FrozenSeeds, clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
 from moe_rl import BIG_GATES, PLACEMENTS, ROUTINGS, QNetwork, dormant_fraction, parameter_count
-
-
-def arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -111,43 +106,6 @@ class Args:
                        "never stopped (same flags; README: Resuming a run)")
     overwrite: bool = arg(False, "start the run again even if its folder holds one (its log and checkpoint are "
                           "deleted)")
-
-
-USAGE = "%(prog)s [options] (see --help)"
-
-
-def parse_dataclass(cls, argv, description, validate):
-    """An argparse CLI from a dataclass: one flag per field, its help from the field's metadata; bools get
-    --flag/--no-flag. A bad flag or value, or `validate(args, given)` raising ValueError (given: the fields set
-    on the command line), prints the one-line USAGE and one error line that names the valid values."""
-    parser = argparse.ArgumentParser(description=description, usage=USAGE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):   # defaults are filled in below, so that the namespace holds only the flags given
-        flag = "--" + f.name.replace("_", "-")
-        help = f"{f.metadata['help']} (default: {f.default})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        else:
-            parser.add_argument(flag, type=f.type, default=argparse.SUPPRESS, choices=f.metadata["choices"],
-                                help=help)
-    given, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.error(unknown_flags(unknown, cls))
-    args = cls(**{**{f.name: f.default for f in fields(cls)}, **vars(given)})
-    try:
-        validate(args, set(vars(given)))
-    except ValueError as error:
-        parser.error(str(error))
-    return args
-
-
-def unknown_flags(words, cls):
-    """The error for unrecognised arguments, with the closest flag to each misspelt one."""
-    flags = [f"--{prefix}{f.name.replace('_', '-')}" for f in fields(cls)
-             for prefix in (("", "no-") if f.type is bool else ("",))]
-    close = [match[0] for w in words if (match := difflib.get_close_matches(w.split("=")[0], flags, 1))]
-    return (f"unrecognized arguments: {' '.join(words)}" +
-            (f" (did you mean {', '.join(close)}?)" if close else " (--help lists every flag)"))
 
 
 def parse_args(argv=None):
