@@ -222,7 +222,8 @@ class HFBase(nn.Module):
         """Packed rows run as the sequences they stand for, for a model whose attention ignores position ids
         (ALiBi): each token that no later token attends to ends one sequence, made of the tokens it attends
         to; every token's state is read from the first sequence that holds it. The experts each row uses
-        (route) go with its sequences, and a token router's decisions come back in the packed layout."""
+        (route) go with its sequences, and a token router's decisions (experts.record_routing) come back in the
+        packed layout."""
         ids, mask, allowed = ids.cpu(), mask.cpu(), allowed.cpu()
         rows, columns, sources = [], [], []      # sequence s holds row rows[s]'s columns columns[s]
         for i in range(ids.shape[0]):
@@ -255,9 +256,9 @@ class HFBase(nn.Module):
         column = torch.cat([c for _, c in sources]).to(hidden.device)
         scatter = lambda x: x.new_zeros(ids.shape + x.shape[2:]).index_put((row, column), x[seq, at])
         for layer in lora_layers(self):
-            if layer.router is not None and layer.expert_index is None:          # its router ran just now
-                routing = layer.last_routing
-                layer.last_routing = dataclasses.replace(routing, **{
+            if layer.router is not None and layer.expert_index is None and layer.record is not None:   # it just ran
+                routing = layer.record[layer]
+                layer.record[layer] = dataclasses.replace(routing, **{
                     f.name: scatter(getattr(routing, f.name)) for f in dataclasses.fields(routing)})
         return scatter(hidden)
 

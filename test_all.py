@@ -31,7 +31,7 @@ from alfworld_env import ALFWORLD_TASK_TYPES, ALFWORLD_WORDS, AlfWorldEnv, alfwo
 from envs import TASKS, TaskSet, active_tasks, normalized_score, scale_observation
 from household import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, HouseholdEnv, HouseholdGame, eval_seeds,
                        household_task_type, kind_of)
-from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, route
+from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, record_routing, route
 from hf_model import HFBase
 from many_seeds import clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
 from moe_rl import (BIG_GATES, PLACEMENTS, MoELayer, QNetwork, count_switches, dormant_fraction, expert_utilisation,
@@ -764,12 +764,13 @@ def test_packed_scoring_equals_each_command_run_alone():
             totals = []
             for j, command in enumerate(commands[b]):
                 ids = torch.tensor([prompts[b] + command + [tokenizer.eos_id]])
-                with route(agent.base, None if experts is None else experts[b:b + 1]):
+                with route(agent.base, None if experts is None else experts[b:b + 1]), \
+                        record_routing(agent.base) as decided:
                     hidden, _ = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))
                 logp = agent.base.logits(hidden).log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
                 totals.append(logp[len(prompts[b]) - 1:].sum())
                 if routing == "token":        # the routing at the positions that scored this command
-                    alone = lora_layers(agent.base)[0].last_routing
+                    alone = decided[lora_layers(agent.base)[0]]
                     chosen, router_log_probs = scores.routes(b, j)
                     assert torch.equal(chosen[0], alone.chosen[0, len(prompts[b]) - 1:-1])
                     assert torch.allclose(router_log_probs[0], alone.log_probs[0, len(prompts[b]) - 1:-1], atol=1e-6)

@@ -57,7 +57,7 @@ from tqdm import tqdm
 import checkpointing
 from alfworld_env import ALFWORLD_EVAL_SPLITS, ALFWORLD_TASK_TYPES, AlfWorldEnv, alfworld_task_type_ids
 from cli import arg, parse_dataclass
-from experts import add_lora, lora_layers, lora_parameters, route
+from experts import add_lora, lora_layers, lora_parameters, record_routing, route
 from hf_model import DTYPES, default_target_modules, load_hf_base, sample
 from household import EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, HouseholdEnv, eval_seeds
 from moe_rl import (count_switches, expert_utilisation, gradient_conflict, loss_shares, majority_expert,
@@ -351,15 +351,16 @@ class Agent(nn.Module):
             chunk = [unique[u] for u in rows]
             packed = pack_continuations([list(k[0]) for k in chunk], [list(map(list, k[1])) for k in chunk],
                                         self.tokenizer.pad_id)
-            with route(self.base, None if expert_index is None else torch.tensor([k[2] for k in chunk])):
+            with route(self.base, None if expert_index is None else torch.tensor([k[2] for k in chunk])), \
+                    record_routing(self.base) as decided:
                 hidden, _ = self.base(packed.ids, packed.mask, packed.positions, packed.allowed)
             predicted = hidden[packed.target_row.to(hidden.device), packed.target_position.to(hidden.device)]
             token_log_probs = target_log_probs(self.base, predicted, packed.target.to(predicted.device), temperature)
             per_continuation = torch.zeros(len(packed.continuation_row), device=predicted.device).index_add(
                 0, packed.target_owner.to(predicted.device), token_log_probs).cpu()
             scored.append((torch.tensor(rows), packed, per_continuation))
-            if self.routing == "token":
-                routes.append(token_routing(self.base, packed))
+            if self.routing == "token" and expert_index is None:     # the token routers ran (not the frozen base)
+                routes.append(token_routing(self.base, packed, decided))
         for rows, packed, per_continuation in scored:
             sums = sums.index_put((rows[packed.continuation_row], packed.continuation_index), per_continuation)
         where = {key: u for u, key in enumerate(unique)}
@@ -491,7 +492,8 @@ class Scores:
     log_likelihoods: torch.Tensor
     inverse: torch.Tensor             # (b,) step -> the unique row that computed it
     chunks: list                      # (unique rows, Packed, per-continuation sums) per forward pass
-    token_routes: list                # per chunk: token_routing's (chosen, log-probs, TokenRoutings)
+    token_routes: list                # per chunk: token_routing's (chosen, log-probs, TokenRoutings); empty
+                                      # when an expert index was given (the token routers did not run)
 
     def __post_init__(self):
         self.location = {int(u): (c, r) for c, (rows, _, _) in enumerate(self.chunks) for r, u in enumerate(rows)}
@@ -513,11 +515,12 @@ class Scores:
         return torch.stack([routing.balance_loss() for routing in per_layer]).mean()
 
 
-def token_routing(model, packed):
-    """What every token router of the model decided in its last forward pass (over `packed`): chosen experts
-    (layers, targets, k) and log-probs (layers, targets, e) at each scored token's predicting position, on
-    the CPU, and per layer the TokenRouting of all real tokens (for the balance loss)."""
-    routings = [layer.last_routing for layer in lora_layers(model)]
+def token_routing(model, packed, decided):
+    """What every token router of the model decided in a forward pass over `packed` (decided: what
+    experts.record_routing recorded in it): chosen experts (layers, targets, k) and log-probs (layers,
+    targets, e) at each scored token's predicting position, on the CPU, and per layer the TokenRouting of all
+    real tokens (for the balance loss)."""
+    routings = [decided[layer] for layer in lora_layers(model)]
     at = lambda x: x[packed.target_row.to(x.device), packed.target_position.to(x.device)]
     chosen = torch.stack([at(r.chosen) for r in routings]).cpu()
     log_probs = torch.stack([at(r.log_probs) for r in routings]).cpu()
