@@ -38,14 +38,7 @@ class ExpertMLP(nn.Module):
     def forward(self, x, hidden=None):
         """If `hidden` is a list, the post-ReLU activations of every hidden layer are appended to it
         (each (e, m, width)): the dormant-neuron metric reads them."""
-        last = len(self.weights) - 1
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b, x, w)                 # einsum("emi,eio->emo", x, w) + b, in one call
-            if layer < last or self.activate_last:
-                x = torch.relu(x)
-                if hidden is not None:
-                    hidden.append(x)
-        return x
+        return expert_layers(x, self.weights, self.biases, self.activate_last, hidden)
 
     def expert(self, i):
         """Expert i as a plain nn.Sequential (same weights, copied): for tests and for reading."""
@@ -59,6 +52,20 @@ class ExpertMLP(nn.Module):
             if layer < last or self.activate_last:
                 layers.append(nn.ReLU())
         return nn.Sequential(*layers)
+
+
+def expert_layers(x, weights, biases, activate_last=False, hidden=None):
+    """ExpertMLP's forward as a function of its weights: x (e, m, d_in) through the layers weights[l]
+    (e, d_in, d_out), biases[l] (e, 1, d_out), ReLU between them (and after the last if activate_last).
+    many_seeds.SeedExpertMLP runs its S seeds' experts through it as S*e experts."""
+    last = len(weights) - 1
+    for layer, (w, b) in enumerate(zip(weights, biases)):
+        x = torch.baddbmm(b, x, w)                 # einsum("emi,eio->emo", x, w) + b, in one call
+        if layer < last or activate_last:
+            x = torch.relu(x)
+            if hidden is not None:
+                hidden.append(x)
+    return x
 
 
 class LoRALinear(nn.Module):
