@@ -584,58 +584,29 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
     pair_encodings = [[] for _ in range(n)]
     goal_encodings = agent.frozen_encodings(goals) if agent.router else None
     experts = [0] * n
-    last_actions = [""] * n
     done = [False] * n
     for t in range(args.max_steps):
         active = [i for i in range(n) if not done[i]]
         if not active:
             break
-        if args.action_mode == "generate":
-            prompts = [agent.tokenizer.encode(agent.tokenizer.chat(free_text_prompt(
-                goals[i], histories[i], observations[i], infos[i]["admissible_commands"], args.history_length)))
-                for i in active]
-        else:
-            prompts = [agent.tokenizer.encode(render_prompt(
-                goals[i], histories[i], observations[i], args.history_length,
-                infos[i]["admissible_commands"] if args.list_commands else None)) for i in active]
-            commands = [[agent.encode_text(c) for c in infos[i]["admissible_commands"]] for i in active]
+        prompts, commands = step_prompts(agent, args, [(goals[i], histories[i], observations[i], infos[i])
+                                                       for i in active])
         router_inputs = None
         if agent.router is not None and (args.routing == "phase" or t == 0):
-            encodings = agent.frozen_encodings([observations[i] for i in active] +
-                                               [f"{last_actions[i]} {observations[i]}" for i in active])
-            router_inputs = []
-            for j, i in enumerate(active):
-                pair_encodings[i].append(encodings[len(active) + j].mean(0))
-                router_inputs.append((encodings[j], goal_encodings[i],
-                                      torch.stack(pair_encodings[i][-args.router_history:])))
-            routing = agent.route_steps(router_inputs, temperature)
-            chosen = routing.choose(greedy=not train, generator=generator)
+            router_inputs = phase_router_inputs(agent, args, active, observations, histories, pair_encodings,
+                                                goal_encodings)
+            chosen = agent.route_steps(router_inputs, temperature).choose(greedy=not train, generator=generator)
             for j, i in enumerate(active):
                 experts[i] = int(chosen[j])
         expert_index = None if args.routing == "token" else torch.tensor([experts[i] for i in active])
-        if args.action_mode == "generate":
-            with route(agent.base, expert_index):
-                answers = sample(agent.base, agent.tokenizer, [p[-agent.max_prompt:] for p in prompts],
-                                 args.temperature, args.max_new_tokens, generator)
-            commands = [[answer] for answer in answers]
-            # log pi_old from the same packed pass the update uses (verl's old_log_prob), not from sampling
-            log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
-            actions = torch.zeros(len(active), dtype=torch.long)
-        else:
-            log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
-            if train or not args.eval_greedy_actions:
-                actions = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
-            else:
-                actions = log_pi.argmax(1)
+        commands, actions, log_pi, scores, sent = act(agent, args, prompts, commands, expert_index,
+                                                      [infos[i] for i in active], train, generator)
         base_log_pi = None
         if train and args.kl_coef > 0:
             base_log_pi, _ = agent.policy_log_probs(prompts, commands, torch.full((len(active),), -1), args)
         step_commands, well_formed = ["look"] * n, [True] * n
         for j, i in enumerate(active):
-            if args.action_mode == "generate":
-                step_commands[i], well_formed[i] = answer_to_command(agent.tokenizer.decode(answers[j]))
-            else:
-                step_commands[i] = infos[i]["admissible_commands"][int(actions[j])]
+            step_commands[i], well_formed[i] = sent[j]
         next_observations, rewards, dones, next_infos = env.step(step_commands)
         for j, i in enumerate(active):
             e = episodes[i]
@@ -654,11 +625,59 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
             if args.routing == "token":
                 e.token_routes.append(scores.routes(j, int(actions[j]))[0].clone())
             histories[i].append((step_commands[i], next_observations[i]))
-            last_actions[i] = step_commands[i]
             if dones[i]:
                 done[i], e.won = True, bool(next_infos[i]["won"])
         observations, infos = next_observations, next_infos
     return episodes
+
+
+def step_prompts(agent, args, views):
+    """The step's prompts (token ids) from each game's (goal, history, observation, info), and in score mode
+    the admissible commands' ids (None in generate mode, where the answers are the commands)."""
+    if args.action_mode == "generate":
+        return [agent.tokenizer.encode(agent.tokenizer.chat(free_text_prompt(
+            goal, history, observation, info["admissible_commands"], args.history_length)))
+            for goal, history, observation, info in views], None
+    prompts = [agent.tokenizer.encode(render_prompt(goal, history, observation, args.history_length,
+                                                    info["admissible_commands"] if args.list_commands else None))
+               for goal, history, observation, info in views]
+    return prompts, [[agent.encode_text(c) for c in info["admissible_commands"]] for *_, info in views]
+
+
+def phase_router_inputs(agent, args, active, observations, histories, pair_encodings, goal_encodings):
+    """The phase router's inputs for the active games: (observation encoding, goal encoding, the encodings of
+    the last --router-history (action, observation) pairs), this step's pair appended to pair_encodings."""
+    last_actions = [histories[i][-1][0] if histories[i] else "" for i in active]
+    encodings = agent.frozen_encodings([observations[i] for i in active] +
+                                       [f"{action} {observations[i]}" for action, i in zip(last_actions, active)])
+    router_inputs = []
+    for j, i in enumerate(active):
+        pair_encodings[i].append(encodings[len(active) + j].mean(0))
+        router_inputs.append((encodings[j], goal_encodings[i], torch.stack(pair_encodings[i][-args.router_history:])))
+    return router_inputs
+
+
+def act(agent, args, prompts, commands, expert_index, infos, train, generator):
+    """The policy's actions at one step of the active games: (the candidate actions as scored, the chosen
+    index of each, log pi over the candidates, the Scores, and per game (the command sent to the environment,
+    whether the answer was well formed)). Score mode samples a command from the softmax over the admissible
+    ones (argmax with --eval-greedy-actions at evaluation); generate mode samples a free-text answer, whose
+    log pi comes from the same packed pass the update uses (verl's old_log_prob), not from sampling."""
+    if args.action_mode == "generate":
+        with route(agent.base, expert_index):
+            answers = sample(agent.base, agent.tokenizer, [p[-agent.max_prompt:] for p in prompts],
+                             args.temperature, args.max_new_tokens, generator)
+        commands = [[answer] for answer in answers]
+        log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
+        actions = torch.zeros(len(prompts), dtype=torch.long)
+        return commands, actions, log_pi, scores, [answer_to_command(agent.tokenizer.decode(a)) for a in answers]
+    log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
+    if train or not args.eval_greedy_actions:
+        actions = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
+    else:
+        actions = log_pi.argmax(1)
+    return commands, actions, log_pi, scores, [(info["admissible_commands"][int(a)], True)
+                                               for info, a in zip(infos, actions)]
 
 
 def answer_to_command(text):
@@ -729,80 +748,119 @@ def token_router_shift(token_routes, old_routes, gamma_min):
 
 
 def minibatch_loss(agent, episodes, advantages, args, temperature):
-    """The PA-MoE loss L_RL + L_bal + L_div + L_switch on some whole episodes; returns (loss, per-step policy
-    loss, stats). Steps are in episode order, so the switch loss sees consecutive steps. The ratios are
-    against the episodes' reference (remember_reference); episodes without one take this pass's."""
+    """The PA-MoE loss L_RL + L_bal + L_div + L_switch on some whole episodes: the sum of loss_terms' weighted
+    terms. Returns (loss, per-step policy loss, stats: every term unweighted under its name, then the
+    ratios' statistics)."""
+    terms, policy_loss, stats = loss_terms(agent, episodes, advantages, args, temperature)
+    loss = sum(weight * value for weight, value in terms.values())
+    return loss, policy_loss, {**{name: value.item() for name, (_, value) in terms.items()}, **stats}
+
+
+def loss_terms(agent, episodes, advantages, args, temperature):
+    """The loss's terms, {name: (weight, unweighted value)}: policy_loss (the clipped RL objective of
+    --is-mode), kl_to_base, balance_loss (the token routers'), and for the phase router router_loss,
+    balance_loss, switch_loss and diversity_loss; a term whose weight is off is left out. Also returns the
+    per-step policy loss and the ratios' statistics. Steps are in episode order, so the switch loss sees
+    consecutive steps. The ratios are against the episodes' reference (remember_reference); episodes without
+    one take this pass's."""
     steps = [(e, t) for e in episodes for t in range(len(e.actions))]
     episode = torch.tensor([k for k, e in enumerate(episodes) for _ in e.actions])
     advantage = torch.tensor(np.concatenate(advantages), dtype=torch.float32)
     current = policy_pass(agent, steps, args, temperature)
     if any(e.reference is None for e in episodes):
         remember_reference(episodes, current)
-    old = torch.cat([e.reference["log_probs"] for e in episodes])
-    # the router shift since the reference: per step, from the phase router's decision or the token routers
-    gamma = shift = routing = None
+    decided = phase_decisions(episodes, steps) if agent.router is not None else None
+    gamma, shift = router_shift(episodes, current, decided, args)
+    loss, policy_loss, stats = policy_terms(current, episodes, advantage, episode, gamma, shift, args)
+    terms = {"policy_loss": (1.0, loss)}
+    if args.kl_coef > 0:
+        terms["kl_to_base"] = (args.kl_coef, kl_to_base(current.log_pi, steps))
+    if args.routing == "token" and args.token_balance_weight:
+        terms["balance_loss"] = (args.token_balance_weight, current.scores.balance_loss())
     if agent.router is not None:
-        routing = current.routing
-        chosen = torch.tensor([e.experts[t] for e, t in steps if t < len(e.router_inputs)])
-        old_router = torch.cat([e.reference["router_log_probs"] for e in episodes])
-        gamma, shift = router_shift_ratio(routing.log_probs.detach()[:, None], old_router[:, None],
+        router, router_stats = phase_router_terms(agent, current.routing, decided, steps, episode, advantage, args)
+        terms.update(router)
+        stats.update(router_stats)
+    return terms, policy_loss, stats
+
+
+def phase_decisions(episodes, steps):
+    """The steps at which the phase router decided: (the experts it chose, its reference log-probs)."""
+    chosen = torch.tensor([e.experts[t] for e, t in steps if t < len(e.router_inputs)])
+    return chosen, torch.cat([e.reference["router_log_probs"] for e in episodes])
+
+
+def router_shift(episodes, current, decided, args):
+    """RAIS's gamma and the router shift per step since the reference: from the phase router's latest decision
+    (decided: phase_decisions), or from the token routers; (None, None) without a router."""
+    if decided is not None:
+        chosen, old_router = decided
+        gamma, shift = router_shift_ratio(current.routing.log_probs.detach()[:, None], old_router[:, None],
                                           chosen[:, None, None], args.gamma_min)
         first = np.cumsum([0] + [len(e.router_inputs) for e in episodes])
         decision = torch.tensor([first[k] + min(t, len(e.router_inputs) - 1)
                                  for k, e in enumerate(episodes) for t in range(len(e.actions))])
-        gamma, shift = gamma[decision], shift[decision]                       # a step's latest decision
-    elif args.routing == "token":
-        gamma, shift = token_router_shift(current.token_routes,
-                                          [r for e in episodes for r in e.reference["token_routes"]], args.gamma_min)
-    log_pi = current.log_pi
+        return gamma[decision], shift[decision]                              # a step's latest decision
+    if args.routing == "token":
+        return token_router_shift(current.token_routes, [r for e in episodes for r in e.reference["token_routes"]],
+                                  args.gamma_min)
+    return None, None
+
+
+def policy_terms(current, episodes, advantage, episode, gamma, shift, args):
+    """The clipped policy objective of --is-mode: (loss, per-step loss, the ratios' statistics)."""
+    old = torch.cat([e.reference["log_probs"] for e in episodes])
     log_ratio = current.taken - old
     clip = {"token": args.clip_coef, "sequence": args.sequence_clip_coef, "rais": args.geometric_clip_coef}
     loss, policy_loss, weights, clipped = policy_objective(
         log_ratio, advantage, episode, args.is_mode, clip[args.is_mode],
         gamma.log() if args.is_mode == "rais" and gamma is not None else None)
-    stats = {"policy_loss": loss.item(), "clip_fraction": clipped.float().mean().item(),
+    stats = {"clip_fraction": clipped.float().mean().item(),
              "is_weight_mean": weights.mean().item(), "is_weight_var": weights.var(unbiased=False).item(),
              "approx_kl": (log_ratio.exp() - 1 - log_ratio).mean().item()}
     if gamma is not None:
         stats.update(router_shift=shift.mean().item(), gamma_mean=gamma.mean().item(), gamma_min=gamma.min().item())
-    if args.kl_coef > 0:
-        base = torch.stack([torch.cat([e.base_log_probs[t], torch.zeros(log_pi.shape[1] - len(e.base_log_probs[t]))])
-                            for e, t in steps])                                  # (b, c), 0 on padding
-        kl = (log_pi.exp() * (log_pi - base).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1)   # KL(pi || base)
-        loss = loss + args.kl_coef * kl.mean()
-        stats["kl_to_base"] = kl.mean().item()
-    if args.routing == "token" and args.token_balance_weight:
-        balance = current.scores.balance_loss()
-        loss = loss + args.token_balance_weight * balance
-        stats["balance_loss"] = balance.item()
-    if agent.router is not None:
-        router_advantage = advantage[[i for i, (e, t) in enumerate(steps) if t < len(e.router_inputs)]]
-        router_loss, router_ratio = clipped_surrogate(routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1),
-                                                      old_router.gather(1, chosen.unsqueeze(1)).squeeze(1),
-                                                      router_advantage, args.clip_coef)
-        balance = phase_balance_loss(routing.probs)
-        loss = loss + router_loss.mean() + args.balance_weight * balance
-        stats.update(router_loss=router_loss.mean().item(), balance_loss=balance.item(),
-                     router_ratio_mean=router_ratio.mean().item(),
-                     router_entropy=-(routing.probs * routing.log_probs).sum(-1).mean().item())
-        if args.routing == "phase":
-            switch = switch_loss(routing.probs, chosen, episode)
-            loss = loss + args.switch_weight * switch
-            stats["switch_loss"] = switch.item()
-            if args.diversity_weight and args.action_mode == "score":   # L_div needs the policy over commands
-                pick = torch.randperm(len(steps))[:args.diversity_steps]
-                sub = [steps[i] for i in pick]
-                k = agent.num_experts
-                all_experts, _ = agent.policy_log_probs([e.prompts[t] for e, t in sub for _ in range(k)],
-                                                        [e.commands[t] for e, t in sub for _ in range(k)],
-                                                        torch.arange(k).repeat(len(sub)), args)
-                all_experts = all_experts.view(len(sub), k, -1)
-                command_mask = torch.isfinite(all_experts[:, 0])
-                diversity = diversity_loss(routing.probs[pick], all_experts.masked_fill(~command_mask[:, None], 0),
-                                           command_mask, args.diversity_margin)
-                loss = loss + args.diversity_weight * diversity
-                stats["diversity_loss"] = diversity.item()
     return loss, policy_loss, stats
+
+
+def kl_to_base(log_pi, steps):
+    """Mean over steps of KL(pi || frozen base) over the admissible commands."""
+    base = torch.stack([torch.cat([e.base_log_probs[t], torch.zeros(log_pi.shape[1] - len(e.base_log_probs[t]))])
+                        for e, t in steps])                                  # (b, c), 0 on padding
+    return (log_pi.exp() * (log_pi - base).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1).mean()
+
+
+def phase_router_terms(agent, routing, decided, steps, episode, advantage, args):
+    """The phase router's terms: its clipped objective on the log-probability of the expert
+    it chose, L_bal, and for phase routing L_switch and L_div. Returns (terms, statistics)."""
+    chosen, old_router = decided
+    router_advantage = advantage[[i for i, (e, t) in enumerate(steps) if t < len(e.router_inputs)]]
+    router_loss, router_ratio = clipped_surrogate(routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1),
+                                                  old_router.gather(1, chosen.unsqueeze(1)).squeeze(1),
+                                                  router_advantage, args.clip_coef)
+    terms = {"router_loss": (1.0, router_loss.mean()),
+             "balance_loss": (args.balance_weight, phase_balance_loss(routing.probs))}
+    stats = {"router_ratio_mean": router_ratio.mean().item(),
+             "router_entropy": -(routing.probs * routing.log_probs).sum(-1).mean().item()}
+    if args.routing == "phase":
+        terms["switch_loss"] = (args.switch_weight, switch_loss(routing.probs, chosen, episode))
+        if args.diversity_weight and args.action_mode == "score":   # L_div needs the policy over commands
+            terms["diversity_loss"] = (args.diversity_weight, expert_diversity(agent, routing, steps, args))
+    return terms, stats
+
+
+def expert_diversity(agent, routing, steps, args):
+    """L_div on --diversity-steps random steps, every expert's policy over the commands computed there."""
+    pick = torch.randperm(len(steps))[:args.diversity_steps]
+    sub = [steps[i] for i in pick]
+    k = agent.num_experts
+    all_experts, _ = agent.policy_log_probs([e.prompts[t] for e, t in sub for _ in range(k)],
+                                            [e.commands[t] for e, t in sub for _ in range(k)],
+                                            torch.arange(k).repeat(len(sub)), args)
+    all_experts = all_experts.view(len(sub), k, -1)
+    command_mask = torch.isfinite(all_experts[:, 0])
+    return diversity_loss(routing.probs[pick], all_experts.masked_fill(~command_mask[:, None], 0), command_mask,
+                          args.diversity_margin)
 
 
 def update(agent, optimizer, episodes, advantages, args, temperature, rng):
@@ -1196,7 +1254,6 @@ def train_in(args, run_dir, rank, world_size):
     Non-finite probabilities, losses or weights stop the run on every rank, naming the last good checkpoint."""
     main = rank == 0                      # rank 0 evaluates, logs and saves; every rank runs its own envs
     checkpoint_path = os.path.join(run_dir, checkpointing.CHECKPOINT)
-    log_path = os.path.join(run_dir, checkpointing.LOG)
     saved = checkpointing.resume_state(checkpoint_path, "train_agent.py", asdict(args), RUN_CONTROL) if args.resume \
         else None
     if saved and len(saved["resume"]["rngs"]) != world_size:      # each rank continues its own RNG streams
@@ -1204,12 +1261,7 @@ def train_in(args, run_dir, rank, world_size):
                                      f"process(es), this run has {world_size}; resume it with as many")
     env, eval_env = make_envs(args)       # first: a missing package or ALFWorld folder fails before any model loads
     start = time.time() - (saved["resume"]["wall_seconds"] if saved else 0.0)
-    if saved:
-        agent = saved_agent(saved, args)  # the tiny LM comes from the checkpoint: nothing is pretrained again
-    else:
-        base, tokenizer = load_base(args)
-        torch.manual_seed(args.seed)      # after pretraining, which seeds itself: the experts' init (same on all ranks)
-        agent = Agent(base, tokenizer, args).to(model_device(args))
+    agent = build_agent(args, saved)
     rng = np.random.default_rng(args.seed + 1_000_003 * rank)
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
     optimizer = agent.optimizer(args)
@@ -1218,13 +1270,12 @@ def train_in(args, run_dir, rank, world_size):
                 "initial_digest": parameter_digest(agent.trainable_parameters())}
     if saved:
         progress = restore_run(saved, optimizer, rng, generator, rank)
-    log = checkpointing.open_log(log_path, saved["resume"]["log_bytes"] if saved else None) if main \
-        else open(os.devnull, "w")
+    log = checkpointing.open_log(os.path.join(run_dir, checkpointing.LOG), saved["resume"]["log_bytes"] if saved
+                                 else None) if main else open(os.devnull, "w")
     trainable = sum(p.numel() for p in agent.trainable_parameters())
     if not saved:
         log.write(json.dumps({"config": asdict(args), "trainable_parameters": trainable,
                               "parameters": parameter_count(agent)}) + "\n")
-    anneal = args.router_anneal_iterations or args.iterations
     first = progress["iteration"]
     bar = tqdm(range(first, args.iterations + 1), initial=first, total=args.iterations + 1,
                disable=not (args.progress and main), dynamic_ncols=True, unit="it")
@@ -1233,8 +1284,7 @@ def train_in(args, run_dir, rank, world_size):
     with log, bar:
         for iteration in bar:
             progress["iteration"] = iteration
-            start_t, end_t = args.router_temperature_start, args.router_temperature_end
-            temperature = start_t + (end_t - start_t) * min(1.0, iteration / anneal)
+            temperature = router_temperature(args, iteration)
             due = iteration % args.eval_every == 0 or iteration == args.iterations
             if due and not (saved and iteration == first):     # a resumed iteration's evaluation is logged already
                 failure = evaluate_and_log(args, agent, optimizer, eval_env, progress, log, bar, train_start) \
@@ -1248,31 +1298,58 @@ def train_in(args, run_dir, rank, world_size):
                                     resume_record(progress, states, log, start))
             if iteration == args.iterations:
                 break
-            task_seeds = [int(s) for s in rng.integers(0, EVAL_SEED_OFFSET, args.tasks_per_batch)]
-            seeds = [s for s in task_seeds for _ in range(args.group_size)]
-            groups = [g for g in range(args.tasks_per_batch) for _ in range(args.group_size)]
-            try:
-                episodes, failure = sample_episodes(agent, env, seeds, groups, args, temperature, True, generator), None
-            except NonFinite as error:
-                failure = f"{error} in the rollout of iteration {iteration}"
-            if on_any_rank(failure):
-                return stop(failure or "another rank stopped")
-            progress["env_steps"] += sum(len(e.actions) for e in episodes)
-            advantages = compute_advantages(episodes, args.algo, args.gamma, args.step_advantage_weight,
-                                            args.normalize_std)
-            if main and args.conflict_every and iteration % args.conflict_every == 0:
-                progress["conflicts"].append(measure_gradient_conflict(agent, episodes, advantages, args, temperature))
-            stats, shares = update(agent, optimizer, episodes, advantages, args, temperature, rng)
-            if stats is None:
-                return stop(f"the loss became non-finite at iteration {iteration}")
-            if not finite_training_state(agent, optimizer):   # the same on every rank: their weights are equal
-                return stop(f"the weights became non-finite in the update of iteration {iteration}")
-            if shares:
-                progress["batch_shares"].append(shares)
-            log_iteration(agent, episodes, stats, shares, temperature, progress, log, bar, main, train_start)
+            failure = train_iteration(agent, optimizer, env, args, temperature, rng, generator, progress, log, bar,
+                                      main, train_start)
+            if failure:
+                return stop(failure)
             release_freed_memory()
     return train_summary(args, agent, progress, run_dir, checkpoint_path, rank, world_size, trainable, start,
                          train_start)
+
+
+def build_agent(args, saved):
+    """The run's Agent: a resumed run's from its checkpoint (the tiny LM too: nothing is pretrained again),
+    else the frozen base with new experts and routers."""
+    if saved:
+        return saved_agent(saved, args)
+    base, tokenizer = load_base(args)
+    torch.manual_seed(args.seed)      # after pretraining, which seeds itself: the experts' init (same on all ranks)
+    return Agent(base, tokenizer, args).to(model_device(args))
+
+
+def router_temperature(args, iteration):
+    """The phase router's softmax temperature, annealed linearly over --router-anneal-iterations."""
+    anneal = args.router_anneal_iterations or args.iterations
+    start_t, end_t = args.router_temperature_start, args.router_temperature_end
+    return start_t + (end_t - start_t) * min(1.0, iteration / anneal)
+
+
+def train_iteration(agent, optimizer, env, args, temperature, rng, generator, progress, log, bar, main, train_start):
+    """One iteration on this rank: G rollouts of each of --tasks-per-batch task seeds, their advantages, the
+    gradient conflict when due (rank 0), the update and its log line. Returns why the run must stop, or None."""
+    iteration = progress["iteration"]
+    task_seeds = [int(s) for s in rng.integers(0, EVAL_SEED_OFFSET, args.tasks_per_batch)]
+    seeds = [s for s in task_seeds for _ in range(args.group_size)]
+    groups = [g for g in range(args.tasks_per_batch) for _ in range(args.group_size)]
+    try:
+        episodes, failure = sample_episodes(agent, env, seeds, groups, args, temperature, True, generator), None
+    except NonFinite as error:
+        failure = f"{error} in the rollout of iteration {iteration}"
+    if on_any_rank(failure):
+        return failure or "another rank stopped"
+    progress["env_steps"] += sum(len(e.actions) for e in episodes)
+    advantages = compute_advantages(episodes, args.algo, args.gamma, args.step_advantage_weight, args.normalize_std)
+    if main and args.conflict_every and iteration % args.conflict_every == 0:
+        progress["conflicts"].append(measure_gradient_conflict(agent, episodes, advantages, args, temperature))
+    stats, shares = update(agent, optimizer, episodes, advantages, args, temperature, rng)
+    if stats is None:
+        return f"the loss became non-finite at iteration {iteration}"
+    if not finite_training_state(agent, optimizer):   # the same on every rank: their weights are equal
+        return f"the weights became non-finite in the update of iteration {iteration}"
+    if shares:
+        progress["batch_shares"].append(shares)
+    log_iteration(agent, episodes, stats, shares, temperature, progress, log, bar, main, train_start)
+    return None
 
 
 def evaluate_and_log(args, agent, optimizer, eval_env, progress, log, bar, train_start):
