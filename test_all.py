@@ -23,19 +23,20 @@ import torch.nn.functional as F
 
 import checkpointing
 import policy_gradient
-from policy_gradient import IS_MODES
-from prompts import parse_action, render_prompt
 import train_agent
 import train_dqn
+from agent import pack_continuations, target_log_probs, target_modules
 from alfworld_env import ALFWORLD_TASK_TYPES, ALFWORLD_WORDS, AlfWorldEnv, alfworld_data_root, alfworld_task_type_ids
 from envs import TASKS, TaskSet, active_tasks, normalized_score, scale_observation
-from household import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, HouseholdEnv, HouseholdGame, eval_seeds,
-                       household_task_type, kind_of)
 from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, record_routing, route
 from hf_model import HFBase
+from household import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, HouseholdEnv, HouseholdGame, eval_seeds,
+                       household_task_type, kind_of)
 from many_seeds import clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
 from moe_rl import (BIG_GATES, PLACEMENTS, MoELayer, QNetwork, count_switches, dormant_fraction, expert_utilisation,
                     gradient_conflict, loss_shares, parameter_occupancy, router_shift_ratio, tokenize)
+from policy_gradient import IS_MODES
+from prompts import parse_action, render_prompt
 from router import (PhaseRouter, SoftMoERouter, TaskRouter, TokenRouter, TopKRouter, balance_loss, diversity_loss,
                     phase_balance_loss, switch_loss)
 from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain
@@ -780,13 +781,13 @@ def test_packed_scoring_equals_each_command_run_alone():
 
 
 def test_pack_continuations_layout():
-    packed = train_agent.pack_continuations([[5, 6], [7]], [[[1, 2], [3]], [[4, 8, 9]]], pad_id=0)
+    packed = pack_continuations([[5, 6], [7]], [[[1, 2], [3]], [[4, 8, 9]]], pad_id=0)
     assert packed.ids.tolist() == [[5, 6, 1], [7, 4, 8]]                 # inputs: each continuation but its last
     assert packed.positions[0].tolist() == [0, 1, 2] and packed.positions[1].tolist() == [0, 1, 2]
     assert packed.target.tolist() == [1, 2, 3, 4, 8, 9]
     assert packed.target_position.tolist() == [1, 2, 1, 0, 1, 2]         # the last prompt token predicts each first
     assert packed.allowed[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
-    packed = train_agent.pack_continuations([[5]], [[[1, 2], [3, 4]]], pad_id=0)
+    packed = pack_continuations([[5]], [[[1, 2], [3, 4]]], pad_id=0)
     assert packed.ids.tolist() == [[5, 1, 3]] and packed.positions.tolist() == [[0, 1, 1]]
     assert not packed.allowed[0, 2, 1]                                  # a continuation never sees another
 
@@ -800,10 +801,10 @@ def test_log_probs_in_slices_never_keep_a_tokens_by_vocab_tensor(monkeypatch):
     targets = torch.randint(0, 40, (10,))
     full = model.logits(hidden).div(0.7).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     expected = torch.autograd.grad(full.sum(), [hidden, model.wte.weight])
-    monkeypatch.setattr(train_agent, "LOGIT_FLOATS", 3 * 40)
+    monkeypatch.setattr("agent.LOGIT_FLOATS", 3 * 40)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        sliced = train_agent.target_log_probs(model, hidden, targets, temperature=0.7)
+        sliced = target_log_probs(model, hidden, targets, temperature=0.7)
     assert torch.allclose(sliced, full, atol=1e-6)
     assert all(shape.numel() < 10 * 40 for shape in saved)
     for got, want in zip(torch.autograd.grad(sliced.sum(), [hidden, model.wte.weight]), expected):
@@ -1235,7 +1236,7 @@ def test_hf_model_loads_through_model_flag_and_lora_at_init_keeps_its_logits(tin
         with route(base, torch.tensor([-1])):
             hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
         assert torch.allclose(base.logits(hidden), before, atol=1e-5)
-    assert train_agent.target_modules(base, train_agent.parse_args(["--lora-mlp"]))[-3:] == \
+    assert target_modules(base, train_agent.parse_args(["--lora-mlp"]))[-3:] == \
         ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
@@ -1637,7 +1638,7 @@ def test_every_architecture_gets_lora_its_own_logits_and_one_update(architecture
                                "--minibatch-episodes", "2", "--update-epochs", "1")
     wrapped = {re.split(r"\.\d+\.", n)[-1] for n, m in agent.base.named_modules() if isinstance(m, LoRALinear)}
     assert wrapped == set(attention + mlp)
-    assert set(train_agent.target_modules(agent.base, train_agent.parse_args([]))) == set(attention)
+    assert set(target_modules(agent.base, train_agent.parse_args([]))) == set(attention)
     fused = [str(w.message) for w in caught if "cannot wrap" in str(w.message)]
     assert bool(fused) == (model_type in ("mixtral", "olmoe", "qwen2_moe")), fused
     assert agent.base.packs == (model_type not in ("bloom", "mpt"))           # ALiBi: run unpacked
@@ -2673,7 +2674,8 @@ def test_benchmark_resume_skips_the_parts_it_has(tmp_path):
 # ---- the layout: what each file imports ----
 
 LIBRARY_FILES = ("router.py", "experts.py", "moe_rl.py", "many_seeds.py", "policy_gradient.py", "envs.py", "household.py",
-                 "alfworld_env.py", "prompts.py", "tiny_lm.py", "hf_model.py", "checkpointing.py", "cli.py")
+                 "alfworld_env.py", "prompts.py", "tiny_lm.py", "hf_model.py", "agent.py", "distributed.py",
+                 "checkpointing.py", "cli.py")
 
 
 def project_imports(path):

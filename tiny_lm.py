@@ -13,7 +13,7 @@ solving tasks beyond that prior comes from RL in the LoRA experts (README, The P
 The attention and MLP projections are named like Llama's (q_proj, k_proj, v_proj, o_proj, up_proj,
 down_proj) so that the same LoRA targets work here and on a Hugging Face model. `forward` takes position ids
 and an attention mask, so that all of a step's commands are scored in one sequence packed after its prompt
-(train_agent.pack_continuations).
+(agent.pack_continuations).
 
     python tiny_lm.py --out runs/tiny_lm.pt          # pretrain and cache (train_agent.py does this itself)
 """
@@ -126,7 +126,7 @@ class TinyGPT(nn.Module):
         """ids, mask (n, t): token ids and which are real (padding may sit on either side).
         positions (n, t): position ids (default: the count of real tokens before each); allowed (n, t, t) bool:
         which tokens each token may attend to (default: the real tokens up to itself). Packed scoring
-        (train_agent.pack_continuations) passes both. Returns the final hidden states (n, t, d) and None
+        (agent.pack_continuations) passes both. Returns the final hidden states (n, t, d) and None
         (the place where a Hugging Face base returns its cache)."""
         n, t = ids.shape
         if positions is None:
