@@ -2,7 +2,7 @@
 
 PA-MoE (arXiv 2602.17038) puts K LoRA experts on a frozen Qwen2.5-1.5B/7B-Instruct. This file loads such a
 model with `AutoModelForCausalLM` and makes it speak the interface of the tiny stand-in (tiny_lm.TinyGPT),
-so train_agent.Agent, its LoRA expert bank (experts.add_lora) and its routers work on it unchanged:
+so agent.Agent, its LoRA expert bank (experts.add_lora) and its routers work on it unchanged:
 
     HFBase.forward(ids, mask, positions=None, allowed=None) -> final hidden states (n, t, d), key/value cache
     HFBase.logits(hidden) -> (n, t, vocab) float32;   HFBase.config.dim, .max_len, .vocab_size
