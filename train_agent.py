@@ -248,7 +248,10 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 def check_model_folder(model):
     """A --model that names a local folder must hold a model and a tokenizer (transformers' own message for an
-    empty one is about sentencepiece or tiktoken); a path that looks local must exist. Hub names pass."""
+    empty one is about sentencepiece or tiktoken); a path that looks local must exist. Hub names pass, and so
+    do .gguf files, which hf_model.resolve_model dequantises (or names, when one is missing)."""
+    if model.endswith(".gguf"):
+        return
     if os.path.isdir(model):
         files = os.listdir(model)
         if "config.json" not in files or not any(f.endswith(WEIGHT_FILES) for f in files) or \
