@@ -8,7 +8,7 @@ or switched on (alfworld.gen.constants), and each task type's goal formula and t
 (alfworld.gen.goal_library). A game folder holds what alfworld-download's do: traj_data.json (the task type
 and pddl_params, which the handcoded expert reads), initial_state.pddl (the problem) and game.tw-pddl (domain,
 grammar with the task sentence, problem, solvable, and the expert's walkthrough), so AlfredTWEnv
-(envs.AlfWorldEnv, train_agent.py --env alfworld) plays them as it plays the real ones.
+(alfworld_env.AlfWorldEnv, train_agent.py --env alfworld) plays them as it plays the real ones.
 
 The rooms are generated, not ALFRED's scenes. A scene is a room type (kitchen, living room, bedroom,
 bathroom, numbered as ALFRED numbers its floor plans: 1-30, 201-230, 301-330, 401-430) with receptacles drawn

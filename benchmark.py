@@ -41,7 +41,8 @@ import torch
 
 import train_agent
 import train_dqn
-from envs import HouseholdEnv, TaskSet
+from envs import TaskSet
+from household import HouseholdEnv
 from moe_rl import QNetwork
 
 ROUTINGS = {  # name -> train_dqn flags
@@ -247,7 +248,7 @@ WIDE_VOCABULARY = 151_936   # Qwen2.5's
 MEMORY_CHILD = """import resource, sys, numpy as np, torch
 sys.path.insert(0, '.')
 import train_agent
-from envs import HouseholdEnv
+from household import HouseholdEnv
 args = train_agent.parse_args(sys.argv[1:])
 torch.set_num_threads(1)
 base, tokenizer = train_agent.load_base(args)
@@ -272,7 +273,7 @@ def wide_vocabulary_model(path):
     its (tokens x vocab) logits, and a small byte-level BPE tokenizer of household prompts, saved at `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    from envs import render_prompt
+    from prompts import render_prompt
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     observations, infos = HouseholdEnv().reset(list(range(12)))

@@ -38,14 +38,7 @@ class ExpertMLP(nn.Module):
     def forward(self, x, hidden=None):
         """If `hidden` is a list, the post-ReLU activations of every hidden layer are appended to it
         (each (e, m, width)): the dormant-neuron metric reads them."""
-        last = len(self.weights) - 1
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b, x, w)                 # einsum("emi,eio->emo", x, w) + b, in one call
-            if layer < last or self.activate_last:
-                x = torch.relu(x)
-                if hidden is not None:
-                    hidden.append(x)
-        return x
+        return expert_layers(x, self.weights, self.biases, self.activate_last, hidden)
 
     def expert(self, i):
         """Expert i as a plain nn.Sequential (same weights, copied): for tests and for reading."""
@@ -61,6 +54,20 @@ class ExpertMLP(nn.Module):
         return nn.Sequential(*layers)
 
 
+def expert_layers(x, weights, biases, activate_last=False, hidden=None):
+    """ExpertMLP's forward as a function of its weights: x (e, m, d_in) through the layers weights[l]
+    (e, d_in, d_out), biases[l] (e, 1, d_out), ReLU between them (and after the last if activate_last).
+    many_seeds.SeedExpertMLP runs its S seeds' experts through it as S*e experts."""
+    last = len(weights) - 1
+    for layer, (w, b) in enumerate(zip(weights, biases)):
+        x = torch.baddbmm(b, x, w)                 # einsum("emi,eio->emo", x, w) + b, in one call
+        if layer < last or activate_last:
+            x = torch.relu(x)
+            if hidden is not None:
+                hidden.append(x)
+    return x
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear with a bank of K LoRA adapters (K = 1 is plain LoRA). LoRA, Eq. 3:
 
@@ -70,7 +77,8 @@ class LoRALinear(nn.Module):
     The gates g (..., K) say which expert each sample or token uses:
       - `expert_index` (N,) set by `route(model, index)`: sample n uses expert index[n] (one-hot gates;
         -1 = no adapter, the frozen base);
-      - a token router (`router`, any module x -> (gates, routing info)): per-token gates;
+      - a token router (`router`, any module x -> (gates, routing info)): per-token gates, and what it
+        decided goes to the caller that asked for it with `record_routing(model)`;
       - neither, with K = 1: the one adapter.
     All K low-rank branches are computed in two matmuls (x @ [A_1..A_K] then [B_1..B_K]) and masked by
     the gates: no loop over samples or experts, and an expert a sample does not use gets exactly zero
@@ -89,7 +97,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.router = router                 # token routing: a module x -> (gates (..., K), info)
         self.expert_index = None             # (N,) long, set by route(); -1 = frozen base only
-        self.last_routing = None             # what the token router decided in the last forward
+        self.record = None                   # record_routing's dict, while a caller records: layer -> routing
         self.merged_expert = None
 
     def delta_weight(self, expert):
@@ -103,7 +111,9 @@ class LoRALinear(nn.Module):
             gates = F.one_hot(index.clamp(min=0), self.num_experts).to(x.dtype) * (index >= 0).unsqueeze(-1)
             return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), self.num_experts)   # (N, 1.., K)
         if self.router is not None:
-            gates, self.last_routing = self.router(x)
+            gates, routing = self.router(x)
+            if self.record is not None:
+                self.record[self] = routing
             return gates
         if self.num_experts == 1:
             return None
@@ -179,6 +189,22 @@ def lora_layers(model):
 def lora_parameters(model):
     """The trainable parameters: adapters and token routers (everything else is frozen)."""
     return [p for m in lora_layers(model) for p in m.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def record_routing(model):
+    """What the token routers decide while the model runs in this block: yields a dict, filled as the
+    layers run, from each LoRALinear with a token router to the routing info of its latest forward.
+    (An adapted layer sits inside a model whose forward returns only hidden states, so its decision comes
+    back this way rather than up the return path.) Nothing stays on the layers after the block."""
+    layers, record = lora_layers(model), {}
+    for layer in layers:
+        layer.record = record
+    try:
+        yield record
+    finally:
+        for layer in layers:
+            layer.record = None
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 PA-MoE (arXiv 2602.17038) puts K LoRA experts on a frozen Qwen2.5-1.5B/7B-Instruct. This file loads such a
 model with `AutoModelForCausalLM` and makes it speak the interface of the tiny stand-in (tiny_lm.TinyGPT),
-so train_agent.Agent, its LoRA expert bank (experts.add_lora) and its routers work on it unchanged:
+so agent.Agent, its LoRA expert bank (experts.add_lora) and its routers work on it unchanged:
 
     HFBase.forward(ids, mask, positions=None, allowed=None) -> final hidden states (n, t, d), key/value cache
     HFBase.logits(hidden) -> (n, t, vocab) float32;   HFBase.config.dim, .max_len, .vocab_size
@@ -12,8 +12,8 @@ and it adds what only a real LLM needs: GPT-2's Conv1D projections turned into n
 them), default LoRA targets found in any architecture's blocks, the model's own logits (its soft-capping or
 logit scale applied after the LM head), packed scoring checked against the model (and run unpacked where
 its attention ignores position ids, as ALiBi does), a GGUF file or a packaged model dequantised once into a
-Hugging Face folder, and token-by-token sampling with a KV cache for the free-text action mode (`sample`,
-with verl-agent's ALFWorld prompt and <action> parsing).
+Hugging Face folder, and token-by-token sampling with a KV cache for the free-text action mode (`sample`;
+its prompt and the parsing of its answers are in prompts.py).
 
 Needs `pip install -r requirements-optional.txt` (transformers); the rest of the project does not.
 """
@@ -222,7 +222,8 @@ class HFBase(nn.Module):
         """Packed rows run as the sequences they stand for, for a model whose attention ignores position ids
         (ALiBi): each token that no later token attends to ends one sequence, made of the tokens it attends
         to; every token's state is read from the first sequence that holds it. The experts each row uses
-        (route) go with its sequences, and a token router's decisions come back in the packed layout."""
+        (route) go with its sequences, and a token router's decisions (experts.record_routing) come back in the
+        packed layout."""
         ids, mask, allowed = ids.cpu(), mask.cpu(), allowed.cpu()
         rows, columns, sources = [], [], []      # sequence s holds row rows[s]'s columns columns[s]
         for i in range(ids.shape[0]):
@@ -255,9 +256,9 @@ class HFBase(nn.Module):
         column = torch.cat([c for _, c in sources]).to(hidden.device)
         scatter = lambda x: x.new_zeros(ids.shape + x.shape[2:]).index_put((row, column), x[seq, at])
         for layer in lora_layers(self):
-            if layer.router is not None and layer.expert_index is None:          # its router ran just now
-                routing = layer.last_routing
-                layer.last_routing = dataclasses.replace(routing, **{
+            if layer.router is not None and layer.expert_index is None and layer.record is not None:   # it just ran
+                routing = layer.record[layer]
+                layer.record[layer] = dataclasses.replace(routing, **{
                     f.name: scatter(getattr(routing, f.name)) for f in dataclasses.fields(routing)})
         return scatter(hidden)
 
@@ -416,49 +417,17 @@ def checkpointed(block, forward):
     return run_checkpointed
 
 
-# --- the free-text action mode (verl-agent / GiGPO, arXiv 2505.10978) --------------------------------------
-
-ALFWORLD_TEMPLATE = (
-    "You are an expert agent operating in the ALFRED Embodied Environment. Your task is to: {goal}\n"
-    "Prior to this step, you have already taken {steps} step(s). Below are the most recent {shown} observations "
-    "and the corresponding actions you took: {history}\n"
-    "You are now at step {step} and your current observation is: {observation}\n"
-    "Your admissible actions of the current situation are: [{admissible}].\n\n"
-    "Now it's your turn to take an action.\n"
-    "You should first reason step-by-step about the current situation. This reasoning process MUST be enclosed "
-    "within <think> </think> tags.\n"
-    "Once you've finished your reasoning, you should choose an admissible action for current step and present "
-    "it within <action> </action> tags.")
-
-
-def free_text_prompt(goal, history, observation, admissible, history_length=2):
-    """verl-agent's ALFWorld prompt: the task, the last few (action, observation) pairs, the current
-    observation, the admissible actions, think inside <think></think>, answer inside <action></action>."""
-    recent = history[-history_length:] if history_length > 0 else []
-    shown = " ".join(f"[Action {i + 1}: '{a}', Observation {i + 1}: '{o}']" for i, (a, o) in enumerate(recent))
-    return ALFWORLD_TEMPLATE.format(goal=goal, steps=len(history), shown=len(recent), history=shown or "none",
-                                    step=len(history) + 1, observation=observation,
-                                    admissible=", ".join(f"'{c}'" for c in admissible))
-
-
-ACTION_PATTERN = re.compile(r"<action>(.*?)</action>", re.DOTALL)
-
-
-def parse_action(text):
-    """The command inside the last <action>...</action>, lower-cased and stripped; None if there is none
-    (verl-agent's projection: such an answer is an invalid action)."""
-    found = ACTION_PATTERN.findall(text)
-    return found[-1].strip().lower() if found else None
-
+# --- sampling, for the free-text action mode (verl-agent / GiGPO, arXiv 2505.10978) -------------------------
 
 @torch.no_grad()
 def sample(base, tokenizer, prompts, temperature, max_new_tokens, generator, stop="</action>"):
     """Sample a completion for each prompt (id lists) token by token with the KV cache, from
     softmax(logits / temperature), until <eos>, the `stop` text, or max_new_tokens. The caller sets the LoRA
     experts with experts.route. Returns the completions' id lists (ending with <eos> if one was drawn)."""
-    from tiny_lm import pad
     n = len(prompts)
-    ids, mask = pad(prompts, tokenizer.pad_id, left=True)
+    ids = nn.utils.rnn.pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True,
+                                    padding_value=tokenizer.pad_id, padding_side="left")     # the ends aligned
+    mask = torch.arange(ids.shape[1]) >= ids.shape[1] - torch.tensor([len(p) for p in prompts])[:, None]
     hidden, cache = base(ids, mask)
     completions, done = [[] for _ in range(n)], [False] * n
     for _ in range(max_new_tokens):

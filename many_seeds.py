@@ -13,6 +13,10 @@ i's rows with one batched matmul (bmm) over the seed axis. Letters: S seeds, m r
     SoftMoERouter  phi (d, slots), scale ()   -> SeedSoftMoERouter phi (S, d, slots), scale (S,)
     TopKRouter     gate nn.Linear             -> SeedTopKRouter    gate SeedLinear, auxiliary losses per seed
 
+SeedExpertMLP and SeedSoftMoERouter run the plain layers' own math (experts.expert_layers and
+router.soft_moe_routing, the forwards of ExpertMLP and SoftMoERouter) on the stacked weights, so a run of one
+seed trains through the code of experts.py and router.py.
+
 A seed-batched network's state dict is the N single networks' state dicts stacked name by name
 (`stack_state_dicts`), so seed i's weights are `seed_state_dict(state, i)` and load into a plain QNetwork.
 Its forward returns Q-values (S*b, A) and `aux_loss` (S,) (or a 0-d zero when there is no router loss);
@@ -30,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from experts import ExpertMLP
-from router import Routing, SoftMoERouter, TopKRouter, balance_loss, z_loss
+from experts import ExpertMLP, expert_layers
+from router import SoftMoERouter, TopKRouter, balance_loss, z_loss
 
 
 class SeedLinear(nn.Module):
@@ -67,32 +71,21 @@ class SeedExpertMLP(nn.Module):
         s, e = self.num_seeds, self.num_experts
         m = x.shape[1] // s
         x = x.reshape(e, s, m, -1).transpose(0, 1).reshape(s * e, m, -1)        # (S*e, m, d_in)
-        last = len(self.weights) - 1
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b.flatten(0, 1), x, w.flatten(0, 1))              # einsum("xmi,xio->xmo"), x = (s, e)
-            if layer < last or self.activate_last:
-                x = torch.relu(x)
+        x = expert_layers(x, [w.flatten(0, 1) for w in self.weights], [b.flatten(0, 1) for b in self.biases],
+                          self.activate_last)                                    # expert x = (s, e)
         return x.reshape(s, e, m, -1).transpose(0, 1).reshape(e, s * m, -1)
 
 
-class SeedSoftMoERouter(nn.Module):
-    """S SoftMoERouters: the same routing (Soft MoE, Algorithm 1), with seed i's slot parameters Phi_i
-    and scale_i applied to seed i's states. x (S*b, n, d) -> Routing over (S*b, n, slots)."""
+class SeedSoftMoERouter(SoftMoERouter):
+    """S SoftMoERouters: SoftMoERouter's own forward (router.soft_moe_routing) over stacked weights, seed
+    i's slot parameters Phi_i and scale_i applied to seed i's states. x (S*b, n, d) -> Routing over
+    (S*b, n, slots)."""
 
     def __init__(self, router, num_seeds):
-        super().__init__()
+        nn.Module.__init__(self)           # not SoftMoERouter.__init__: it would draw Phi from the RNG
         self.num_experts, self.slots_per_expert, self.num_seeds = router.num_experts, router.slots_per_expert, num_seeds
         self.phi = nn.Parameter(torch.empty(num_seeds, *router.phi.shape))
         self.scale = nn.Parameter(torch.empty(num_seeds))
-
-    def forward(self, x, task_id=None):
-        b, n, d = x.shape
-        phi = F.normalize(self.phi, dim=1, eps=1e-6) * self.scale.view(-1, 1, 1)              # (S, d, slots)
-        tokens = F.normalize(x, dim=-1, eps=1e-6).reshape(self.num_seeds, -1, d)              # (S, b*n/S, d)
-        logits = torch.bmm(tokens, phi).reshape(b, n, -1)                                     # (S*b, n, slots)
-        dispatch = logits.softmax(dim=1)                                 # over tokens n: Eq. 1
-        combine = logits.softmax(dim=2)                                  # over slots s: Eq. 3
-        return Routing(dispatch, combine, self.slots_per_expert, logits.new_zeros(()))
 
 
 class SeedTopKRouter(TopKRouter):

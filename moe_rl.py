@@ -7,7 +7,7 @@ References:
   the MoE module that replaces the penultimate layer, its tokens and experts.
 - Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep RL" (arXiv 2302.12902): tau-dormant neurons.
 - PA-MoE (arXiv 2602.17038): the agent metrics at the end of this file (expert switches per episode,
-  utilisation, parameter occupancy, gradient conflict). The agent's network is in train_agent.py.
+  utilisation, parameter occupancy, gradient conflict). The agent's network is in agent.py.
 - RSPO (arXiv 2510.23027): the router shift ratio of router-aware importance sampling (RAIS), last in
   this file; train_agent.py --is-mode rais uses it.
 

@@ -50,7 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from envs import HOUSEHOLD_TASK_TYPES, crl_steps_per_task
+from envs import crl_steps_per_task
+from household import HOUSEHOLD_TASK_TYPES
 
 SHORT = {"pick_and_place": "pick", "look_at_obj_in_light": "look", "pick_clean_then_place": "clean",
          "pick_heat_then_place": "heat", "pick_cool_then_place": "cool", "pick_two_obj_and_place": "pick2"}

