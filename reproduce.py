@@ -383,8 +383,9 @@ def rais_table(summaries, labels):
     """Per routing and importance-sampling mode, over the updates of all seeds: the importance weights'
     variance (mean and largest of the per-minibatch variances), the gradient norm's variance over all
     minibatches (across updates plus within them), the clipped fraction, the router shift and gamma;
-    then the held-out success at the end and at its best (a drop from best to end is a collapse)."""
-    header = ["routing / IS mode", "final success (min..max)", "best success", "IS weight var (max)", "grad-norm var",
+    then the held-out success at the end (mean, 95% bootstrap interval over seeds, min..max) and at its best
+    (a drop from best to end is a collapse)."""
+    header = ["routing / IS mode", "final success [95% CI] (min..max)", "best success", "IS weight var (max)", "grad-norm var",
               "clip fraction", "router shift", "gamma mean (min)", "minutes"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label in labels:
@@ -398,7 +399,8 @@ def rais_table(summaries, labels):
         final = [s["success"] for s in runs]
         routed = "router_shift" in updates[0]
         rows.append("| " + " | ".join([
-            f"{label} ({len(runs)} seeds)", f"{np.mean(final):.3f} ({min(final):.3f}..{max(final):.3f})",
+            f"{label} ({len(runs)} seeds)", "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(final)) +
+            f" ({min(final):.3f}..{max(final):.3f})",
             f"{np.mean(best):.3f}", f"{values('is_weight_var').mean():.4f} ({values('is_weight_var').max():.3f})",
             f"{values('grad_norm').var() + values('grad_norm_var').mean():.3f}",
             f"{values('clip_fraction').mean():.3f}",
