@@ -248,7 +248,10 @@ WIDE_VOCABULARY = 151_936   # Qwen2.5's
 MEMORY_CHILD = """import resource, sys, numpy as np, torch
 sys.path.insert(0, '.')
 import train_agent
-from household import HouseholdEnv
+try:
+    from household import HouseholdEnv
+except ImportError:          # a revision from before household.py
+    from envs import HouseholdEnv
 args = train_agent.parse_args(sys.argv[1:])
 torch.set_num_threads(1)
 base, tokenizer = train_agent.load_base(args)
