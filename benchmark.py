@@ -333,6 +333,109 @@ def update_memory(revision, new_tokens, workdir="/tmp/moe_rl_benchmark_memory"):
     return results
 
 
+def measure_costs(args, results):
+    """Part costs: one DQN update and one action selection per routing, and a SoftMoE layer's parts."""
+    costs = update_costs({name: (flags, 1) for name, flags in {**ROUTINGS, **COST_VARIANTS}.items()})
+    dense_update, dense_act = costs["dense"]["update_ms"], costs["dense"]["act_ms"]
+    print("\nCost of one update (batch 128) and one action selection, CartPole-v1, 1 thread:")
+    print(f"{'routing':9} {'params':>7} {'update ms':>10} {'x dense':>8} {'act ms':>8} {'x dense':>8}")
+    for name, c in costs.items():
+        c.update(update_vs_dense=c["update_ms"] / dense_update, act_vs_dense=c["act_ms"] / dense_act)
+        print(f"{name:9} {c['parameters_per_seed']:>7} {c['update_ms']:>10.3f} {c['update_vs_dense']:>8.2f} "
+              f"{c['act_ms']:>8.3f} {c['act_vs_dense']:>8.2f}")
+    results["update_costs"] = costs
+    layers = layer_costs()
+    print("\nForward + backward of the penultimate layer and of the SoftMoE layer's parts, batch 128, 1 thread:")
+    for name, c in layers.items():
+        print(f"{name:19} {c['microseconds']:>7.0f} us {c['x_dense_layer']:>6.2f} x dense layer")
+    results["layer_costs"] = layers
+
+
+def measure_scaling(args, results):
+    """Part scaling: many seeds in one process, at each thread count."""
+    results["seed_scaling"] = {}
+    for name in args.scaling_routings:
+        for threads in args.scaling_threads:
+            counts = args.scaling_seeds
+            torch.set_num_threads(threads)
+            updates = update_costs({n: (ROUTINGS[name], n) for n in counts}, repeats=3, updates=50)
+            runs = seed_scaling([*ROUTINGS[name], "--threads", str(threads)], counts, args.scaling_steps,
+                                args.scaling_repeats)
+            torch.set_num_threads(1)
+            print(f"\nMany seeds in one process, {name}: {args.scaling_steps} env steps per seed, one update per "
+                  f"2 steps, {threads} thread(s) (best of {args.scaling_repeats}, interleaved):")
+            print(f"{'seeds':>5} {'wall s':>7} {'x 1 seed':>9} {'per seed':>9} {'update ms':>10} {'x 1 seed':>9}")
+            for n in counts:
+                runs[n].update(update_ms=updates[n]["update_ms"],
+                               update_vs_1_seed=updates[n]["update_ms"] / updates[counts[0]]["update_ms"])
+                r = runs[n]
+                print(f"{n:>5} {r['wall_seconds']:>7.1f} {r['vs_1_seed']:>9.2f} {r['per_seed_vs_1_seed']:>9.2f} "
+                      f"{r['update_ms']:>10.2f} {r['update_vs_1_seed']:>9.2f}")
+            results["seed_scaling"][f"{name}, {threads} thread(s)"] = {"steps": args.scaling_steps,
+                                                                     "threads": threads, "by_seeds": runs}
+
+
+def measure_475(args, results):
+    """Part 475: wall time to a greedy evaluation return of 475 on CartPole-v1, per routing."""
+    runs = [time_to_475(name, flags, seed, args.max_steps) for name, flags in ROUTINGS.items() for seed in args.seeds]
+    print(f"\nTime to a greedy eval return of 475 on CartPole-v1 (seeds {args.seeds}, train_dqn.py defaults):")
+    print(f"{'routing':8} {'reached':>8} {'median s':>9} {'max s':>7} {'median steps':>13} {'steps/s':>8}")
+    table = {}
+    for name in ROUTINGS:
+        mine = [r for r in runs if r["routing"] == name]
+        hit = [r for r in mine if r["reached"]]
+        row = {"reached": f"{len(hit)}/{len(mine)}",
+               "median_seconds": float(np.median([r["wall_seconds"] for r in hit])) if hit else None,
+               "max_seconds": max(r["wall_seconds"] for r in hit) if hit else None,
+               "median_steps": float(np.median([r["env_steps"] for r in hit])) if hit else None,
+               "steps_per_second": float(np.mean([r["steps_per_second"] for r in mine]))}
+        table[name] = row
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+        print(f"{name:8} {row['reached']:>8} {fmt(row['median_seconds'], '9.1f')} {fmt(row['max_seconds'], '7.1f')} "
+              f"{fmt(row['median_steps'], '13.0f')} {row['steps_per_second']:>8.0f}")
+    results.update(time_to_475=table, runs=runs)
+
+
+def measure_agent(args, results):
+    """Part agent: the agent's rollout and update per routing, then the default run before and now."""
+    costs = agent_costs(args.agent_routings, args.agent_tasks, args.agent_group_size, args.agent_repeats,
+                        ["--base-cache", args.base_cache])
+    first = next(iter(costs.values()))
+    print(f"\nPA-MoE agent, one rollout of {first['episodes']} episodes and one update ({first['update_epochs']} "
+          f"epochs) on it, 1 thread (best of {args.agent_repeats}, interleaved):")
+    reference = args.agent_routings[0]
+    print(f"{'routing':10} {'trainable':>9} {'steps':>6} {'steps/s':>8} {'update s':>9} {'x ' + reference:>12}")
+    for name, c in costs.items():
+        c["update_vs_first"] = c["update_seconds"] / costs[reference]["update_seconds"]
+        print(f"{name:10} {c['trainable_parameters']:>9} {c['steps']:>6} {c['steps_per_second']:>8.1f} "
+              f"{c['update_seconds']:>9.2f} {c['update_vs_first']:>12.2f}")
+    results["agent_costs"] = costs
+    if args.agent_baseline:
+        speed = default_run_speed(args.agent_baseline, args.agent_iterations)
+        print(f"\nThe default `python train_agent.py`, {args.agent_iterations} iterations, 2 threads, at "
+              f"{args.agent_baseline} and now:")
+        print(f"{'version':8} {'env steps/s':>12} {'env steps':>10} {'peak RSS MB':>12}")
+        for name in ("before", "after"):
+            r = speed[name]
+            print(f"{name:8} {r['env_steps_per_second']:>12.1f} {r['env_steps']:>10} {r['peak_rss_mb']:>12.0f}")
+        print(f"speedup: {speed['speedup']:.1f}x")
+        results["agent_default_run"] = speed
+
+
+def measure_memory(args, results):
+    """Part memory: peak memory of a free-text update on a wide vocabulary, before and now."""
+    memory = update_memory(args.memory_baseline, args.memory_new_tokens)
+    print(f"\nPeak resident memory (MB) of one free-text rollout (2 x 2 episodes of 5 steps) and one update, a "
+          f"random Qwen2 with a vocabulary of {WIDE_VOCABULARY:,}, at {args.memory_baseline} and now:")
+    print(f"{'new tokens':>10} {'answer tokens':>14} {'version':8} {'loaded':>7} {'rollout':>8} {'update':>7}")
+    for tokens in args.memory_new_tokens:
+        for name in ("before", "after"):
+            r = memory[str(tokens)][name]
+            print(f"{tokens:>10} {r['answer_tokens']:>14} {name:8} {r['loaded_mb']:>7.0f} "
+                  f"{r['rollout_peak_mb']:>8.0f} {r['peak_mb']:>7.0f}")
+    results["update_memory"] = memory
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["costs", "scaling", "475", "agent"],
@@ -392,112 +495,18 @@ def main():
     results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1,
                            "scaling_threads": args.scaling_threads}, "commands": {}}
 
-    def finished(part):
-        """Write what is measured so far (merged into --out), so that a cut-off benchmark keeps its finished parts."""
-        results["commands"][part] = command
-        write_results(args.out, results)
-
-    if "costs" in todo:
-        costs = update_costs({name: (flags, 1) for name, flags in {**ROUTINGS, **COST_VARIANTS}.items()})
-        dense_update, dense_act = costs["dense"]["update_ms"], costs["dense"]["act_ms"]
-        print("\nCost of one update (batch 128) and one action selection, CartPole-v1, 1 thread:")
-        print(f"{'routing':9} {'params':>7} {'update ms':>10} {'x dense':>8} {'act ms':>8} {'x dense':>8}")
-        for name, c in costs.items():
-            c.update(update_vs_dense=c["update_ms"] / dense_update, act_vs_dense=c["act_ms"] / dense_act)
-            print(f"{name:9} {c['parameters_per_seed']:>7} {c['update_ms']:>10.3f} {c['update_vs_dense']:>8.2f} "
-                  f"{c['act_ms']:>8.3f} {c['act_vs_dense']:>8.2f}")
-        results["update_costs"] = costs
-        layers = layer_costs()
-        print("\nForward + backward of the penultimate layer and of the SoftMoE layer's parts, batch 128, 1 thread:")
-        for name, c in layers.items():
-            print(f"{name:19} {c['microseconds']:>7.0f} us {c['x_dense_layer']:>6.2f} x dense layer")
-        results["layer_costs"] = layers
-        finished("costs")
-
-    if "scaling" in todo:
-        results["seed_scaling"] = {}
-        for name in args.scaling_routings:
-            for threads in args.scaling_threads:
-                counts = args.scaling_seeds
-                torch.set_num_threads(threads)
-                updates = update_costs({n: (ROUTINGS[name], n) for n in counts}, repeats=3, updates=50)
-                runs = seed_scaling([*ROUTINGS[name], "--threads", str(threads)], counts, args.scaling_steps,
-                                    args.scaling_repeats)
-                torch.set_num_threads(1)
-                print(f"\nMany seeds in one process, {name}: {args.scaling_steps} env steps per seed, one update per "
-                      f"2 steps, {threads} thread(s) (best of {args.scaling_repeats}, interleaved):")
-                print(f"{'seeds':>5} {'wall s':>7} {'x 1 seed':>9} {'per seed':>9} {'update ms':>10} {'x 1 seed':>9}")
-                for n in counts:
-                    runs[n].update(update_ms=updates[n]["update_ms"],
-                                   update_vs_1_seed=updates[n]["update_ms"] / updates[counts[0]]["update_ms"])
-                    r = runs[n]
-                    print(f"{n:>5} {r['wall_seconds']:>7.1f} {r['vs_1_seed']:>9.2f} {r['per_seed_vs_1_seed']:>9.2f} "
-                          f"{r['update_ms']:>10.2f} {r['update_vs_1_seed']:>9.2f}")
-                results["seed_scaling"][f"{name}, {threads} thread(s)"] = {"steps": args.scaling_steps,
-                                                                         "threads": threads, "by_seeds": runs}
-        finished("scaling")
-
-    if "475" in todo:
-        runs = [time_to_475(name, flags, seed, args.max_steps) for name, flags in ROUTINGS.items() for seed in args.seeds]
-        print(f"\nTime to a greedy eval return of 475 on CartPole-v1 (seeds {args.seeds}, train_dqn.py defaults):")
-        print(f"{'routing':8} {'reached':>8} {'median s':>9} {'max s':>7} {'median steps':>13} {'steps/s':>8}")
-        table = {}
-        for name in ROUTINGS:
-            mine = [r for r in runs if r["routing"] == name]
-            hit = [r for r in mine if r["reached"]]
-            row = {"reached": f"{len(hit)}/{len(mine)}",
-                   "median_seconds": float(np.median([r["wall_seconds"] for r in hit])) if hit else None,
-                   "max_seconds": max(r["wall_seconds"] for r in hit) if hit else None,
-                   "median_steps": float(np.median([r["env_steps"] for r in hit])) if hit else None,
-                   "steps_per_second": float(np.mean([r["steps_per_second"] for r in mine]))}
-            table[name] = row
-            fmt = lambda v, spec: format(v, spec) if v is not None else "-"
-            print(f"{name:8} {row['reached']:>8} {fmt(row['median_seconds'], '9.1f')} {fmt(row['max_seconds'], '7.1f')} "
-                  f"{fmt(row['median_steps'], '13.0f')} {row['steps_per_second']:>8.0f}")
-        results.update(time_to_475=table, runs=runs)
-        finished("475")
-
-    if "agent" in todo:
-        costs = agent_costs(args.agent_routings, args.agent_tasks, args.agent_group_size, args.agent_repeats,
-                            ["--base-cache", args.base_cache])
-        first = next(iter(costs.values()))
-        print(f"\nPA-MoE agent, one rollout of {first['episodes']} episodes and one update ({first['update_epochs']} "
-              f"epochs) on it, 1 thread (best of {args.agent_repeats}, interleaved):")
-        reference = args.agent_routings[0]
-        print(f"{'routing':10} {'trainable':>9} {'steps':>6} {'steps/s':>8} {'update s':>9} {'x ' + reference:>12}")
-        for name, c in costs.items():
-            c["update_vs_first"] = c["update_seconds"] / costs[reference]["update_seconds"]
-            print(f"{name:10} {c['trainable_parameters']:>9} {c['steps']:>6} {c['steps_per_second']:>8.1f} "
-                  f"{c['update_seconds']:>9.2f} {c['update_vs_first']:>12.2f}")
-        results["agent_costs"] = costs
-        if args.agent_baseline:
-            speed = default_run_speed(args.agent_baseline, args.agent_iterations)
-            print(f"\nThe default `python train_agent.py`, {args.agent_iterations} iterations, 2 threads, at "
-                  f"{args.agent_baseline} and now:")
-            print(f"{'version':8} {'env steps/s':>12} {'env steps':>10} {'peak RSS MB':>12}")
-            for name in ("before", "after"):
-                r = speed[name]
-                print(f"{name:8} {r['env_steps_per_second']:>12.1f} {r['env_steps']:>10} {r['peak_rss_mb']:>12.0f}")
-            print(f"speedup: {speed['speedup']:.1f}x")
-            results["agent_default_run"] = speed
-        finished("agent")
-
-    if "memory" in todo:
-        memory = update_memory(args.memory_baseline, args.memory_new_tokens)
-        print(f"\nPeak resident memory (MB) of one free-text rollout (2 x 2 episodes of 5 steps) and one update, a "
-              f"random Qwen2 with a vocabulary of {WIDE_VOCABULARY:,}, at {args.memory_baseline} and now:")
-        print(f"{'new tokens':>10} {'answer tokens':>14} {'version':8} {'loaded':>7} {'rollout':>8} {'update':>7}")
-        for tokens in args.memory_new_tokens:
-            for name in ("before", "after"):
-                r = memory[str(tokens)][name]
-                print(f"{tokens:>10} {r['answer_tokens']:>14} {name:8} {r['loaded_mb']:>7.0f} "
-                      f"{r['rollout_peak_mb']:>8.0f} {r['peak_mb']:>7.0f}")
-        results["update_memory"] = memory
-        finished("memory")
+    for part, measure in MEASURES.items():
+        if part in todo:
+            measure(args, results)
+            results["commands"][part] = command
+            write_results(args.out, results)   # after each part: a cut-off benchmark keeps its finished parts
     if todo:
         print(f"\nwrote {args.out}")
 
 
+# each part's measurement, in the order they run
+MEASURES = {"costs": measure_costs, "scaling": measure_scaling, "475": measure_475, "agent": measure_agent,
+            "memory": measure_memory}
 # what each part writes to --out
 PART_RESULTS = {"costs": ("update_costs", "layer_costs"), "scaling": ("seed_scaling",), "475": ("time_to_475", "runs"),
                 "agent": ("agent_costs",), "memory": ("update_memory",)}
