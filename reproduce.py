@@ -280,7 +280,8 @@ def plot_agent(summaries, routings, results_dir, name="agent"):
     runs = {r: [s for s in summaries if s.get("routing") == r and s.get("status") == "finished"] for r in routings}
     runs = {r: v for r, v in runs.items() if v}
     width = 0.8 / len(runs)
-    mean = lambda values: float(np.mean(values))
+    # a metric a run has no value for (occupancy with no informative batch) is left out; none at all: no bar
+    mean = lambda values: float(np.mean([v for v in values if v is not None] or [np.nan]))
     figure, ax = plt.subplots(figsize=(9, 4))
     for i, (routing, mine) in enumerate(runs.items()):
         x = np.arange(len(HOUSEHOLD_TASK_TYPES)) + (i - (len(runs) - 1) / 2) * width
@@ -306,7 +307,8 @@ def plot_agent(summaries, routings, results_dir, name="agent"):
                            (axes[2], "occupancy", "occupancy: batches where the type has >50% of the loss")):
         for i, routing in enumerate(names):
             x = np.arange(len(HOUSEHOLD_TASK_TYPES)) + (i - (len(names) - 1) / 2) * width
-            value = (lambda s, t: max(s[key][t])) if key == "utilisation" else (lambda s, t: s[key][t])
+            value = (lambda s, t: max(s[key][t]) if t in s[key] else None) if key == "utilisation" \
+                else (lambda s, t: s[key].get(t))        # a task type the evaluation never drew has none
             ax.bar(x, [mean([value(s, t) for s in runs[routing]]) for t in HOUSEHOLD_TASK_TYPES], width, label=routing)
         ax.set_xticks(range(len(HOUSEHOLD_TASK_TYPES)), [SHORT[t] for t in HOUSEHOLD_TASK_TYPES])
         ax.set(title=title, ylim=(0, 1.25))
@@ -455,6 +457,53 @@ def run_moe(options, extra):
             for (setting, placement, router, _), result, c in zip(grid, results, commands)]
 
 
+def run_agent_study(options, extra, modes, summary_path):
+    """Run the agent or rais study's grid (seeds x routings x IS modes), --jobs at a time, each run resumed or
+    skipped as `run` decides; summaries.json grows as runs finish, so a study cut off keeps what it finished."""
+    grid = [(r, m, s) for s in options.seeds for r in options.routings for m in modes]
+    names = [f"{r}_{m}_s{s}" if m else f"{r}_s{s}" for r, m, s in grid]
+    commands = [agent_command(r, s, options.output_dir, extra + (["--is-mode", m] if m else []), name)
+                for (r, m, s), name in zip(grid, names)]
+    for command in commands:
+        print(" ".join(command[1:]))
+    logs = [os.path.join(options.output_dir, f"{name}.out") for name in names]
+    run_dirs = [os.path.join(options.output_dir, name) for name in names]
+    summaries, lock = [None] * len(grid), threading.Lock()
+
+    def run_one(i):
+        (r, m, s), result = grid[i], run(commands[i], logs[i], run_dirs[i])
+        with lock:
+            summaries[i] = {**result, "routing": r, "label": f"{r}/{m}" if m else r, "seed": s,
+                            "command": " ".join(commands[i][1:])}
+            json.dump([x for x in summaries if x is not None], open(summary_path, "w"), indent=1)
+
+    with ThreadPoolExecutor(options.jobs) as pool:
+        list(pool.map(run_one, range(len(grid))))
+    return summaries
+
+
+def report(options, summaries, labels):
+    """Print a study's tables and write its plots (and, for moe, its tables) under --results-dir."""
+    os.makedirs(options.results_dir, exist_ok=True)
+    if options.study == "moe":
+        tables = "\n\n".join(f"{setting.upper()}\n\n{moe_table(summaries, setting)}" for setting in options.settings)
+        print(tables)
+        with open(os.path.join(options.results_dir, "moe_tables.md"), "w") as f:
+            f.write(tables + "\n")
+        paths = plot_moe(summaries, options.results_dir)
+    else:
+        print(rais_table(summaries, labels) if options.study == "rais" else agent_table(summaries, options.routings))
+        print()
+        if all(os.path.exists(os.path.join(s.get("run_dir", ""), "log.jsonl")) for s in summaries if s.get("status") == "finished"):
+            print(curve_table(summaries, labels))
+        else:
+            print("(the held-out success curve needs the runs' logs, which are not in their run_dir)")
+        paths = [] if options.study == "rais" else plot_agent(summaries, options.routings, options.results_dir,
+                                                              "agent_quick" if options.quick else "agent")
+    for path in paths:
+        print(f"wrote {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=["moe", "agent", "rais"],
@@ -514,44 +563,8 @@ def main():
         for path in (summary_path, os.path.join(options.results_dir, "moe_summaries.json")):
             json.dump(summaries, open(path, "w"), indent=1)
     else:
-        grid = [(r, m, s) for s in options.seeds for r in options.routings for m in modes]
-        names = [f"{r}_{m}_s{s}" if m else f"{r}_s{s}" for r, m, s in grid]
-        commands = [agent_command(r, s, options.output_dir, extra + (["--is-mode", m] if m else []), name)
-                    for (r, m, s), name in zip(grid, names)]
-        for command in commands:
-            print(" ".join(command[1:]))
-        logs = [os.path.join(options.output_dir, f"{name}.out") for name in names]
-        run_dirs = [os.path.join(options.output_dir, name) for name in names]
-        summaries, lock = [None] * len(grid), threading.Lock()
-
-        def run_one(i):
-            (r, m, s), result = grid[i], run(commands[i], logs[i], run_dirs[i])
-            with lock:      # summaries.json grows as runs finish: a study cut off keeps what it finished
-                summaries[i] = {**result, "routing": r, "label": f"{r}/{m}" if m else r, "seed": s,
-                                "command": " ".join(commands[i][1:])}
-                json.dump([x for x in summaries if x is not None], open(summary_path, "w"), indent=1)
-
-        with ThreadPoolExecutor(options.jobs) as pool:
-            list(pool.map(run_one, range(len(grid))))
-    os.makedirs(options.results_dir, exist_ok=True)
-    if moe:
-        tables = "\n\n".join(f"{setting.upper()}\n\n{moe_table(summaries, setting)}" for setting in options.settings)
-        print(tables)
-        with open(os.path.join(options.results_dir, "moe_tables.md"), "w") as f:
-            f.write(tables + "\n")
-        paths = plot_moe(summaries, options.results_dir)
-    else:
-        print(rais_table(summaries, labels) if rais else agent_table(summaries, options.routings))
-        print()
-        if all(os.path.exists(os.path.join(s.get("run_dir", ""), "log.jsonl")) for s in summaries if s.get("status") == "finished"):
-            print(curve_table(summaries, labels))
-        else:
-            print("(the held-out success curve needs the runs' logs, which are not in their run_dir)")
-        paths = [] if rais else plot_agent(summaries, options.routings, options.results_dir,
-                                           "agent_quick" if options.quick else "agent")
-    for path in paths:
-        print(f"wrote {path}")
-
+        summaries = run_agent_study(options, extra, modes, summary_path)
+    report(options, summaries, labels)
 
 if __name__ == "__main__":
     main()
