@@ -20,10 +20,12 @@ def arg(default, help, choices=None):
 USAGE = "%(prog)s [options] (see --help)"
 
 
-def parse_dataclass(cls, argv, description, validate):
+def parse_dataclass(cls, argv, description, validate, presets=None):
     """An argparse CLI from a dataclass: one flag per field, its help from the field's metadata; bools get
     --flag/--no-flag. A bad flag or value, or `validate(args, given)` raising ValueError (given: the fields set
-    on the command line), prints the one-line USAGE and one error line that names the valid values."""
+    on the command line), prints the one-line USAGE and one error line that names the valid values.
+    `presets` ({name: {field: value}}, with a field `preset` in cls choosing one): the chosen preset's values
+    replace the defaults, and the flags given on the command line replace both."""
     parser = argparse.ArgumentParser(description=description, usage=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):   # defaults are filled in below, so that the namespace holds only the flags given
@@ -37,7 +39,8 @@ def parse_dataclass(cls, argv, description, validate):
     given, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(unknown_flags(unknown, cls))
-    args = cls(**{**{f.name: f.default for f in fields(cls)}, **vars(given)})
+    preset = (presets or {}).get(getattr(given, "preset", None), {})
+    args = cls(**{**{f.name: f.default for f in fields(cls)}, **preset, **vars(given)})
     try:
         validate(args, set(vars(given)))
     except ValueError as error:

@@ -64,10 +64,37 @@ ROUTER_NAMES = {"-": "-", "topk": "Top-k", "soft": "SoftMoE", "task": "hardcoded
 # --quick keeps every placement with SoftMoE, and all three routers at Middle and Big
 QUICK_CELLS = {("dense", "-"), ("middle", "topk"), ("middle", "soft"), ("middle", "task"), ("final", "soft"),
                ("all", "soft"), ("big", "topk"), ("big", "soft"), ("big", "task")}
-# both sizes update every 4 env steps (Dopamine's classic-control setting) and keep train_dqn.py's other defaults
-QUICK_FLAGS = ["--total-steps", "18000", "--eval-frequency", "3000", "--eval-episodes", "5",
-               "--final-eval-episodes", "10", "--train-frequency", "4"]
-FULL_FLAGS = ["--total-steps", "150000", "--eval-frequency", "5000", "--train-frequency", "4"]
+# both sizes train with train_dqn.py's study preset (chosen by `reproduce.py preset`); the full size gives each
+# task 100k env steps (MTRL: 300k summed over the three tasks, stepped together; CRL: 100k per task in turn)
+QUICK_FLAGS = ["--preset", "study", "--total-steps", "18000", "--eval-frequency", "3000", "--eval-episodes", "5",
+               "--final-eval-episodes", "10"]
+FULL_FLAGS = ["--preset", "study", "--total-steps", "300000", "--eval-frequency", "10000"]
+# the settings of the moe study: crl_reverse is CRL with the task order reversed (Willi et al. find the order matters)
+MOE_SETTINGS = ("mtrl", "crl", "crl_reverse")
+MOE_TASKS = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
+# the cells that decide the paper's claims run first: dense against Big and Middle with SoftMoE and Top-k (every
+# claim but hardcoded routing), then hardcoded routing, then the rest of the grid
+MOE_PRIORITY = ["dense", "big:soft", "middle:soft", "middle:topk", "big:topk", "middle:task", "big:task"]
+
+# the preset study: candidate DQN settings, each trained on every task alone with 10 seeds batched in one process,
+# at one per-task budget and without the early stop, so that "learned and still learned at the end" is measured.
+# "zoo" is rl-zoo3's MountainCar-v0 config (lr 4e-3, gamma 0.98, train every 16 steps with 8 gradient steps, target
+# every 600, epsilon to 0.07 over 20%, buffer 10k, batch 128) on the project's 128-wide network; the others change
+# one thing of it, or are train_dqn.py's defaults as the moe study used them before (--train-frequency 4).
+ZOO = ["--learning-rate", "4e-3", "--gamma", "0.98", "--train-frequency", "16", "--gradient-steps", "8",
+       "--target-network-frequency", "600", "--end-e", "0.07", "--exploration-fraction", "0.2",
+       "--buffer-size", "10000", "--batch-size", "128", "--learning-starts", "1000"]
+PRESET_CANDIDATES = {
+    "zoo": ZOO,
+    "defaults": ["--train-frequency", "4"],
+    "zoo_lr1e-3": ZOO + ["--learning-rate", "1e-3"],
+    "zoo_buffer50k": ZOO + ["--buffer-size", "50000"],
+    "zoo_hidden256": ZOO + ["--hidden", "256"],
+}
+PRESET_TASKS = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
+PRESET_FLAGS = ["--total-steps", "100000", "--no-stop-when-solved", "--eval-frequency", "10000",
+                "--eval-episodes", "10", "--final-eval-episodes", "20"]
+PRESET_SEEDS = list(range(1, 11))
 
 # the agent study's --quick size: 60 of train_agent.py's 400 iterations, half its held-out episodes, 3 seeds
 AGENT_QUICK_FLAGS = ["--iterations", "60", "--eval-every", "20", "--eval-episodes", "60", "--conflict-every", "20"]
@@ -134,6 +161,17 @@ def bootstrap_ci(values, confidence=0.95, resamples=10_000, seed=0):
     return float(values.mean()), float(low), float(high)
 
 
+def difference_ci(a, b, confidence=0.95, resamples=10_000, seed=0):
+    """mean(a) - mean(b) of two independent groups of seeds, with a percentile-bootstrap interval (each group
+    resampled with replacement on its own, a fixed RNG seed). Returns (difference, low, high)."""
+    a, b, rng = np.asarray(a, np.float64), np.asarray(b, np.float64), np.random.default_rng(seed)
+    resampled = (a[rng.integers(0, len(a), (resamples, len(a)))].mean(1) -
+                 b[rng.integers(0, len(b), (resamples, len(b)))].mean(1))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return float(a.mean() - b.mean()), float(low), float(high)
+
+
 def curve(cell, key, task=None):
     """(steps, mean over seeds) of an evaluation quantity: mean_normalized_score, a task's normalized_score
     or dormant."""
@@ -191,6 +229,73 @@ def moe_table(summaries, setting):
     return "\n".join(rows)
 
 
+# The claims of Willi et al. 2024 the moe study tests: (claim, setting, cell A, cell B, what is compared). Each
+# is judged on A - B over the seeds (final mean normalised score, or the final dormant fraction of B - A).
+MOE_CLAIMS = [
+    *[("Big + SoftMoE beats dense in CRL", s, "big:soft", "dense", "score") for s in ("crl", "crl_reverse")],
+    *[("SoftMoE beats dense in CRL", s, "middle:soft", "dense", "score") for s in ("crl", "crl_reverse")],
+    *[("only Big beats dense in MTRL", "mtrl", cell, "dense", "score")
+      for cell in ("big:soft", "big:topk", "big:task", "middle:soft", "middle:topk", "middle:task", "final:soft", "all:soft")],
+    *[("SoftMoE beats Top-k under non-stationarity", s, f"{p}:soft", f"{p}:topk", "score")
+      for s in ("crl", "crl_reverse", "mtrl") for p in ("middle", "big")],
+    *[("MoE has fewer dormant neurons than dense", s, cell, "dense", "dormant")
+      for s in ("crl", "mtrl") for cell in ("big:soft", "middle:soft", "middle:topk")],
+    *[("hardcoded routing beats a learned router", s, f"{p}:task", f"{p}:soft", "score")
+      for s in ("crl", "mtrl") for p in ("middle", "big")],
+    *[("the task order matters in CRL", "crl", cell, cell, "order") for cell in ("dense", "big:soft", "middle:soft")],
+]
+
+
+def final_values(cell, what):
+    """Per seed: the final mean normalised score, or the overall dormant fraction at the final evaluation."""
+    if what == "dormant":
+        return [e["dormant"] for e in cell["evaluations"] if e["final"] and e["dormant"] is not None]
+    return [s["mean_normalized_score"] for s in cell["per_seed"]]
+
+
+def moe_verdicts(summaries):
+    """A markdown row per claim of MOE_CLAIMS whose cells have finished: the difference with its 95% bootstrap
+    interval and the verdict, 'holds' (the interval is above 0), 'reversed' (below 0) or 'cannot be told apart'
+    (it holds 0). For the task order, CRL in the given order minus CRL reversed, where either sign holds."""
+    cells = {(s["setting"], cell_name(s["placement"], s["router"])): s for s in summaries if s.get("status") == "finished"}
+    rows = ["| claim | setting | comparison | difference [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for claim, setting, a, b, what in MOE_CLAIMS:
+        other = ("crl_reverse", b) if what == "order" else (setting, b)
+        if (setting, a) not in cells or other not in cells:
+            continue
+        first, second = final_values(cells[(setting, a)], what), final_values(cells[other], what)
+        difference, low, high = difference_ci(second, first) if what == "dormant" else difference_ci(first, second)
+        comparison = {"score": f"{a} - {b}", "dormant": f"dormant {b} - {a}", "order": f"{a}: crl - crl_reverse"}[what]
+        verdict = ("cannot be told apart" if low <= 0 <= high else
+                   "holds" if what == "order" or low > 0 else "reversed")
+        rows.append(f"| {claim} | {setting} | {comparison} | {difference:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict} |")
+    return "\n".join(rows) if len(rows) > 2 else "(no claim has both its cells finished)"
+
+
+def preset_table(summaries, threshold=0.9):
+    """One row per candidate: for each task, the final normalised score (mean over seeds, 95% bootstrap
+    interval), how many seeds end at `threshold` or more, and the mean over the run's evaluations (how soon
+    it learns and how well it holds); then the minutes the run took."""
+    tasks = sorted({s["task"] for s in summaries}, key=PRESET_TASKS.index)
+    rows = ["| candidate | " + " | ".join(f"{t.split('-')[0]}: final [95% CI] | >= {threshold} | mean over evals"
+                                        for t in tasks) + " | minutes |",
+            "|---|" + "---|---|---|" * len(tasks) + "---|"]
+    for candidate in dict.fromkeys(s["candidate"] for s in summaries):
+        cells, minutes = [], 0.0
+        for task in tasks:
+            mine = [s for s in summaries if s["candidate"] == candidate and s["task"] == task and s.get("status") == "finished"]
+            if not mine:
+                cells.append("- | - | -")
+                continue
+            final = [p["normalized_score"][task] for p in mine[0]["per_seed"]]
+            mean, low, high = bootstrap_ci(final)
+            average = np.mean([e["normalized_score"][task] for e in mine[0]["evaluations"]])
+            cells.append(f"{mean:.2f} [{low:.2f}, {high:.2f}] | {sum(f >= threshold for f in final)}/{len(final)} | {average:.2f}")
+            minutes += mine[0]["wall_seconds"] / 60
+        rows.append(f"| {candidate} | " + " | ".join(cells) + f" | {minutes:.0f} |")
+    return "\n".join(rows)
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend, or None (with a message naming the package) when
     matplotlib is not installed: the plots are optional, the tables are not."""
@@ -221,7 +326,7 @@ def plot_moe(summaries, results_dir):
     if plt is None:
         return []
     cells = [s for s in summaries if s.get("status") == "finished"]
-    settings = [x for x in ("mtrl", "crl") if any(c["setting"] == x for c in cells)]
+    settings = [x for x in MOE_SETTINGS if any(c["setting"] == x for c in cells)]
     paths = []
     figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
     for ax, setting in zip(axes[0], settings):
@@ -239,18 +344,19 @@ def plot_moe(summaries, results_dir):
     paths.append(os.path.join(results_dir, "moe_scores.png"))
     figure.savefig(paths[-1], dpi=110)
 
-    crl = [c for c in cells if c["setting"] == "crl"]
-    if crl:
-        tasks = crl[0]["tasks"]
-        figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False, sharey=True)
-        for ax, task in zip(axes[0], tasks):
-            for cell in crl:
-                ax.plot(*curve(cell, "normalized_score", task), **cell_style(cell))
-            for step in crl[0]["task_switches"]:
-                ax.axvline(step, color="grey", linestyle="--", linewidth=1)
-            ax.set(title=f"CRL: {task} (order {' -> '.join(t.split('-')[0] for t in tasks)})", xlabel="env steps",
-                   ylabel="normalised score")
-        axes[0][-1].legend(fontsize=7)
+    orders = [x for x in ("crl", "crl_reverse") if x in settings]
+    if orders:
+        figure, axes = plt.subplots(len(orders), 3, figsize=(16.5, 4.2 * len(orders)), squeeze=False, sharey=True)
+        for row, setting in zip(axes, orders):
+            crl = [c for c in cells if c["setting"] == setting]
+            for ax, task in zip(row, crl[0]["tasks"]):
+                for cell in crl:
+                    ax.plot(*curve(cell, "normalized_score", task), **cell_style(cell))
+                for step in crl[0]["task_switches"]:
+                    ax.axvline(step, color="grey", linestyle="--", linewidth=1)
+                ax.set(title=f"CRL: {task} (order {' -> '.join(t.split('-')[0] for t in crl[0]['tasks'])})",
+                       xlabel="env steps", ylabel="normalised score")
+            row[-1].legend(fontsize=7)
         figure.tight_layout()
         paths.append(os.path.join(results_dir, "crl_curves.png"))
         figure.savefig(paths[-1], dpi=110)
@@ -435,62 +541,140 @@ def curve_table(summaries, routings):
     return "\n".join(rows)
 
 
-def run_moe(options, extra):
-    """The moe study: every (setting, cell) as one train_dqn.py process with all seeds batched, --jobs at a
-    time; returns the summaries, each with its cell, command and what dqn_evaluations reads from its log."""
-    size = QUICK_FLAGS if options.quick else FULL_FLAGS
-    grid = [(setting, placement, router, flags) for setting in options.settings
-            for placement, router, flags in moe_grid(options.quick, options.cells)]
-    names = [f"{setting}_{placement}" + ("" if router == "-" else f"_{router}") for setting, placement, router, _ in grid]
-    commands = [dqn_command(setting, flags, options.seeds, options.output_dir, name, size + extra)
-                for (setting, _, _, flags), name in zip(grid, names)]
+def run_grid(commands, names, options, record, summary_paths, stored=lambda i: None):
+    """Run `commands` (named `names`) --jobs at a time, each resumed or skipped as `run` decides, or taken as
+    stored(i) where that returns a summary. As each ends, record(i, result) makes its summary and every file in
+    summary_paths is rewritten with the summaries so far, so a study cut off keeps every run it finished and
+    its rerun skips them."""
     for command in commands:
         print(" ".join(command[1:]))
-    logs = [os.path.join(options.output_dir, f"{name}.out") for name in names]
-    run_dirs = [os.path.join(options.output_dir, name) for name in names]
-    start = time.time()
+    summaries, lock, start = [None] * len(commands), threading.Lock(), time.time()
+
+    def run_one(i):
+        summary = stored(i)
+        if summary is None:
+            result = run(commands[i], os.path.join(options.output_dir, f"{names[i]}.out"),
+                         os.path.join(options.output_dir, names[i]))
+            summary = {**record(i, result), "command": " ".join(commands[i][1:])}
+        with lock:
+            summaries[i] = summary
+            for path in summary_paths:
+                json.dump([x for x in summaries if x is not None], open(path, "w"), indent=1)
+
     with ThreadPoolExecutor(options.jobs) as pool:
-        results = list(pool.map(run, commands, logs, run_dirs))
-    print(f"the {len(grid)} cells took {(time.time() - start) / 60:.1f} minutes of wall time with --jobs {options.jobs}")
-    return [{**result, "setting": setting, "placement": placement, "router": router, "command": " ".join(c[1:]),
-             **(dqn_evaluations(result["run_dir"]) if result.get("status") == "finished" else {})}
-            for (setting, placement, router, _), result, c in zip(grid, results, commands)]
+        list(pool.map(run_one, range(len(commands))))
+    print(f"the {len(commands)} runs took {(time.time() - start) / 60:.1f} minutes of wall time with --jobs {options.jobs}")
+    return summaries
 
 
-def run_agent_study(options, extra, modes, summary_path):
-    """Run the agent or rais study's grid (seeds x routings x IS modes), --jobs at a time, each run resumed or
-    skipped as `run` decides; summaries.json grows as runs finish, so a study cut off keeps what it finished."""
+def with_evaluations(result):
+    return {**result, **(dqn_evaluations(result["run_dir"]) if result.get("status") == "finished" else {})}
+
+
+def cell_name(placement, router):
+    return placement if router == "-" else f"{placement}:{router}"
+
+
+def moe_cells(options):
+    """[(setting, placement, router, train_dqn.py flags, run name)] of the moe study, the cells of MOE_PRIORITY
+    first, each in every setting of --settings."""
+    cells = moe_grid(options.quick, options.cells)
+    first = lambda c: MOE_PRIORITY.index(cell_name(*c[:2])) if cell_name(*c[:2]) in MOE_PRIORITY else len(MOE_PRIORITY)
+    return [(setting, placement, router, flags + (["--tasks", ",".join(reversed(MOE_TASKS))] if setting == "crl_reverse" else []),
+             f"{setting}_{placement}" + ("" if router == "-" else f"_{router}"))
+            for placement, router, flags in sorted(cells, key=first) for setting in options.settings]
+
+
+def cell_dir(options):
+    """Where the moe study keeps one summary file per finished cell: results/moe (results/moe_quick)."""
+    return os.path.join(options.results_dir, "moe_quick" if options.quick else "moe")
+
+
+def stored_cells(folder):
+    """Every cell summary in `folder`, in the grid's order: setting, then placement, then router."""
+    order = [cell_name(p, r) for p, r, _ in moe_grid()]
+    summaries = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))
+                 if name.endswith(".json")] if os.path.isdir(folder) else []
+    return sorted(summaries, key=lambda s: (MOE_SETTINGS.index(s["setting"]), order.index(cell_name(s["placement"], s["router"]))))
+
+
+def write_json(path, value):
+    """Write through a temporary file, so that a reader (or a second study) never sees half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_moe(options, extra, summary_paths):
+    """The moe study: every (setting, cell) as one train_dqn.py process with all seeds batched. Each finished
+    cell's summary goes to cell_dir(options)/NAME.json, and a cell whose file holds a finished run of the same
+    command is not run again, so the grid can be completed over several sittings (or one cell per job on a
+    cluster, see --print-commands); the study's summaries are then every cell file there."""
+    size = QUICK_FLAGS if options.quick else FULL_FLAGS
+    grid = moe_cells(options)
+    commands = [dqn_command("crl" if setting == "crl_reverse" else setting, flags, options.seeds, options.output_dir,
+                            name, size + extra) for setting, _, _, flags, name in grid]
+    folder = cell_dir(options)
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"{name}.json") for *_, name in grid]
+
+    def stored(i):
+        summary = json.load(open(paths[i])) if os.path.exists(paths[i]) else None
+        same = summary and summary["status"] == "finished" and summary["command"] == " ".join(commands[i][1:])
+        return summary if same else None
+
+    def record(i, result):
+        setting, placement, router, _, _ = grid[i]
+        summary = {**with_evaluations(result), "setting": setting, "placement": placement, "router": router,
+                   "command": " ".join(commands[i][1:])}
+        if summary["status"] == "finished":
+            write_json(paths[i], summary)
+        return summary
+
+    run_grid(commands, [name for *_, name in grid], options, record, summary_paths[:1], stored)
+    summaries = stored_cells(folder)
+    for path in summary_paths[1:]:
+        write_json(path, summaries)
+    return summaries
+
+
+def run_preset(options, extra, summary_paths):
+    """The preset study: every candidate of PRESET_CANDIDATES on every task alone, 10 seeds in one process."""
+    grid = [(candidate, task) for candidate in options.candidates for task in PRESET_TASKS]
+    names = [f"{candidate}_{task.split('-')[0]}" for candidate, task in grid]
+    commands = [dqn_command("single", PRESET_FLAGS + PRESET_CANDIDATES[candidate] + ["--env", task], options.seeds,
+                            options.output_dir, name, extra) for (candidate, task), name in zip(grid, names)]
+    record = lambda i, result: {**with_evaluations(result), "candidate": grid[i][0], "task": grid[i][1]}
+    return run_grid(commands, names, options, record, summary_paths)
+
+
+def run_agent_study(options, extra, modes, summary_paths):
+    """The agent or rais study's grid: seeds x routings x IS modes, one train_agent.py process each."""
     grid = [(r, m, s) for s in options.seeds for r in options.routings for m in modes]
     names = [f"{r}_{m}_s{s}" if m else f"{r}_s{s}" for r, m, s in grid]
     commands = [agent_command(r, s, options.output_dir, extra + (["--is-mode", m] if m else []), name)
                 for (r, m, s), name in zip(grid, names)]
-    for command in commands:
-        print(" ".join(command[1:]))
-    logs = [os.path.join(options.output_dir, f"{name}.out") for name in names]
-    run_dirs = [os.path.join(options.output_dir, name) for name in names]
-    summaries, lock = [None] * len(grid), threading.Lock()
-
-    def run_one(i):
-        (r, m, s), result = grid[i], run(commands[i], logs[i], run_dirs[i])
-        with lock:
-            summaries[i] = {**result, "routing": r, "label": f"{r}/{m}" if m else r, "seed": s,
-                            "command": " ".join(commands[i][1:])}
-            json.dump([x for x in summaries if x is not None], open(summary_path, "w"), indent=1)
-
-    with ThreadPoolExecutor(options.jobs) as pool:
-        list(pool.map(run_one, range(len(grid))))
-    return summaries
+    record = lambda i, result: {**result, "routing": grid[i][0], "seed": grid[i][2],
+                                "label": f"{grid[i][0]}/{grid[i][1]}" if grid[i][1] else grid[i][0]}
+    return run_grid(commands, names, options, record, summary_paths)
 
 
 def report(options, summaries, labels):
     """Print a study's tables and write its plots (and, for moe, its tables) under --results-dir."""
     os.makedirs(options.results_dir, exist_ok=True)
     if options.study == "moe":
-        tables = "\n\n".join(f"{setting.upper()}\n\n{moe_table(summaries, setting)}" for setting in options.settings)
+        settings = [s for s in MOE_SETTINGS if any(c["setting"] == s for c in summaries)]
+        minutes = sum(c.get("wall_seconds", 0) for c in summaries) / 60
+        tables = "\n\n".join(f"{setting.upper()}\n\n{moe_table(summaries, setting)}" for setting in settings)
+        tables += (f"\n\nVerdicts (95% bootstrap intervals over the seeds)\n\n{moe_verdicts(summaries)}\n\n"
+                   f"{len(summaries)} cells, {minutes:.0f} minutes of process time (one core each)")
         print(tables)
         with open(os.path.join(options.results_dir, "moe_tables.md"), "w") as f:
             f.write(tables + "\n")
         paths = plot_moe(summaries, options.results_dir)
+    elif options.study == "preset":
+        print(preset_table(summaries))
+        paths = []
     else:
         print(rais_table(summaries, labels) if options.study == "rais" else agent_table(summaries, options.routings))
         print()
@@ -504,67 +688,93 @@ def report(options, summaries, labels):
         print(f"wrote {path}")
 
 
-def main():
+def parse_options():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["moe", "agent", "rais"],
-                        help="moe: MoE placements and routers in MTRL and CRL (DQN); agent: the PA-MoE routings "
+    parser.add_argument("study", choices=["moe", "preset", "agent", "rais"],
+                        help="moe: MoE placements and routers in MTRL and CRL (DQN); preset: the sweep of DQN settings "
+                        "on each task alone that chose train_dqn.py's study preset; agent: the PA-MoE routings "
                         "compared; rais: token vs sequence vs rais importance sampling")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 1 2 3 4 5, for moe consecutive as they "
-                        "run batched in one process; 1 2 3 for agent --quick)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 1..10 for moe and preset, consecutive "
+                        "as they run batched in one process, 1..5 for moe --quick; 1 2 3 4 5 for agent and rais, "
+                        "1 2 3 for agent --quick)")
     parser.add_argument("--routings", nargs="+", help="routings to compare (default: single token trajectory "
                         "phase for agent, token for rais)")
     parser.add_argument("--is-modes", nargs="+", default=["token", "sequence", "rais"],
                         help="rais study: importance-sampling modes (default: %(default)s)")
-    parser.add_argument("--settings", nargs="+", default=["mtrl", "crl"], choices=["mtrl", "crl"],
-                        help="moe study: the settings (default: %(default)s)")
+    parser.add_argument("--candidates", nargs="+", default=list(PRESET_CANDIDATES), choices=list(PRESET_CANDIDATES),
+                        help="preset study: the candidate settings (default: all, in this order: %(default)s)")
+    parser.add_argument("--settings", nargs="+", choices=MOE_SETTINGS, help="moe study: the settings; crl_reverse is "
+                        "CRL with the tasks in reverse order (default: all three, mtrl crl with --quick)")
     parser.add_argument("--quick", action="store_true", help="the small size, under 30 minutes on 2 cores with --jobs 2: "
                         "moe: the reduced grid (QUICK_CELLS, unless --cells) at QUICK_FLAGS, without it every cell at "
                         "FULL_FLAGS; agent: AGENT_QUICK_FLAGS, without it train_agent.py's defaults; rais: no effect")
     parser.add_argument("--cells", nargs="+", help="moe study: only these cells, named dense or PLACEMENT:ROUTER "
                         "(e.g. dense middle:soft big:task; placements middle final all big, routers topk soft task)")
+    parser.add_argument("--print-commands", action="store_true", help="moe study: print one command per (setting, "
+                        "cell), each running that cell alone (for a job array or any launcher), then exit")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, 1 thread each (default: %(default)s)")
     parser.add_argument("--output-dir", help="where runs go (default: runs/compare_STUDY, runs/compare_STUDY_quick with --quick)")
     parser.add_argument("--results-dir", default="results",
-                        help="moe and agent studies: where the plots go, and the moe study's tables and summaries "
-                        "(moe_tables.md, moe_summaries.json) (default: %(default)s)")
-    parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already in "
-                        "--output-dir")
-    parser.add_argument("--summaries", help="with --table-only: read the summaries from this file rather than "
-                        "OUTPUT_DIR/summaries.json (e.g. results/agent_comparison.json, results/moe_summaries.json)")
+                        help="where the plots and tables go, and the summaries of the moe study (one file per cell "
+                        "in moe/ or moe_quick/, all of them in moe_summaries.json) and the preset study "
+                        "(dqn_preset.json) (default: %(default)s)")
+    parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already done: "
+                        "moe: the cell files under --results-dir; the others: OUTPUT_DIR/summaries.json")
+    parser.add_argument("--summaries", help="with --table-only: read the summaries from this file instead "
+                        "(e.g. results/agent_comparison.json, results/moe_summaries.json)")
     options, extra = parser.parse_known_args()   # anything else is passed on to every train_dqn.py / train_agent.py run
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
-    rais, moe = options.study == "rais", options.study == "moe"
-    options.seeds = options.seeds or (AGENT_QUICK_SEEDS if options.quick and options.study == "agent" else [1, 2, 3, 4, 5])
-    if moe and options.seeds != list(range(options.seeds[0], options.seeds[0] + len(options.seeds))):
-        parser.error(f"the moe study runs its seeds batched in one process (--seed S --seeds N), so --seeds must be "
-                     f"consecutive, got {options.seeds}")
+    dqn = options.study in ("moe", "preset")
+    options.seeds = options.seeds or (AGENT_QUICK_SEEDS if options.quick and options.study == "agent" else
+                                      list(range(1, 6)) if options.quick or not dqn else PRESET_SEEDS)
+    if dqn and options.seeds != list(range(options.seeds[0], options.seeds[0] + len(options.seeds))):
+        parser.error(f"the {options.study} study runs its seeds batched in one process (--seed S --seeds N), so --seeds "
+                     f"must be consecutive, got {options.seeds}")
     if options.cells:
         try:
             moe_grid(only=options.cells)
         except ValueError as error:
             parser.error(str(error))
-    options.routings = options.routings or (["token"] if rais else ["single", "token", "trajectory", "phase"])
+    options.settings = options.settings or (["mtrl", "crl"] if options.quick else list(MOE_SETTINGS))
+    options.routings = options.routings or (["token"] if options.study == "rais" else ["single", "token", "trajectory", "phase"])
     options.output_dir = options.output_dir or f"runs/compare_{options.study}{'_quick' if options.quick else ''}"
-    modes = options.is_modes if rais else [None]
-    if rais:
+    if options.study == "rais":
         extra = RAIS_FLAGS + extra           # flags given later win
-    elif options.quick and not moe:
+    elif options.quick and not dqn:
         extra = AGENT_QUICK_FLAGS + extra
+    return options, extra
+
+
+def cell_commands(options, extra):
+    """One command per (setting, cell) of the moe study, each running that cell alone through this script, so
+    that its summary lands in the cell folder like any other."""
+    shared = ["--seeds", *map(str, options.seeds), "--jobs", "1", "--output-dir", options.output_dir,
+              "--results-dir", options.results_dir, *(["--quick"] if options.quick else []), *extra]
+    return [" ".join(["python", "reproduce.py", "moe", "--settings", setting, "--cells", cell_name(placement, router),
+                      *shared]) for setting, placement, router, _, _ in moe_cells(options)]
+
+
+def main():
+    options, extra = parse_options()
+    if options.print_commands:
+        print("\n".join(cell_commands(options, extra)))
+        return
+    modes = options.is_modes if options.study == "rais" else [None]
     labels = [f"{r}/{m}" if m else r for r in options.routings for m in modes]
     summary_path = os.path.join(options.output_dir, "summaries.json")
-    if not options.table_only:
-        os.makedirs(options.output_dir, exist_ok=True)
+    results_file = {"moe": "moe_summaries.json", "preset": "dqn_preset.json"}.get(options.study)
     if options.table_only:
-        summaries = json.load(open(options.summaries or summary_path))
-    elif moe:
-        summaries = run_moe(options, extra)
-        os.makedirs(options.results_dir, exist_ok=True)
-        for path in (summary_path, os.path.join(options.results_dir, "moe_summaries.json")):
-            json.dump(summaries, open(path, "w"), indent=1)
+        summaries = (json.load(open(options.summaries)) if options.summaries else
+                     stored_cells(cell_dir(options)) if options.study == "moe" else json.load(open(summary_path)))
     else:
-        summaries = run_agent_study(options, extra, modes, summary_path)
+        os.makedirs(options.output_dir, exist_ok=True)
+        os.makedirs(options.results_dir, exist_ok=True)
+        paths = [summary_path] + ([os.path.join(options.results_dir, results_file)] if results_file else [])
+        study = {"moe": run_moe, "preset": run_preset}.get(options.study)
+        summaries = study(options, extra, paths) if study else run_agent_study(options, extra, modes, paths)
     report(options, summaries, labels)
+
 
 if __name__ == "__main__":
     main()

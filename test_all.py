@@ -467,6 +467,29 @@ def test_smoke_every_routing_and_setting(tmp_path, architecture, setting):
             assert record["expert_load"]
 
 
+def test_a_preset_sets_the_defaults_and_flags_given_beside_it_win(tmp_path):
+    study = train_dqn.parse_args(["--preset", "study", "--gamma", "0.9"])
+    assert study.preset == "study" and study.gamma == 0.9                       # given beside it: wins
+    assert all(getattr(study, name) == value for name, value in train_dqn.PRESETS["study"].items() if name != "gamma")
+    plain = train_dqn.parse_args([])
+    assert plain.preset == "none" and plain.learning_rate == 1e-3 and plain.gradient_steps == 1
+    summary, args = run(tmp_path, "--preset", "study", "--learning-starts", "100", "--buffer-size", "500")
+    config = read_log(summary)[0]["config"]
+    assert config["preset"] == "study" and config["train_frequency"] == 16 and config["buffer_size"] == 500
+
+
+def test_dqn_bad_preset_names_the_presets(capsys, nothing_heavy):
+    error = usage_error(train_dqn.main, ["--preset", "zoo"], capsys)
+    assert "invalid choice: 'zoo'" in error and "'study'" in error
+
+
+def test_gradient_steps_take_that_many_updates_per_training_step(tmp_path):
+    """300 steps, learning from step 100, an update every 20 steps: 11 updates, each of --gradient-steps steps."""
+    one, _ = run(tmp_path, "--train-frequency", "20", "--run-name", "one")
+    three, _ = run(tmp_path, "--train-frequency", "20", "--gradient-steps", "3", "--run-name", "three")
+    assert one["updates"] == 11 and three["updates"] == 33
+
+
 def test_crl_run_logs_the_task_it_trains(tmp_path):
     summary, _ = run(tmp_path, "--setting", "crl", "--total-steps", "600", "--eval-frequency", "100",
                      "--tasks", "CartPole-v1,Acrobot-v1")
@@ -2645,29 +2668,85 @@ def test_plots_are_written_or_skipped_with_a_message(tmp_path, monkeypatch, caps
     assert f"pip install {reproduce.MATPLOTLIB}" in capsys.readouterr().err
 
 
+def test_difference_intervals_and_verdicts_from_fake_cells():
+    assert reproduce.difference_ci([1, 1, 1], [0, 0, 0]) == (1.0, 1.0, 1.0)
+    difference, low, high = reproduce.difference_ci([0.2, 0.4, 0.6], [0.1, 0.5, 0.3])
+    assert difference == pytest.approx(0.1) and low < 0 < high
+    tasks = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
+    seeds = lambda offset, spread: {s: {300: [offset + spread * s] * 3} for s in (1, 2, 3)}
+    cells = [fake_cell("crl", "dense", "-", tasks, [100, 200], seeds(0.2, 0.01), dormant=0.3),
+             fake_cell("crl", "big", "soft", tasks, [100, 200], seeds(0.6, 0.01), dormant=0.1),
+             fake_cell("crl", "middle", "soft", tasks, [100, 200], seeds(0.1, 0.01)),
+             fake_cell("crl", "middle", "topk", tasks, [100, 200], seeds(-0.28, 0.2)),
+             fake_cell("crl_reverse", "dense", "-", tasks[::-1], [100, 200], seeds(0.2, 0.01))]
+    rows = {tuple(c.strip() for c in row.split("|")[1:4]): row.split("|")[5].strip()
+            for row in reproduce.moe_verdicts(cells).splitlines()[2:]}
+    assert rows[("Big + SoftMoE beats dense in CRL", "crl", "big:soft - dense")] == "holds"
+    assert rows[("SoftMoE beats dense in CRL", "crl", "middle:soft - dense")] == "reversed"
+    assert rows[("SoftMoE beats Top-k under non-stationarity", "crl", "middle:soft - middle:topk")] == "cannot be told apart"
+    assert rows[("MoE has fewer dormant neurons than dense", "crl", "dormant dense - big:soft")] == "holds"
+    assert rows[("the task order matters in CRL", "crl", "dense: crl - crl_reverse")] == "cannot be told apart"
+    assert len(rows) == 7                                # only claims whose two cells have finished
+    assert reproduce.moe_verdicts(cells[:1]) == "(no claim has both its cells finished)"
+
+
+def test_preset_table_counts_the_seeds_that_end_learned():
+    tasks = ["CartPole-v1", "MountainCar-v0"]
+    summaries = [{**fake_cell("single", "dense", "-", [task], [], {s: {100: [0.5], 200: [score]} for s, score in
+                                                                   enumerate([0.95, 0.92, 0.2], 1)}),
+                  "candidate": "zoo", "task": task} for task in tasks]
+    table = reproduce.preset_table(summaries).splitlines()
+    assert table[0].startswith("| candidate | CartPole: final [95% CI] | >= 0.9 | mean over evals | MountainCar")
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[0] == "zoo" and cells[1].startswith(f"{np.mean([0.95, 0.92, 0.2]):.2f} [") and cells[2] == "2/3"
+    assert cells[3] == f"{np.mean([0.5, 0.95, 0.5, 0.92, 0.5, 0.2]):.2f}" and cells[-1] == "3"
+
+
+def test_print_commands_gives_one_command_per_cell_that_runs_it_alone():
+    result = subprocess.run([sys.executable, "reproduce.py", "moe", "--print-commands", "--output-dir", "out"],
+                            capture_output=True, text=True, cwd=ROOT)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 13 * 3 and len(set(lines)) == len(lines)
+    assert lines[0] == ("python reproduce.py moe --settings mtrl --cells dense --seeds 1 2 3 4 5 6 7 8 9 10 --jobs 1 "
+                        "--output-dir out --results-dir results")
+    assert [line.split()[6] for line in lines[:9]] == ["dense"] * 3 + ["big:soft"] * 3 + ["middle:soft"] * 3
+    quick = subprocess.run([sys.executable, "reproduce.py", "moe", "--quick", "--print-commands"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
+    assert len(quick) == len(reproduce.QUICK_CELLS) * 2 and all("--quick" in line for line in quick)
+
+
 def test_reproduce_moe_end_to_end(tmp_path):
-    """Two CRL cells with 2 batched seeds, a few hundred steps: the runs, the table and the plots."""
+    """Two CRL cells (one in reversed order) with 2 batched seeds, a few hundred steps: the runs, one summary file
+    per cell, the table, the verdicts and the plots; a second call skips the finished cells."""
     out, results = tmp_path / "runs", tmp_path / "results"
-    result = subprocess.run(
-        [sys.executable, "reproduce.py", "moe", "--settings", "crl", "--cells", "dense", "big:task", "--seeds", "1", "2",
-         "--output-dir", str(out), "--results-dir", str(results), "--total-steps", "300", "--learning-starts", "100",
-         "--eval-frequency", "150", "--eval-episodes", "1", "--final-eval-episodes", "1", "--hidden", "16"],
-        capture_output=True, text=True)
+    command = [sys.executable, "reproduce.py", "moe", "--settings", "crl", "crl_reverse", "--cells", "dense", "big:task",
+               "--seeds", "1", "2", "--output-dir", str(out), "--results-dir", str(results), "--total-steps", "300",
+               "--learning-starts", "100", "--eval-frequency", "150", "--eval-episodes", "1", "--final-eval-episodes",
+               "1", "--hidden", "16"]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    summaries = json.load(open(out / "summaries.json"))
-    assert json.load(open(results / "moe_summaries.json")) == summaries
-    assert [(s["placement"], s["router"], s["status"]) for s in summaries] == [("dense", "-", "finished"),
-                                                                               ("big", "task", "finished")]
+    summaries = json.load(open(results / "moe_summaries.json"))
+    assert sorted(os.listdir(results / "moe")) == sorted(f"{s}_{c}.json" for s in ("crl", "crl_reverse")
+                                                         for c in ("dense", "big_task"))
+    assert [(s["setting"], s["placement"], s["router"], s["status"]) for s in summaries] == [
+        ("crl", "dense", "-", "finished"), ("crl", "big", "task", "finished"),
+        ("crl_reverse", "dense", "-", "finished"), ("crl_reverse", "big", "task", "finished")]
+    assert summaries[0]["tasks"] == summaries[2]["tasks"][::-1] == ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
     assert summaries[1]["task_switches"] == [100, 200] and "--seed 1 --seeds 2" in summaries[1]["command"]
+    assert "--preset study" in summaries[0]["command"]
     assert sorted({(e["seed"], e["step"]) for e in summaries[0]["evaluations"]}) == [(1, 150), (1, 300), (2, 150), (2, 300)]
     table = open(results / "moe_tables.md").read()
     assert "| dense | - |" in table and "| Big | hardcoded |" in table and table.strip() in result.stdout
+    assert "CRL_REVERSE" in table and "| the task order matters in CRL | crl | dense: crl - crl_reverse |" in table
     if "matplotlib is not installed" not in result.stderr:
         assert {"moe_scores.png", "crl_curves.png", "dormant.png"} <= set(os.listdir(results))
-    again = subprocess.run([sys.executable, "reproduce.py", "moe", "--table-only", "--settings", "crl", "--summaries",
-                            str(results / "moe_summaries.json"), "--output-dir", str(out), "--results-dir", str(tmp_path / "again")],
-                           capture_output=True, text=True)
+    again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 0 and table.strip() in again.stdout
+    assert not [name for name in os.listdir(out) if name.endswith(".out") and os.path.getmtime(out / name) >
+                os.path.getmtime(results / "moe_tables.md")]                         # nothing was run again
+    only = subprocess.run([sys.executable, "reproduce.py", "moe", "--table-only", "--output-dir", str(out),
+                           "--results-dir", str(results)], capture_output=True, text=True)
+    assert only.returncode == 0 and table.strip() in only.stdout
 
 
 def test_benchmark_agent_part_at_a_tiny_size(base_cache):

@@ -42,8 +42,20 @@ from many_seeds import FrozenSeeds, clip_grad_norm_per_seed, mean_and_ci95, seed
 from moe_rl import BIG_GATES, PLACEMENTS, ROUTINGS, QNetwork, dormant_fraction, parameter_count
 
 
+# Named settings of every DQN flag a study shares; `--preset NAME` takes them as the defaults, and flags given
+# beside it still win. "study" is the setting of the moe study (reproduce.py moe), chosen by the sweep
+# `python reproduce.py preset` (README: The study preset): rl-zoo3's MountainCar-v0 DQN config on this network.
+PRESETS = {
+    "none": {},
+    "study": dict(learning_rate=4e-3, gamma=0.98, train_frequency=16, gradient_steps=8, target_network_frequency=600,
+                  end_e=0.07, exploration_fraction=0.2, buffer_size=10_000, batch_size=128, learning_starts=1_000),
+}
+
+
 @dataclass
 class Args:
+    preset: str = arg("none", "named defaults for the flags below (PRESETS in train_dqn.py; flags given beside it "
+                      "win): none (the defaults shown) or study (the moe study's DQN setting)", tuple(PRESETS))
     # the network
     routing: str = arg("dense", "router: dense (no MoE), topk, soft (SoftMoE), big (experts are whole "
                        "networks), task (hardcoded: task i -> expert i)", ROUTINGS)
@@ -76,6 +88,8 @@ class Args:
     gamma: float = arg(0.99, "discount factor")
     learning_starts: int = arg(1_000, "environment steps of random play before learning")
     train_frequency: int = arg(2, "environment steps between gradient updates")
+    gradient_steps: int = arg(1, "gradient steps at each update, each on a fresh minibatch (rl-zoo3's "
+                              "gradient_steps)")
     target_network_frequency: int = arg(500, "environment steps between target-network copies")
     start_e: float = arg(1.0, "initial exploration epsilon")
     end_e: float = arg(0.02, "final exploration epsilon")
@@ -109,7 +123,7 @@ class Args:
 
 
 def parse_args(argv=None):
-    return parse_dataclass(Args, argv, __doc__, validate)
+    return parse_dataclass(Args, argv, __doc__, validate, PRESETS)
 
 
 def task_list(args):
@@ -121,7 +135,7 @@ def validate(args, given=()):
     loads. `given`: the fields set on the command line (for --eval-only, which takes its config from the
     checkpoint)."""
     for name in ("experts", "k", "tokens", "hidden", "expert_hidden", "cycles", "total_steps", "batch_size",
-                 "buffer_size", "train_frequency", "target_network_frequency", "eval_frequency",
+                 "buffer_size", "train_frequency", "gradient_steps", "target_network_frequency", "eval_frequency",
                  "eval_episodes", "final_eval_episodes", "threads", "seeds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -551,7 +565,8 @@ def step_tasks(run, bar):
         run.step += 1
         bar.update(1)
         if run.step >= args.learning_starts and run.step % args.train_frequency == 0:
-            learn(run)
+            for _ in range(args.gradient_steps):
+                learn(run)
         if run.step % args.target_network_frequency == 0:
             run.target.load_state_dict(run.network.state_dict())
 
