@@ -2838,3 +2838,65 @@ def test_the_agent_trainer_imports_neither_the_dqn_trainer_nor_gymnasium():
                              "print(sorted({'train_dqn', 'gymnasium', 'envs'} & set(sys.modules)))"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- README.md and docs/
+
+DOC_FILES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                                   if f.endswith(".md"))
+
+
+def heading_anchors(path):
+    """GitHub's anchors of a markdown file's headings: lowercase, punctuation dropped, spaces to hyphens."""
+    anchors, text = set(), re.sub(r"```.*?```", "", open(os.path.join(ROOT, path)).read(), flags=re.S)
+    for title in re.findall(r"^#+ (.+)$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        anchor, n = slug, 1
+        while anchor in anchors:
+            anchor, n = f"{slug}-{n}", n + 1
+        anchors.add(anchor)
+    return anchors
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")) if re.match(r"python3? -m pytest", line)]
+    assert len(ci) == 1
+    command = re.sub(r"^python3? ", "python ", ci[0].strip())
+    assert f"```bash\n{command}\n```" in open(os.path.join(ROOT, "README.md")).read()
+
+
+@pytest.mark.parametrize("path", DOC_FILES)
+def test_docs_relative_links_point_at_files_and_headings_that_exist(path):
+    text = re.sub(r"```.*?```", "", open(os.path.join(ROOT, path)).read(), flags=re.S)
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links
+    for link in links:
+        if re.match(r"[a-z]+:", link):
+            continue
+        file, _, anchor = link.partition("#")
+        target = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+        assert os.path.exists(os.path.join(ROOT, target)), f"{path}: {link}: no such file"
+        if anchor:
+            assert anchor in heading_anchors(target), f"{path}: {link}: no such heading"
+
+
+@pytest.mark.parametrize("path", DOC_FILES)
+def test_docs_commands_use_only_flags_their_script_has(path):
+    """Every --flag of a `python SCRIPT.py ...` or `torchrun ... SCRIPT.py ...` command the page shows is one
+    that SCRIPT.py's command line takes."""
+    import dataclasses
+
+    def flags(script):
+        if script in ("train_dqn.py", "train_agent.py"):
+            names = [f.name.replace("_", "-") for f in dataclasses.fields(
+                (train_dqn if script == "train_dqn.py" else train_agent).Args)]
+            return {"--" + n for n in names} | {"--no-" + n for n in names} | {"--help"}
+        return set(re.findall(r"[\"'](--[a-z0-9-]+)[\"']", open(os.path.join(ROOT, script)).read())) | {"--help"}
+    text = open(os.path.join(ROOT, path)).read().replace("\\\n", " ")
+    commands = re.findall(r"(?:python|torchrun)[^`#|\n]*?\b(\w+\.py)\b([^`#|\n]*)", text)
+    assert commands
+    for script, rest in commands:
+        if script == "test_all.py" or not os.path.exists(os.path.join(ROOT, script)):
+            continue
+        unknown = set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", rest)) - flags(script)
+        assert not unknown, f"{path}: python {script}{rest}: {sorted(unknown)}"
