@@ -1,6 +1,6 @@
 """Benchmark: how fast each routing trains on CartPole-v1, what one update costs, and the PA-MoE agent's costs.
 
-    python benchmark.py                      # the README's tables (about 30 minutes on 2 CPU cores)
+    python benchmark.py                      # the docs' speed tables (about 30 minutes on 2 CPU cores)
     python benchmark.py --parts costs        # just the per-update costs (about a minute)
     python benchmark.py --parts scaling      # just the multi-seed scaling (train_dqn.py --seeds N, about 8 minutes)
     python benchmark.py --parts agent        # the PA-MoE agent's rollout and update per routing, and the default run
@@ -204,7 +204,7 @@ def agent_costs(routings, tasks=4, group_size=4, repeats=3, flags=()):
 
 
 # The agent's default run before its scoring was packed, its ratios made exact and its defaults changed
-# (README: the PA-MoE agent, Speed): the commit that --parts agent compares the working tree with.
+# (docs/agent.md: Speed): the commit that --parts agent compares the working tree with.
 AGENT_BASELINE = "75b30d3"
 # run a trainer as a script and report its peak resident memory on the last line of stderr
 PEAK_MEMORY = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
@@ -241,7 +241,7 @@ def default_run_speed(revision, iterations, repeats=1, workdir="/tmp/moe_rl_benc
     return {"revision": revision, "iterations": iterations, **results}
 
 
-# The commit before Agent.score sliced its log-softmax (README: Real LLMs, Memory): --parts memory compares with it.
+# The commit before Agent.score sliced its log-softmax (docs/real_llms.md: Memory): --parts memory compares with it.
 MEMORY_BASELINE = "c238fc7"
 WIDE_VOCABULARY = 151_936   # Qwen2.5's
 # one generate-mode rollout and update (random advantages, so every episode is in it), then the peak resident memory

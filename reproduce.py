@@ -1,4 +1,4 @@
-"""Reproduce the README's comparison tables and plots: run a grid of seeds and configurations, then
+"""Reproduce the docs' comparison tables and plots: run a grid of seeds and configurations, then
 tabulate the summaries.
 
     python reproduce.py moe --quick --jobs 2                # MoE in MTRL and CRL (Willi et al. 2024), 5 seeds
@@ -29,7 +29,7 @@ success curve.
 
 A study that was cut off picks up where it stopped when its command is run again: a run whose console log
 (OUTPUT_DIR/NAME.out) holds a finished summary is not run again, and one cut off after a checkpoint continues
-from it with the trainer's --resume, exactly as if it had not stopped (README: Resuming a run).
+from it with the trainer's --resume, exactly as if it had not stopped (docs/dqn.md: Resuming and checkpoints).
 
 The rais study runs token routing with each --is-mode at RAIS_FLAGS (more update epochs per batch than
 the default, where the routers move most between rollout and update) and tabulates the importance

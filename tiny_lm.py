@@ -8,7 +8,7 @@ game; the stand-in gets the same kind of prior from the player it learns from, w
 task's words and the admissible commands (play_weights): commands that name the task's object,
 receptacle or the appliance its transform needs are more likely, nothing else is known (no hidden state,
 no plan, no evaluation seed). With task_bias 1 the play is uniformly random. What the agent learns about
-solving tasks beyond that prior comes from RL in the LoRA experts (README, The PA-MoE agent).
+solving tasks beyond that prior comes from RL in the LoRA experts (docs/agent.md).
 
 The attention and MLP projections are named like Llama's (q_proj, k_proj, v_proj, o_proj, up_proj,
 down_proj) so that the same LoRA targets work here and on a Hugging Face model. `forward` takes position ids

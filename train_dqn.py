@@ -5,8 +5,9 @@
     python train_dqn.py --seed 1 --seeds 5                   # seeds 1..5 at once, in one process
     python train_dqn.py --eval-only --checkpoint runs/NAME/checkpoint.pt
 
-DQN (Mnih et al. 2015) with Double DQN as an option (van Hasselt et al. 2016): epsilon-greedy with a
-linear schedule, uniform replay, a hard-copied target network, Huber loss, gradient-norm clipping.
+DQN (Mnih et al. 2015), with Double DQN targets by default (van Hasselt et al. 2016; --no-double-dqn for
+the original): epsilon-greedy with a linear schedule, uniform replay, a hard-copied target network, Huber
+loss, gradient-norm clipping.
 The Q-network and its MoE variants are in moe_rl.py, the routers in router.py, the tasks in envs.py.
 
 --seeds N trains N independent agents in one process (many_seeds.py): every parameter carries a
@@ -18,7 +19,7 @@ Writes runs/NAME/log.jsonl (the config, then one line per seed per evaluation, p
 one line of mean and 95% interval over the seeds) and runs/NAME/checkpoint.pt (all seeds' weights,
 stacked, and all that resuming needs); the last line printed is a JSON summary of the run, per seed and
 averaged over the seeds. Rerunning a run's command with --resume continues it from its checkpoint exactly
-(README: Resuming a run).
+(docs/dqn.md: Resuming and checkpoints).
 """
 import copy
 import json
@@ -44,7 +45,7 @@ from moe_rl import BIG_GATES, PLACEMENTS, ROUTINGS, QNetwork, dormant_fraction, 
 
 # Named settings of every DQN flag a study shares; `--preset NAME` takes them as the defaults, and flags given
 # beside it still win. "study" is the setting of the moe study (reproduce.py moe), chosen by the sweep
-# `python reproduce.py preset` (README: The study preset): rl-zoo3's MountainCar-v0 DQN config on this network.
+# `python reproduce.py preset` (docs/dqn.md: The study preset): rl-zoo3's MountainCar-v0 DQN config on this network.
 PRESETS = {
     "none": {},
     "study": dict(learning_rate=4e-3, gamma=0.98, train_frequency=16, gradient_steps=8, target_network_frequency=600,
@@ -117,7 +118,7 @@ class Args:
     eval_only: bool = arg(False, "only evaluate --checkpoint, then print the summary")
     checkpoint: str = arg("", "checkpoint to evaluate with --eval-only (to continue a run, rerun it with --resume)")
     resume: bool = arg(False, "continue the run in OUTPUT_DIR/RUN_NAME from its checkpoint, exactly as if it had "
-                       "never stopped (same flags; README: Resuming a run)")
+                       "never stopped (same flags; docs/dqn.md: Resuming and checkpoints)")
     overwrite: bool = arg(False, "start the run again even if its folder holds one (its log and checkpoint are "
                           "deleted)")
 
@@ -706,7 +707,7 @@ def diverge(run, i, reason):
 
 
 def resume_record(run):
-    """All else that continuing exactly from here needs (README: Resuming a run)."""
+    """All else that continuing exactly from here needs (docs/dqn.md: Resuming and checkpoints)."""
     return {"step": run.step, "next_eval": run.next_eval, "updates": run.updates.tolist(),
             "training": run.training.tolist(),
             "records": json.dumps({"outcome": run.outcome, "latest": run.latest, "recent": run.recent,
