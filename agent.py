@@ -6,7 +6,11 @@ router (router.PhaseRouter; arXiv 2602.17038). Its policy scores every admissibl
 log-likelihood of the command after the prompt and takes the softmax over the commands
 (Agent.policy_log_probs); all of a step's commands are scored in one sequence packed after the prompt
 (pack_continuations), and the logits are read in slices so that no (tokens x vocabulary) tensor is kept
-(target_log_probs). Agent takes the trainer's Args (train_agent.py), or any object with the fields it reads.
+(target_log_probs). What the agent is made of is an AgentConfig (train_agent.py fills one from its flags):
+
+    base, tokenizer = tiny_lm.load_or_pretrain("runs/tiny_lm.pt", tiny_lm.PretrainConfig())  # or hf_model.load_hf_base
+    agent = Agent(base, tokenizer, AgentConfig(routing="phase", experts=4))
+    optimizer = agent.optimizer(learning_rate=1e-3)
 """
 import itertools
 import math
@@ -23,21 +27,41 @@ from router import PhaseRouter, PhaseRouting, TokenRouter, TokenRouting
 from tiny_lm import pad
 
 
+@dataclass
+class AgentConfig:
+    """What an Agent is made of; train_agent.py's flags of the same names set each field."""
+    routing: str = "phase"           # single (one LoRA), token (a router per adapted layer and token), trajectory
+                                     # (one expert per episode) or phase (PA-MoE: one expert per step)
+    experts: int = 4                 # K, the LoRA experts (single uses 1)
+    token_k: int = 1                 # experts per token with token routing
+    rank: int = 8                    # LoRA rank r
+    lora_alpha: float = 16.0         # LoRA alpha (scale alpha / r)
+    lora_dropout: float = 0.0        # dropout on the adapter input
+    target_modules: str = "auto"     # comma-separated names of the linear layers to adapt, or auto (target_modules)
+    lora_mlp: bool = False           # with auto, also adapt the MLP projections
+    router_hidden: int = 64          # the phase router's LSTM and MLP width
+    router_dropout: float = 0.0      # dropout in the phase router's MLP
+    action_mode: str = "score"       # score: a softmax over the admissible commands; generate: a free-text answer
+    max_new_tokens: int = 256        # longest answer in generate mode (the prompt is cut to leave room for it)
+
+
 class Agent(nn.Module):
     """The frozen base LM with its LoRA experts, and the phase router for phase/trajectory routing."""
 
-    def __init__(self, base, tokenizer, args):
+    def __init__(self, base, tokenizer, config=None):
         super().__init__()
-        self.base, self.tokenizer, self.routing = base, tokenizer, args.routing
-        num_experts = 1 if args.routing == "single" else args.experts
-        router_factory = (lambda dim: TokenRouter(dim, num_experts, args.token_k)) if args.routing == "token" else None
-        add_lora(base, target_modules(base, args), num_experts, args.rank, args.lora_alpha, args.lora_dropout,
-                 router_factory)
+        config = config or AgentConfig()
+        self.base, self.tokenizer, self.config, self.routing = base, tokenizer, config, config.routing
+        num_experts = 1 if config.routing == "single" else config.experts
+        router_factory = (lambda dim: TokenRouter(dim, num_experts, config.token_k)) \
+            if config.routing == "token" else None
+        add_lora(base, target_modules(base, config.target_modules, config.lora_mlp), num_experts, config.rank,
+                 config.lora_alpha, config.lora_dropout, router_factory)
         dim = base.config.dim
-        self.router = PhaseRouter(dim, num_experts, args.router_hidden, dropout=args.router_dropout) \
-            if args.routing in ("trajectory", "phase") else None
+        self.router = PhaseRouter(dim, num_experts, config.router_hidden, dropout=config.router_dropout) \
+            if config.routing in ("trajectory", "phase") else None
         self.num_experts = num_experts
-        self.max_prompt = base.config.max_len - (args.max_new_tokens if args.action_mode == "generate" else 16)
+        self.max_prompt = base.config.max_len - (config.max_new_tokens if config.action_mode == "generate" else 16)
         self._ids, self._encodings, self._encoded_floats = {}, {}, 0
 
     def train(self, mode=True):
@@ -52,14 +76,14 @@ class Agent(nn.Module):
     def trainable_parameters(self):
         return lora_parameters(self.base) + (list(self.router.parameters()) if self.router else [])
 
-    def optimizer(self, args):
-        """Adam over the experts and the routers, the routers at --router-learning-rate if it is set."""
+    def optimizer(self, learning_rate, router_learning_rate=0.0):
+        """Adam over the experts and the routers, the routers at router_learning_rate if it is set (not 0)."""
         routers = [p for name, p in self.named_parameters() if p.requires_grad and "router" in name]
         ids = {id(p) for p in routers}
         experts = [p for p in self.trainable_parameters() if id(p) not in ids]
-        groups = [{"params": experts}] + ([{"params": routers, "lr": args.router_learning_rate or args.learning_rate}]
+        groups = [{"params": experts}] + ([{"params": routers, "lr": router_learning_rate or learning_rate}]
                                           if routers else [])
-        return torch.optim.Adam(groups, lr=args.learning_rate)
+        return torch.optim.Adam(groups, lr=learning_rate)
 
     def encode_text(self, text):
         """Token ids of a short text that repeats (a command, an observation), memoised; the memo is bounded."""
@@ -125,12 +149,12 @@ class Agent(nn.Module):
         inverse = torch.tensor([where[k] for k in keys])
         return Scores(sums[inverse], inverse, scored, routes)
 
-    def policy_log_probs(self, prompts, actions, expert_index, args):
+    def policy_log_probs(self, prompts, actions, expert_index, temperature=1.0):
         """log pi of each step's candidate actions: (b, c) over its admissible commands (score mode: the
         softmax over the commands of the LM's log-likelihood of each, its tokens and <eos>), or (b, 1) of its
         one sampled answer (generate mode, at the sampling temperature). Returns (log-probs, Scores)."""
-        if args.action_mode == "generate":
-            scores = self.score(prompts, actions, expert_index, args.temperature)
+        if self.config.action_mode == "generate":
+            scores = self.score(prompts, actions, expert_index, temperature)
             return scores.log_likelihoods, scores
         eos = self.tokenizer.eos_id
         scores = self.score(prompts, [[cmd + [eos] for cmd in cs] for cs in actions], expert_index)
@@ -298,9 +322,9 @@ def stack_padded(tensors):
     return out, mask
 
 
-def target_modules(base, args):
-    """The LoRA targets: --target-modules, or for auto the attention projections (and with --lora-mlp the
-    MLP's) under the architecture's names."""
-    if args.target_modules != "auto":
-        return [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    return default_target_modules(base, args.lora_mlp)
+def target_modules(base, names="auto", mlp=False):
+    """The LoRA targets: the comma-separated names (--target-modules), or for auto the attention projections
+    (and with mlp, --lora-mlp, the MLP's) under the architecture's names."""
+    if names != "auto":
+        return [t.strip() for t in names.split(",") if t.strip()]
+    return default_target_modules(base, mlp)

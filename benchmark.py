@@ -173,8 +173,8 @@ def agent_costs(routings, tasks=4, group_size=4, repeats=3, flags=()):
                                        "--tasks-per-batch", str(tasks), "--group-size", str(group_size), *flags])
         base, tokenizer = train_agent.load_base(args)
         torch.manual_seed(0)
-        agent = train_agent.Agent(base, tokenizer, args)
-        optimizer = agent.optimizer(args)
+        agent = train_agent.Agent(base, tokenizer, train_agent.agent_config(args))
+        optimizer = agent.optimizer(args.learning_rate, args.router_learning_rate)
         built[routing] = (args, agent, optimizer)
     seeds = [s for s in range(tasks) for _ in range(group_size)]      # every task type among the first six
     groups = [g for g in range(tasks) for _ in range(group_size)]
@@ -256,8 +256,12 @@ args = train_agent.parse_args(sys.argv[1:])
 torch.set_num_threads(1)
 base, tokenizer = train_agent.load_base(args)
 torch.manual_seed(0)
-agent = train_agent.Agent(base, tokenizer, args)
-optimizer = agent.optimizer(args)
+if hasattr(train_agent, "agent_config"):
+    agent = train_agent.Agent(base, tokenizer, train_agent.agent_config(args))
+    optimizer = agent.optimizer(args.learning_rate, args.router_learning_rate)
+else:                        # a revision from before agent.AgentConfig: Agent reads the trainer's Args
+    agent = train_agent.Agent(base, tokenizer, args)
+    optimizer = agent.optimizer(args)
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 seeds = [s for s in range(args.tasks_per_batch) for _ in range(args.group_size)]
 groups = [g for g in range(args.tasks_per_batch) for _ in range(args.group_size)]

@@ -16,6 +16,8 @@
   resumed run writes the lines after it again and the log ends as the uninterrupted run's would.
 - `all_finite`, `exploded`: the NaN guard's checks (nothing non-finite is saved; a loss 1000 times its first
   is logged as a warning).
+- `usage_exit` prints a RunError as a bad flag is printed and exits 2; `run_command_line` is both trainers'
+  `main`: parse, train, and the exit code.
 """
 import fcntl
 import os
@@ -40,6 +42,17 @@ def usage_exit(error):
     prog = os.path.basename(sys.argv[0])
     print(f"usage: {prog} [options] (see --help)\n{prog}: error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_command_line(parse_args, train, argv=None):
+    """A trainer's command line: parse, train, exit 0 if the run finished (or evaluated), 1 if it diverged, 2 on
+    a usage error (a bad flag or value, or a run folder or checkpoint that does not fit: a RunError)."""
+    args = parse_args(argv)
+    try:
+        summary = train(args)
+    except RunError as error:
+        usage_exit(error)
+    return 0 if summary["status"] in ("finished", "evaluated") else 1
 
 
 def claim(run_dir, resume=False, overwrite=False):

@@ -30,7 +30,7 @@ import policy_gradient
 import reproduce
 import train_agent
 import train_dqn
-from agent import pack_continuations, target_log_probs, target_modules
+from agent import Agent, AgentConfig, pack_continuations, target_log_probs, target_modules
 from alfworld_env import ALFWORLD_TASK_TYPES, ALFWORLD_WORDS, AlfWorldEnv, alfworld_data_root, alfworld_task_type_ids
 from envs import TASKS, TaskSet, active_tasks, normalized_score, scale_observation
 from experts import ExpertMLP, LoRALinear, add_lora, lora_layers, record_routing, route
@@ -1503,13 +1503,13 @@ def test_packed_scoring_equals_each_command_run_alone():
     commands = [[[13, 14], [15]], [[16], [17, 18, 19], [20]], [[13, 14], [15]]]
     for routing in ("phase", "token"):
         args = train_agent.parse_args(["--routing", routing, "--experts", "2", "--rank", "2"])
-        agent = train_agent.Agent(tiny_gpt(vocab=40), tokenizer, args).eval()
+        agent = Agent(tiny_gpt(vocab=40), tokenizer, train_agent.agent_config(args)).eval()
         randomize_lora(agent.base)
         for layer in lora_layers(agent.base):
             if layer.router is not None:
                 nn.init.normal_(layer.router.gate.weight)
         experts = torch.tensor([1, 0, 1]) if routing == "phase" else None
-        log_pi, scores = agent.policy_log_probs(prompts, commands, experts, args)
+        log_pi, scores = agent.policy_log_probs(prompts, commands, experts, args.temperature)
         assert scores.inverse.tolist() == [0, 1, 0]                     # the third step is the first's
         for b in range(3):
             totals = []
@@ -1534,7 +1534,7 @@ def test_frozen_encodings_memo_stays_bounded_and_returns_every_text(monkeypatch)
     """When the memo would pass ENCODING_FLOATS it is emptied first, and a call still returns every text's
     encoding, those it found in the memo included, equal to encoding the text alone."""
     tokenizer = WordTokenizer(["red", "green", "blue", "mug", "cup", "desk"])
-    agent = train_agent.Agent(tiny_gpt(vocab=40), tokenizer, train_agent.parse_args(["--routing", "phase"])).eval()
+    agent = Agent(tiny_gpt(vocab=40), tokenizer, AgentConfig(routing="phase")).eval()
     monkeypatch.setattr("agent.ENCODING_FLOATS", 5 * 16)                  # five tokens of width 16
     agent.frozen_encodings(["red green blue", "mug"])                     # 4 tokens
     agent.frozen_encodings(["cup desk"])                                  # would pass the bound: emptied first
@@ -1546,6 +1546,43 @@ def test_frozen_encodings_memo_stays_bounded_and_returns_every_text(monkeypatch)
         with route(agent.base, torch.tensor([-1])), torch.no_grad():
             alone = agent.base(ids, torch.ones_like(ids, dtype=torch.bool))[0][0]
         assert encoding.shape == alone.shape and torch.allclose(encoding, alone, atol=1e-6)
+
+
+AGENT_ALONE = """import json, sys, torch
+from agent import Agent, AgentConfig
+from tiny_lm import GPTConfig, TinyGPT, WordTokenizer
+tokenizer = WordTokenizer(["go", "to", "desk", "take", "mug"])
+base = TinyGPT(GPTConfig(len(tokenizer), dim=16, layers=2, heads=2, max_len=64))
+agent = Agent(base, tokenizer, AgentConfig(routing="phase", experts=2, rank=2))
+optimizer = agent.optimizer(learning_rate=1e-3, router_learning_rate=1e-4)
+with torch.no_grad():
+    log_pi, _ = agent.policy_log_probs([tokenizer.encode("go to desk")],
+                                       [[tokenizer.encode("take mug"), tokenizer.encode("go to desk")]], torch.tensor([1]))
+print(json.dumps({"total": log_pi.exp().sum().item(), "experts": agent.num_experts, "phase_router": agent.router is not None,
+                  "learning_rates": [g["lr"] for g in optimizer.param_groups], "trainer": "train_agent" in sys.modules}))
+"""
+
+
+def test_an_agent_builds_from_a_base_and_a_tokenizer_alone(tmp_path):
+    """agent.py and the files it imports, copied into an empty folder, build an Agent from a tiny base, its
+    tokenizer and an AgentConfig, with no trainer and none of its flags; its policy is a distribution."""
+    for file in project_imports("agent.py"):
+        shutil.copy(os.path.join(ROOT, file), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", AGENT_ALONE], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    built = json.loads(result.stdout.strip().splitlines()[-1])
+    assert built["experts"] == 2 and built["phase_router"] and not built["trainer"]
+    assert built["learning_rates"] == [1e-3, 1e-4] and math.isclose(built["total"], 1.0, rel_tol=1e-5)
+
+
+def test_agent_config_is_the_agent_trainers_flags_of_the_same_names():
+    assert train_agent.agent_config(train_agent.parse_args([])) == AgentConfig()          # the same defaults
+    flags = ["--routing", "token", "--experts", "3", "--token-k", "2", "--target-modules", "q_proj",
+             "--action-mode", "generate", "--model", "m", "--max-new-tokens", "8"]
+    assert train_agent.agent_config(train_agent.parse_args(flags)) == \
+        AgentConfig(routing="token", experts=3, token_k=2, target_modules="q_proj", action_mode="generate",
+                    max_new_tokens=8)
 
 
 def test_pack_continuations_layout():
@@ -1604,7 +1641,7 @@ def test_router_gradient_flows_from_the_rl_loss(base_cache, tmp_path):
                                                     "--switch-weight", "0",
                                                     "--diversity-weight", "0"])
         base, tokenizer = train_agent.load_base(args)
-        agent = train_agent.Agent(base, tokenizer, args)
+        agent = Agent(base, tokenizer, train_agent.agent_config(args))
         randomize_lora(agent.base)
         env = HouseholdEnv(args.max_steps)
         torch.manual_seed(0)
@@ -1635,7 +1672,7 @@ def test_agent_smoke_run_per_routing(tmp_path, base_cache, routing):
 def test_update_trains_only_the_experts_and_routers(base_cache, routing):
     args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--kl-coef", "0.01"])
     base, tokenizer = train_agent.load_base(args)
-    agent = train_agent.Agent(base, tokenizer, args)
+    agent = Agent(base, tokenizer, train_agent.agent_config(args))
     before = {n: p.detach().clone() for n, p in agent.named_parameters()}
     trainable = {id(p) for p in agent.trainable_parameters()}
     episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [5, 5, 6, 6], [0, 0, 1, 1], args, 1.0, True,
@@ -1658,7 +1695,7 @@ def test_update_trains_only_the_experts_and_routers(base_cache, routing):
 def test_agent_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, base_cache, monkeypatch):
     args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache])
     base, tokenizer = train_agent.load_base(args)
-    agent = train_agent.Agent(base, tokenizer, args)
+    agent = Agent(base, tokenizer, train_agent.agent_config(args))
     episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [5, 5], [0, 0], args, 1.0, True,
                                    torch.Generator().manual_seed(0))
     nan = torch.tensor(math.nan, requires_grad=True)
@@ -1702,7 +1739,7 @@ def test_rollout_records_the_old_router_so_gamma_is_one_until_it_moves(base_cach
                                                     "--lora-dropout", "0", "--is-mode", "rais"])
         base, tokenizer = train_agent.load_base(args)
         torch.manual_seed(0)
-        agent = train_agent.Agent(base, tokenizer, args)
+        agent = Agent(base, tokenizer, train_agent.agent_config(args))
         randomize_lora(agent.base)
         routers = list(agent.router.parameters()) if agent.router else \
             [p for n, p in agent.named_parameters() if "router" in n]
@@ -1748,7 +1785,7 @@ def test_every_ratio_is_one_before_any_step(base_cache, routing, mode):
                                                 "--minibatch-episodes", "2", "--update-epochs", "1"])
     base, tokenizer = train_agent.load_base(args)
     torch.manual_seed(0)
-    agent = train_agent.Agent(base, tokenizer, args)
+    agent = Agent(base, tokenizer, train_agent.agent_config(args))
     randomize_lora(agent.base)
     for layer in lora_layers(agent.base):
         if layer.router is not None:
@@ -1765,7 +1802,7 @@ def test_is_mode_updates_log_their_statistics(tmp_path, base_cache, routing, mod
     args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, "--routing", routing, "--is-mode", mode,
                                                 "--update-epochs", "3", "--minibatch-episodes", "2"])
     base, tokenizer = train_agent.load_base(args)
-    agent = train_agent.Agent(base, tokenizer, args)
+    agent = Agent(base, tokenizer, train_agent.agent_config(args))
     episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [3, 3, 4, 4], [0, 0, 1, 1], args, 1.0, True,
                                    torch.Generator().manual_seed(0))
     advantages = [np.linspace(-1, 1, len(e.actions)) for e in episodes]
@@ -1891,7 +1928,7 @@ HF_FAST = ["--iterations", "1", "--tasks-per-batch", "2", "--group-size", "2", "
 def hf_agent(model_dir, *flags):
     args = train_agent.parse_args(["--model", model_dir, *HF_FAST, *flags])
     base, tokenizer = train_agent.load_base(args)
-    return train_agent.Agent(base, tokenizer, args), args
+    return Agent(base, tokenizer, train_agent.agent_config(args)), args
 
 
 def test_hf_model_loads_through_model_flag_and_lora_at_init_keeps_its_logits(tiny_llama):
@@ -1901,7 +1938,7 @@ def test_hf_model_loads_through_model_flag_and_lora_at_init_keeps_its_logits(tin
     ids = torch.tensor([tokenizer.encode("Your task is to: put a mug in desk.\ngo to desk 1")])
     with torch.no_grad():
         before = base.model(ids).logits
-    agent = train_agent.Agent(base, tokenizer, args)
+    agent = Agent(base, tokenizer, train_agent.agent_config(args))
     assert len(lora_layers(base)) == 8                  # q, k, v, o in each of the 2 layers
     agent.eval()
     with torch.no_grad():
@@ -1911,7 +1948,7 @@ def test_hf_model_loads_through_model_flag_and_lora_at_init_keeps_its_logits(tin
         with route(base, torch.tensor([-1])):
             hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
         assert torch.allclose(base.logits(hidden), before, atol=1e-5)
-    assert target_modules(base, train_agent.parse_args(["--lora-mlp"]))[-3:] == \
+    assert target_modules(base, mlp=True)[-3:] == \
         ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
@@ -1925,7 +1962,7 @@ def test_hf_packed_scoring_equals_plain_full_sequences(tiny_llama):
     commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
     experts = torch.tensor([1, 2])
     with torch.no_grad():
-        packed, _ = agent.policy_log_probs(prompts, commands, experts, args)
+        packed, _ = agent.policy_log_probs(prompts, commands, experts, args.temperature)
         for row, (prompt, cs) in enumerate(zip(prompts, commands)):      # one unpadded sequence at a time
             scores = []
             for command in cs:
@@ -1955,7 +1992,7 @@ def test_gradient_checkpointing_recomputes_blocks_with_their_experts(tiny_llama)
         calls = []
         mlp = agent.base.model.model.layers[0].mlp
         handle = mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
-        log_pi, _ = agent.policy_log_probs(prompts, commands, torch.tensor([2, 0, 1]), args)
+        log_pi, _ = agent.policy_log_probs(prompts, commands, torch.tensor([2, 0, 1]), args.temperature)
         loss = -(log_pi.exp().detach() * log_pi).nan_to_num().sum()      # every expert gets a gradient
         loss.backward()
         handle.remove()
@@ -1988,7 +2025,7 @@ def test_gpt2_style_model_gets_lora_on_its_attention(tiny_llama, tmp_path):
     prompts = [agent.encode_text(render_prompt(i["goal"], [], o, 2)) for o, i in zip(observations, infos)]
     commands = [[agent.encode_text(c) for c in i["admissible_commands"]] for i in infos]
     with torch.no_grad():
-        packed, _ = agent.policy_log_probs(prompts, commands, torch.tensor([0, 3]), args)
+        packed, _ = agent.policy_log_probs(prompts, commands, torch.tensor([0, 3]), args.temperature)
         for row, (prompt, cs) in enumerate(zip(prompts, commands)):
             totals = []
             for command in cs:
@@ -2174,7 +2211,7 @@ def assert_scores_are_the_models_own(agent, args, seeds=(3, 4), experts=(1, 2)):
     index = None if args.routing == "token" else torch.tensor(experts) % agent.num_experts
     agent.eval()
     with torch.no_grad():
-        packed, _ = agent.policy_log_probs(prompts, commands, index, args)
+        packed, _ = agent.policy_log_probs(prompts, commands, index, args.temperature)
         for row, (prompt, cs) in enumerate(zip(prompts, commands)):
             totals = []
             for command in cs:
@@ -2211,7 +2248,7 @@ def test_every_architecture_gets_lora_its_own_logits_and_one_update(architecture
                                "--minibatch-episodes", "2", "--update-epochs", "1")
     wrapped = {re.split(r"\.\d+\.", n)[-1] for n, m in agent.base.named_modules() if isinstance(m, LoRALinear)}
     assert wrapped == set(attention + mlp)
-    assert set(target_modules(agent.base, train_agent.parse_args([]))) == set(attention)
+    assert set(target_modules(agent.base)) == set(attention)
     fused = [str(w.message) for w in caught if "cannot wrap" in str(w.message)]
     assert bool(fused) == (model_type in ("mixtral", "olmoe", "qwen2_moe")), fused
     assert agent.base.packs == (model_type not in ("bloom", "mpt"))           # ALiBi: run unpacked
@@ -2306,7 +2343,7 @@ def test_smollm2_gives_its_own_logits_and_lora_at_init_keeps_them(smollm2_cache)
         before = base.model(ids).logits
         hidden, _ = base(ids, torch.ones_like(ids, dtype=torch.bool))
         assert torch.allclose(base.logits(hidden), before, atol=1e-4)
-    agent = train_agent.Agent(base, tokenizer, args)
+    agent = Agent(base, tokenizer, train_agent.agent_config(args))
     assert len(lora_layers(base)) == 30 * 4                  # q, k, v, o in each of the 30 layers
     agent.eval()
     with torch.no_grad(), route(base, torch.tensor([agent.num_experts - 1])):

