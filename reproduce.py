@@ -1,43 +1,49 @@
 """Reproduce the docs' comparison tables and plots: run a grid of seeds and configurations, then
 tabulate the summaries.
 
-    python reproduce.py moe --quick --jobs 2                # MoE in MTRL and CRL (Willi et al. 2024), 5 seeds
-    python reproduce.py moe                                 # the whole grid at the full size (about 5 h, an estimate)
+    python reproduce.py preset --jobs 2                     # the DQN settings swept on each task alone, 10 seeds
+    python reproduce.py moe --quick --jobs 2                # MoE in MTRL and CRL (Willi et al. 2024), small, 5 seeds
+    python reproduce.py moe --jobs 2                        # the whole grid, 10 seeds per cell (many hours; resumable)
+    python reproduce.py moe --print-commands > cells.txt    # one command per cell, for a job array
+    python reproduce.py moe --table-only                    # the tables, verdicts and plots of the cells done so far
     python reproduce.py agent --quick --jobs 2              # single vs token vs trajectory vs phase, 3 seeds, short
     python reproduce.py agent --jobs 2                      # 5 seeds at train_agent.py's defaults (hours)
-    python reproduce.py agent --table-only                 # re-print the table from finished runs
-    python reproduce.py agent --table-only --summaries results/agent_comparison.json   # and plot them
+    python reproduce.py agent --table-only --summaries results/agent_comparison.json   # re-print and plot
     python reproduce.py rais --jobs 2                       # token vs sequence vs rais importance sampling
 
-The moe study (Willi, Obando-Ceron et al. 2024, arXiv 2406.18420) trains DQN on CartPole, MountainCar and
-Acrobot in MTRL and CRL for every placement (dense, Middle, Final, All, Big) and router (Top-k, SoftMoE,
-hardcoded task routing). Each cell is one `train_dqn.py --seed S --seeds N` process (N seeds batched).
-It reports the mean normalised score with a 95% bootstrap interval over the seeds, per setting and cell,
-and plots the scores, the CRL curves with the task switches marked, and the dormant-neuron fraction:
-RESULTS_DIR/moe_tables.md, moe_summaries.json, moe_scores.png, crl_curves.png, dormant.png.
---quick runs a reduced grid at QUICK_FLAGS (under 30 minutes on 2 cores with --jobs 2).
+The preset study trains each candidate DQN setting of PRESET_CANDIDATES on CartPole-v1, MountainCar-v0 and
+Acrobot-v1 alone, 10 seeds batched in one process, at PRESET_FLAGS (one per-task budget, no early stop), and
+tabulates per task the final normalised score, how many seeds end at 0.9 or more, and the mean over the
+run's evaluations: results/dqn_preset.json. Its winner is train_dqn.py's `--preset study`.
+
+The moe study (Willi, Obando-Ceron et al. 2024, arXiv 2406.18420) trains DQN at `--preset study` on the
+same three tasks in MTRL, in CRL, and in CRL with the task order reversed (crl_reverse), for every
+placement (dense, Middle, Final, All, Big) and router (Top-k, SoftMoE, hardcoded task routing). Each cell
+is one `train_dqn.py --seed S --seeds N` process (N seeds batched), and the cells that decide the paper's
+claims run first (MOE_PRIORITY). It reports the mean normalised score with a 95% bootstrap interval over
+the seeds per setting and cell, a verdict per claim (MOE_CLAIMS), and plots the scores, the CRL curves with
+the task switches marked, and the dormant-neuron fraction: RESULTS_DIR/moe_tables.md, moe_summaries.json,
+moe_scores.png, crl_curves.png, dormant.png. Each finished cell's summary is its own file,
+RESULTS_DIR/moe/NAME.json (moe_quick/ with --quick), and a cell whose file holds a finished run of the same
+command is not run again: the grid can be completed over several sittings, or one cell per job on a cluster
+(--print-commands), and --table-only reports whatever cells are there. --quick runs a reduced grid at
+QUICK_FLAGS.
 
 The agent study (PA-MoE, arXiv 2602.17038) trains train_agent.py with each routing granularity (single,
 token, trajectory, phase) for 5 seeds and tabulates success per task type, switches per episode,
 utilisation per task type, occupancy and gradient conflict; --quick runs it at AGENT_QUICK_FLAGS.
-
-Every run is an ordinary `train_agent.py` run in its own process (1 thread each, --jobs at a time), so
-any row can be re-run alone with the command printed for it (plus --overwrite, as its folder holds a run).
-Summaries (the last JSON line of each run) are collected in OUTPUT_DIR/summaries.json and printed as a
-markdown table: mean over seeds, with the spread (min..max) for the overall success, then the held-out
-success curve.
-
-A study that was cut off picks up where it stopped when its command is run again: a run whose console log
-(OUTPUT_DIR/NAME.out) holds a finished summary is not run again, and one cut off after a checkpoint continues
-from it with the trainer's --resume, exactly as if it had not stopped (docs/dqn.md: Resuming and checkpoints).
-
 The rais study runs token routing with each --is-mode at RAIS_FLAGS (more update epochs per batch than
 the default, where the routers move most between rollout and update) and tabulates the importance
 weights, gradient norms, clipping and router shift logged by every update; extra flags (for example a
 faster --router-learning-rate) go to every run.
 
-A run whose console log already holds a finished summary is not run again, so a study that was cut off
-picks up where it stopped.
+Every run is an ordinary `train_dqn.py` or `train_agent.py` run in its own process (1 thread each, --jobs at
+a time), so any row can be re-run alone with the command printed for it (plus --overwrite, as its folder
+holds a run). Summaries (the last JSON line of each run) are collected in OUTPUT_DIR/summaries.json as
+runs finish. A study that was cut off picks up where it stopped when its command is run again: a run whose
+console log (OUTPUT_DIR/NAME.out) holds a finished summary is not run again, and one cut off after a
+checkpoint continues from it with the trainer's --resume, exactly as if it had not stopped (docs/dqn.md:
+Resuming and checkpoints).
 """
 import argparse
 import json
@@ -80,15 +86,18 @@ MOE_PRIORITY = ["dense", "big:soft", "middle:soft", "middle:topk", "big:topk", "
 # at one per-task budget and without the early stop, so that "learned and still learned at the end" is measured.
 # "zoo" is rl-zoo3's MountainCar-v0 config (lr 4e-3, gamma 0.98, train every 16 steps with 8 gradient steps, target
 # every 600, epsilon to 0.07 over 20%, buffer 10k, batch 128) on the project's 128-wide network; the others change
-# one thing of it, or are train_dqn.py's defaults as the moe study used them before (--train-frequency 4).
+# one or two of its flags (the buffer, the learning rate, the width, or the per-task budget: 150k steps rather than
+# PRESET_FLAGS' 100k), or are train_dqn.py's defaults as the moe study used them before (--train-frequency 4).
 ZOO = ["--learning-rate", "4e-3", "--gamma", "0.98", "--train-frequency", "16", "--gradient-steps", "8",
        "--target-network-frequency", "600", "--end-e", "0.07", "--exploration-fraction", "0.2",
        "--buffer-size", "10000", "--batch-size", "128", "--learning-starts", "1000"]
 PRESET_CANDIDATES = {
     "zoo": ZOO,
-    "defaults": ["--train-frequency", "4"],
-    "zoo_lr1e-3": ZOO + ["--learning-rate", "1e-3"],
     "zoo_buffer50k": ZOO + ["--buffer-size", "50000"],
+    "zoo_buffer50k_150k": ZOO + ["--buffer-size", "50000", "--total-steps", "150000"],
+    "zoo_lr1e-3_buffer50k": ZOO + ["--learning-rate", "1e-3", "--buffer-size", "50000"],
+    "zoo_lr1e-3": ZOO + ["--learning-rate", "1e-3"],
+    "defaults": ["--train-frequency", "4"],
     "zoo_hidden256": ZOO + ["--hidden", "256"],
 }
 PRESET_TASKS = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
@@ -559,7 +568,7 @@ def run_grid(commands, names, options, record, summary_paths, stored=lambda i: N
         with lock:
             summaries[i] = summary
             for path in summary_paths:
-                json.dump([x for x in summaries if x is not None], open(path, "w"), indent=1)
+                write_json(path, [x for x in summaries if x is not None])
 
     with ThreadPoolExecutor(options.jobs) as pool:
         list(pool.map(run_one, range(len(commands))))
@@ -599,10 +608,12 @@ def stored_cells(folder):
 
 
 def write_json(path, value):
-    """Write through a temporary file, so that a reader (or a second study) never sees half a file."""
-    with open(path + ".tmp", "w") as f:
+    """Write through a temporary file of this process and thread, so that a reader (or a second study writing
+    the same file, as the cells of a job array do) never sees half a file."""
+    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(temporary, "w") as f:
         json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(temporary, path)
 
 
 def run_moe(options, extra, summary_paths):

@@ -2739,6 +2739,22 @@ def test_preset_table_counts_the_seeds_that_end_learned():
     assert cells[3] == f"{np.mean([0.5, 0.95, 0.5, 0.92, 0.5, 0.2]):.2f}" and cells[-1] == "3"
 
 
+def test_reproduce_preset_end_to_end(tmp_path):
+    """One candidate on the three tasks alone, 2 batched seeds, a few hundred steps: its runs and its table."""
+    out, results = tmp_path / "runs", tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "reproduce.py", "preset", "--candidates", "zoo", "--seeds", "1", "2", "--output-dir", str(out),
+         "--results-dir", str(results), "--total-steps", "300", "--learning-starts", "100", "--eval-frequency", "150",
+         "--eval-episodes", "1", "--final-eval-episodes", "1", "--hidden", "16"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    summaries = json.load(open(results / "dqn_preset.json"))
+    assert [(s["candidate"], s["task"], s["status"]) for s in summaries] == [
+        ("zoo", task, "finished") for task in reproduce.PRESET_TASKS]
+    assert all("--gradient-steps 8" in s["command"] and "--no-stop-when-solved" in s["command"] for s in summaries)
+    assert all(s["env_steps"] == 300 for s in summaries)                    # flags given last win
+    assert "| zoo | " in result.stdout and result.stdout.count("/2 |") == 3
+
+
 def test_print_commands_gives_one_command_per_cell_that_runs_it_alone():
     result = subprocess.run([sys.executable, "reproduce.py", "moe", "--print-commands", "--output-dir", "out"],
                             capture_output=True, text=True, cwd=ROOT)
