@@ -22,9 +22,9 @@ placement (dense, Middle, Final, All, Big) and router (Top-k, SoftMoE, hardcoded
 is one `train_dqn.py --seed S --seeds N` process (N seeds batched), and the cells that decide the paper's
 claims run first (MOE_PRIORITY). It reports the mean normalised score with a 95% bootstrap interval over
 the seeds per setting and cell, a verdict per claim (MOE_CLAIMS), and plots the scores, the CRL curves with
-the task switches marked, and the dormant-neuron fraction: RESULTS_DIR/moe_tables.md, moe_summaries.json,
-moe_scores.png, crl_curves.png, dormant.png. Each finished cell's summary is its own file,
-RESULTS_DIR/moe/NAME.json (moe_quick/ with --quick), and a cell whose file holds a finished run of the same
+the task switches marked, and the dormant-neuron fraction: RESULTS_DIR/moe/ (moe_quick/ with --quick) gets
+tables.md, summaries.json, scores.png, crl_curves.png and dormant.png. Each finished cell's summary is its
+own file, RESULTS_DIR/moe/cells/NAME.json, and a cell whose file holds a finished run of the same
 command is not run again: the grid can be completed over several sittings, or one cell per job on a cluster
 (--print-commands), and --table-only reports whatever cells are there. --quick runs a reduced grid at
 QUICK_FLAGS.
@@ -86,17 +86,18 @@ MOE_PRIORITY = ["dense", "big:soft", "middle:soft", "middle:topk", "big:topk", "
 # at one per-task budget and without the early stop, so that "learned and still learned at the end" is measured.
 # "zoo" is rl-zoo3's MountainCar-v0 config (lr 4e-3, gamma 0.98, train every 16 steps with 8 gradient steps, target
 # every 600, epsilon to 0.07 over 20%, buffer 10k, batch 128) on the project's 128-wide network; the others change
-# one or two of its flags (the buffer, the learning rate, the width, or the per-task budget: 150k steps rather than
-# PRESET_FLAGS' 100k), or are train_dqn.py's defaults as the moe study used them before (--train-frequency 4).
+# one to three of its flags (the discount, the learning rate or its linear decay to 0, the buffer, the width), or
+# are train_dqn.py's defaults as the moe study used them before (--train-frequency 4).
 ZOO = ["--learning-rate", "4e-3", "--gamma", "0.98", "--train-frequency", "16", "--gradient-steps", "8",
        "--target-network-frequency", "600", "--end-e", "0.07", "--exploration-fraction", "0.2",
        "--buffer-size", "10000", "--batch-size", "128", "--learning-starts", "1000"]
 PRESET_CANDIDATES = {
     "zoo": ZOO,
-    "zoo_buffer50k": ZOO + ["--buffer-size", "50000"],
-    "zoo_buffer50k_150k": ZOO + ["--buffer-size", "50000", "--total-steps", "150000"],
+    "zoo_gamma0.99_anneal": ZOO + ["--gamma", "0.99", "--anneal-lr"],
+    "zoo_gamma0.99_lr2e-3_buffer50k": ZOO + ["--gamma", "0.99", "--learning-rate", "2e-3", "--buffer-size", "50000"],
+    "zoo_gamma0.99": ZOO + ["--gamma", "0.99"],
     "zoo_lr1e-3_buffer50k": ZOO + ["--learning-rate", "1e-3", "--buffer-size", "50000"],
-    "zoo_lr1e-3": ZOO + ["--learning-rate", "1e-3"],
+    "zoo_buffer50k": ZOO + ["--buffer-size", "50000"],
     "defaults": ["--train-frequency", "4"],
     "zoo_hidden256": ZOO + ["--hidden", "256"],
 }
@@ -328,7 +329,7 @@ def cell_style(cell):
 
 
 def plot_moe(summaries, results_dir):
-    """results_dir/moe_scores.png (final score per cell with its 95% interval, one panel per setting),
+    """results_dir/scores.png (final score per cell with its 95% interval, one panel per setting),
     crl_curves.png (each task's score over training, task switches dashed) and dormant.png (the overall
     dormant fraction over training, per setting). Returns the paths written."""
     plt = pyplot()
@@ -350,7 +351,7 @@ def plot_moe(summaries, results_dir):
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set(title=f"{setting.upper()}: final mean normalised score (95% bootstrap CI)", ylabel="normalised score")
     figure.tight_layout()
-    paths.append(os.path.join(results_dir, "moe_scores.png"))
+    paths.append(os.path.join(results_dir, "scores.png"))
     figure.savefig(paths[-1], dpi=110)
 
     orders = [x for x in ("crl", "crl_reverse") if x in settings]
@@ -594,8 +595,9 @@ def moe_cells(options):
             for placement, router, flags in sorted(cells, key=first) for setting in options.settings]
 
 
-def cell_dir(options):
-    """Where the moe study keeps one summary file per finished cell: results/moe (results/moe_quick)."""
+def moe_dir(options):
+    """Where the moe study writes: RESULTS_DIR/moe (moe_quick with --quick) holds summaries.json, tables.md and
+    the plots, and cells/ one summary file per finished cell."""
     return os.path.join(options.results_dir, "moe_quick" if options.quick else "moe")
 
 
@@ -618,14 +620,14 @@ def write_json(path, value):
 
 def run_moe(options, extra, summary_paths):
     """The moe study: every (setting, cell) as one train_dqn.py process with all seeds batched. Each finished
-    cell's summary goes to cell_dir(options)/NAME.json, and a cell whose file holds a finished run of the same
+    cell's summary goes to moe_dir(options)/cells/NAME.json, and a cell whose file holds a finished run of the same
     command is not run again, so the grid can be completed over several sittings (or one cell per job on a
     cluster, see --print-commands); the study's summaries are then every cell file there."""
     size = QUICK_FLAGS if options.quick else FULL_FLAGS
     grid = moe_cells(options)
     commands = [dqn_command("crl" if setting == "crl_reverse" else setting, flags, options.seeds, options.output_dir,
                             name, size + extra) for setting, _, _, flags, name in grid]
-    folder = cell_dir(options)
+    folder = os.path.join(moe_dir(options), "cells")
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, f"{name}.json") for *_, name in grid]
 
@@ -674,15 +676,17 @@ def report(options, summaries, labels):
     """Print a study's tables and write its plots (and, for moe, its tables) under --results-dir."""
     os.makedirs(options.results_dir, exist_ok=True)
     if options.study == "moe":
+        folder = moe_dir(options)
+        os.makedirs(folder, exist_ok=True)
         settings = [s for s in MOE_SETTINGS if any(c["setting"] == s for c in summaries)]
         minutes = sum(c.get("wall_seconds", 0) for c in summaries) / 60
         tables = "\n\n".join(f"{setting.upper()}\n\n{moe_table(summaries, setting)}" for setting in settings)
         tables += (f"\n\nVerdicts (95% bootstrap intervals over the seeds)\n\n{moe_verdicts(summaries)}\n\n"
                    f"{len(summaries)} cells, {minutes:.0f} minutes of process time (one core each)")
         print(tables)
-        with open(os.path.join(options.results_dir, "moe_tables.md"), "w") as f:
+        with open(os.path.join(folder, "tables.md"), "w") as f:
             f.write(tables + "\n")
-        paths = plot_moe(summaries, options.results_dir)
+        paths = plot_moe(summaries, folder)
     elif options.study == "preset":
         print(preset_table(summaries))
         paths = []
@@ -726,13 +730,13 @@ def parse_options():
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, 1 thread each (default: %(default)s)")
     parser.add_argument("--output-dir", help="where runs go (default: runs/compare_STUDY, runs/compare_STUDY_quick with --quick)")
     parser.add_argument("--results-dir", default="results",
-                        help="where the plots and tables go, and the summaries of the moe study (one file per cell "
-                        "in moe/ or moe_quick/, all of them in moe_summaries.json) and the preset study "
-                        "(dqn_preset.json) (default: %(default)s)")
+                        help="where the plots, tables and summaries go: the moe study's in moe/ (moe_quick/ with "
+                        "--quick): summaries.json, tables.md, the plots and cells/, one file per finished cell; the "
+                        "preset study's in dqn_preset.json (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already done: "
                         "moe: the cell files under --results-dir; the others: OUTPUT_DIR/summaries.json")
     parser.add_argument("--summaries", help="with --table-only: read the summaries from this file instead "
-                        "(e.g. results/agent_comparison.json, results/moe_summaries.json)")
+                        "(e.g. results/agent_comparison.json, results/moe/summaries.json)")
     options, extra = parser.parse_known_args()   # anything else is passed on to every train_dqn.py / train_agent.py run
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
@@ -774,14 +778,16 @@ def main():
     modes = options.is_modes if options.study == "rais" else [None]
     labels = [f"{r}/{m}" if m else r for r in options.routings for m in modes]
     summary_path = os.path.join(options.output_dir, "summaries.json")
-    results_file = {"moe": "moe_summaries.json", "preset": "dqn_preset.json"}.get(options.study)
+    results_file = {"moe": os.path.join(moe_dir(options), "summaries.json"),
+                    "preset": os.path.join(options.results_dir, "dqn_preset.json")}.get(options.study)
     if options.table_only:
         summaries = (json.load(open(options.summaries)) if options.summaries else
-                     stored_cells(cell_dir(options)) if options.study == "moe" else json.load(open(summary_path)))
+                     stored_cells(os.path.join(moe_dir(options), "cells")) if options.study == "moe" else
+                     json.load(open(summary_path)))
     else:
         os.makedirs(options.output_dir, exist_ok=True)
         os.makedirs(options.results_dir, exist_ok=True)
-        paths = [summary_path] + ([os.path.join(options.results_dir, results_file)] if results_file else [])
+        paths = [summary_path] + ([results_file] if results_file else [])
         study = {"moe": run_moe, "preset": run_preset}.get(options.study)
         summaries = study(options, extra, paths) if study else run_agent_study(options, extra, modes, paths)
     report(options, summaries, labels)

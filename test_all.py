@@ -483,6 +483,16 @@ def test_dqn_bad_preset_names_the_presets(capsys, nothing_heavy):
     assert "invalid choice: 'zoo'" in error and "'study'" in error
 
 
+def test_the_annealed_learning_rate_restarts_at_each_crl_task_with_epsilon():
+    args = train_dqn.parse_args(["--setting", "crl", "--total-steps", "301", "--anneal-lr", "--learning-rate", "1.0"])
+    lr = [train_dqn.learning_rate_at(args, step, 3) for step in range(301)]
+    assert lr[0] == lr[100] == lr[200] == 1.0 and lr[50] == 0.5 and lr[99] == pytest.approx(0.01)
+    assert lr[300] == pytest.approx(1 / 101)                     # the last task takes the remainder, 101 steps
+    whole = train_dqn.parse_args(["--setting", "crl", "--total-steps", "300", "--anneal-lr", "--no-crl-epsilon-restart"])
+    assert train_dqn.learning_rate_at(whole, 150, 3) == pytest.approx(0.5e-3)
+    assert train_dqn.learning_rate_at(train_dqn.parse_args([]), 40_000, 1) == 1e-3   # no --anneal-lr: constant
+
+
 def test_gradient_steps_take_that_many_updates_per_training_step(tmp_path):
     """300 steps, learning from step 100, an update every 20 steps: 11 updates, each of --gradient-steps steps."""
     one, _ = run(tmp_path, "--train-frequency", "20", "--run-name", "one")
@@ -2778,8 +2788,8 @@ def test_reproduce_moe_end_to_end(tmp_path):
                "1", "--hidden", "16"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    summaries = json.load(open(results / "moe_summaries.json"))
-    assert sorted(os.listdir(results / "moe")) == sorted(f"{s}_{c}.json" for s in ("crl", "crl_reverse")
+    summaries = json.load(open(results / "moe" / "summaries.json"))
+    assert sorted(os.listdir(results / "moe" / "cells")) == sorted(f"{s}_{c}.json" for s in ("crl", "crl_reverse")
                                                          for c in ("dense", "big_task"))
     assert [(s["setting"], s["placement"], s["router"], s["status"]) for s in summaries] == [
         ("crl", "dense", "-", "finished"), ("crl", "big", "task", "finished"),
@@ -2788,15 +2798,15 @@ def test_reproduce_moe_end_to_end(tmp_path):
     assert summaries[1]["task_switches"] == [100, 200] and "--seed 1 --seeds 2" in summaries[1]["command"]
     assert "--preset study" in summaries[0]["command"]
     assert sorted({(e["seed"], e["step"]) for e in summaries[0]["evaluations"]}) == [(1, 150), (1, 300), (2, 150), (2, 300)]
-    table = open(results / "moe_tables.md").read()
+    table = open(results / "moe" / "tables.md").read()
     assert "| dense | - |" in table and "| Big | hardcoded |" in table and table.strip() in result.stdout
     assert "CRL_REVERSE" in table and "| the task order matters in CRL | crl | dense: crl - crl_reverse |" in table
     if "matplotlib is not installed" not in result.stderr:
-        assert {"moe_scores.png", "crl_curves.png", "dormant.png"} <= set(os.listdir(results))
+        assert {"scores.png", "crl_curves.png", "dormant.png"} <= set(os.listdir(results / "moe"))
+    logs = {name: os.path.getmtime(out / name) for name in os.listdir(out) if name.endswith(".out")}
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 0 and table.strip() in again.stdout
-    assert not [name for name in os.listdir(out) if name.endswith(".out") and os.path.getmtime(out / name) >
-                os.path.getmtime(results / "moe_tables.md")]                         # nothing was run again
+    assert {name: os.path.getmtime(out / name) for name in logs} == logs and len(logs) == 4   # nothing ran again
     only = subprocess.run([sys.executable, "reproduce.py", "moe", "--table-only", "--output-dir", str(out),
                            "--results-dir", str(results)], capture_output=True, text=True)
     assert only.returncode == 0 and table.strip() in only.stdout

@@ -100,7 +100,8 @@ class Args:
                                     "--exploration-fraction of each task's stretch (--no-crl-epsilon-restart: "
                                     "one decay over the whole run, so later tasks start at --end-e)")
     double_dqn: bool = arg(True, "use Double DQN targets")
-    anneal_lr: bool = arg(False, "decay the learning rate linearly to 0 over --total-steps")
+    anneal_lr: bool = arg(False, "decay the learning rate linearly to 0 over --total-steps (in CRL with "
+                          "--crl-epsilon-restart, over each task's stretch, restarting with epsilon)")
     max_grad_norm: float = arg(10.0, "gradient-norm clipping (0 = off)")
     # evaluation, logging, checkpoints
     seed: int = arg(1, "random seed (weights, exploration, replay sampling, environments)")
@@ -195,6 +196,20 @@ def epsilon_at(args, step, num_tasks):
         visit = min(step // stretch, num_tasks * args.cycles - 1)   # the last visit takes the remainder
         return linear_schedule(args.start_e, args.end_e, args.exploration_fraction * stretch, step - visit * stretch)
     return linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_steps, step)
+
+
+def learning_rate_at(args, step, num_tasks):
+    """The learning rate at env step `step`: --learning-rate, or with --anneal-lr a linear decay to 0 over the
+    run, or in CRL (with --crl-epsilon-restart) over each task visit, restarting with epsilon, so that a later
+    task is not learned at a fraction of the first one's rate."""
+    if not args.anneal_lr:
+        return args.learning_rate
+    start, length = 0, args.total_steps
+    if args.setting == "crl" and args.crl_epsilon_restart:
+        stretch, visits = crl_steps_per_task(num_tasks, args.total_steps, args.cycles), num_tasks * args.cycles
+        visit = min(step // stretch, visits - 1)                    # the last visit takes the remainder
+        start, length = visit * stretch, (args.total_steps - visit * stretch if visit == visits - 1 else stretch)
+    return args.learning_rate * (1.0 - (step - start) / length)
 
 
 class ReplayBuffer:
@@ -493,7 +508,7 @@ def train_in(args, run_dir):
         run.current = active_tasks(args.setting, run.step, len(tasks), args.total_steps, args.cycles)
         run.epsilon = epsilon_at(args, run.step, len(tasks))
         if args.anneal_lr:
-            run.optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - run.step / args.total_steps)
+            run.optimizer.param_groups[0]["lr"] = learning_rate_at(args, run.step, len(tasks))
         step_tasks(run, bar)
         if not run.training.any():
             break
