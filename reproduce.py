@@ -86,14 +86,16 @@ MOE_PRIORITY = ["dense", "big:soft", "middle:soft", "middle:topk", "big:topk", "
 # at one per-task budget and without the early stop, so that "learned and still learned at the end" is measured.
 # "zoo" is rl-zoo3's MountainCar-v0 config (lr 4e-3, gamma 0.98, train every 16 steps with 8 gradient steps, target
 # every 600, epsilon to 0.07 over 20%, buffer 10k, batch 128) on the project's 128-wide network; the others change
-# one to three of its flags (the discount, the learning rate or its linear decay to 0, the buffer, the width), or
-# are train_dqn.py's defaults as the moe study used them before (--train-frequency 4).
+# one to three of its flags (the discount, the learning rate or its linear decay to 0, the buffer, the width, the
+# per-task budget: 150k steps rather than 100k), or are train_dqn.py's defaults as the moe study used them before
+# (--train-frequency 4).
 ZOO = ["--learning-rate", "4e-3", "--gamma", "0.98", "--train-frequency", "16", "--gradient-steps", "8",
        "--target-network-frequency", "600", "--end-e", "0.07", "--exploration-fraction", "0.2",
        "--buffer-size", "10000", "--batch-size", "128", "--learning-starts", "1000"]
 PRESET_CANDIDATES = {
     "zoo": ZOO,
     "zoo_gamma0.99_anneal": ZOO + ["--gamma", "0.99", "--anneal-lr"],
+    "zoo_gamma0.99_anneal_150k": ZOO + ["--gamma", "0.99", "--anneal-lr", "--total-steps", "150000"],
     "zoo_gamma0.99_lr2e-3_buffer50k": ZOO + ["--gamma", "0.99", "--learning-rate", "2e-3", "--buffer-size", "50000"],
     "zoo_gamma0.99": ZOO + ["--gamma", "0.99"],
     "zoo_lr1e-3_buffer50k": ZOO + ["--learning-rate", "1e-3", "--buffer-size", "50000"],
@@ -651,14 +653,33 @@ def run_moe(options, extra, summary_paths):
     return summaries
 
 
+def preset_runs(options, extra):
+    """[(candidate, task, run name, command)] of the preset study: every candidate on every task alone."""
+    grid = [(candidate, task, f"{candidate}_{task.split('-')[0]}") for candidate in options.candidates
+            for task in PRESET_TASKS]
+    return [(candidate, task, name, dqn_command("single", PRESET_FLAGS + PRESET_CANDIDATES[candidate] + ["--env", task],
+                                                options.seeds, options.output_dir, name, extra))
+            for candidate, task, name in grid]
+
+
+def preset_record(run, result):
+    candidate, task, _, command = run
+    return {**with_evaluations(result), "candidate": candidate, "task": task, "command": " ".join(command[1:])}
+
+
 def run_preset(options, extra, summary_paths):
     """The preset study: every candidate of PRESET_CANDIDATES on every task alone, 10 seeds in one process."""
-    grid = [(candidate, task) for candidate in options.candidates for task in PRESET_TASKS]
-    names = [f"{candidate}_{task.split('-')[0]}" for candidate, task in grid]
-    commands = [dqn_command("single", PRESET_FLAGS + PRESET_CANDIDATES[candidate] + ["--env", task], options.seeds,
-                            options.output_dir, name, extra) for (candidate, task), name in zip(grid, names)]
-    record = lambda i, result: {**with_evaluations(result), "candidate": grid[i][0], "task": grid[i][1]}
-    return run_grid(commands, names, options, record, summary_paths)
+    runs = preset_runs(options, extra)
+    return run_grid([r[3] for r in runs], [r[2] for r in runs], options, lambda i, result: preset_record(runs[i], result),
+                    summary_paths)
+
+
+def finished_presets(options, extra):
+    """The preset study's runs that have finished in --output-dir, whatever study command ran them."""
+    runs = preset_runs(options, extra)
+    done = [(r, finished_summary(os.path.join(options.output_dir, f"{r[2]}.out"))) for r in runs]
+    return [preset_record(r, {**summary, "run_dir": os.path.join(options.output_dir, r[2])})
+            for r, summary in done if summary is not None]
 
 
 def run_agent_study(options, extra, modes, summary_paths):
@@ -734,7 +755,8 @@ def parse_options():
                         "--quick): summaries.json, tables.md, the plots and cells/, one file per finished cell; the "
                         "preset study's in dqn_preset.json (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already done: "
-                        "moe: the cell files under --results-dir; the others: OUTPUT_DIR/summaries.json")
+                        "moe: the cell files under --results-dir; preset: the finished runs in --output-dir; the "
+                        "others: OUTPUT_DIR/summaries.json")
     parser.add_argument("--summaries", help="with --table-only: read the summaries from this file instead "
                         "(e.g. results/agent_comparison.json, results/moe/summaries.json)")
     options, extra = parser.parse_known_args()   # anything else is passed on to every train_dqn.py / train_agent.py run
@@ -783,7 +805,9 @@ def main():
     if options.table_only:
         summaries = (json.load(open(options.summaries)) if options.summaries else
                      stored_cells(os.path.join(moe_dir(options), "cells")) if options.study == "moe" else
-                     json.load(open(summary_path)))
+                     finished_presets(options, extra) if options.study == "preset" else json.load(open(summary_path)))
+        if options.study == "preset" and not options.summaries:
+            write_json(results_file, summaries)       # the summary file of every run finished so far
     else:
         os.makedirs(options.output_dir, exist_ok=True)
         os.makedirs(options.results_dir, exist_ok=True)

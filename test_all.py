@@ -2763,6 +2763,11 @@ def test_reproduce_preset_end_to_end(tmp_path):
     assert all("--gradient-steps 8" in s["command"] and "--no-stop-when-solved" in s["command"] for s in summaries)
     assert all(s["env_steps"] == 300 for s in summaries)                    # flags given last win
     assert "| zoo | " in result.stdout and result.stdout.count("/2 |") == 3
+    os.remove(results / "dqn_preset.json")
+    again = subprocess.run([sys.executable, "reproduce.py", "preset", "--table-only", "--output-dir", str(out),
+                            "--results-dir", str(results), "--seeds", "1", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "| zoo | " in again.stdout and "| defaults |" not in again.stdout
+    assert [s["task"] for s in json.load(open(results / "dqn_preset.json"))] == reproduce.PRESET_TASKS
 
 
 def test_print_commands_gives_one_command_per_cell_that_runs_it_alone():
