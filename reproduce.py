@@ -453,25 +453,33 @@ def plot_agent(summaries, routings, results_dir, name="agent"):
     return paths
 
 
-def finished_summary(log_path):
-    """The summary a run printed last, if its console log holds one of a finished run, else None."""
+def finished_summary(log_path, command=None):
+    """The summary a run printed last, if its console log holds one of a finished run (of `command`, where the
+    log names the command it ran), else None."""
     if not os.path.exists(log_path):
         return None
-    lines = [line for line in open(log_path) if line.startswith("{")]
+    lines = open(log_path).readlines()
+    if command is not None and lines and lines[0].startswith("$ ") and lines[0][2:].strip() != " ".join(command[1:]):
+        return None
+    lines = [line for line in lines if line.startswith("{")]
     summary = json.loads(lines[-1]) if lines else None
     return summary if summary and summary.get("status") == "finished" else None
 
 
 def run(command, log_path, run_dir):
-    """Run one training command, its console output to log_path. A run that already finished there (a study cut
-    off and started again) is not run again; one cut off after a checkpoint continues from it (--resume, its
-    console output appended); one cut off before its first checkpoint starts again (--overwrite)."""
-    done = finished_summary(log_path)
+    """Run one training command, its console output to log_path, whose first line names the command. A run that
+    already finished there with the same command (a study cut off and started again) is not run again; one cut off
+    after a checkpoint continues from it (--resume, its console output appended; the trainer refuses a checkpoint
+    of other settings); one cut off before its first checkpoint starts again (--overwrite)."""
+    done = finished_summary(log_path, command)
     if done is not None:
         return done
     resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
     again = ["--resume"] if resume else ["--overwrite"] if os.path.exists(run_dir) else []
     with open(log_path, "a" if resume else "w") as log:
+        if not resume:
+            log.write(f"$ {' '.join(command[1:])}\n")
+            log.flush()
         subprocess.run(command + again, stdout=log, stderr=subprocess.STDOUT, check=False)
     return finished_summary(log_path) or {"status": "failed", "log": log_path}
 
@@ -689,7 +697,7 @@ def run_preset(options, extra, summary_paths):
 def finished_presets(options, extra):
     """The preset study's runs that have finished in --output-dir, whatever study command ran them."""
     runs = preset_runs(options, extra)
-    done = [(r, finished_summary(os.path.join(options.output_dir, f"{r[2]}.out"))) for r in runs]
+    done = [(r, finished_summary(os.path.join(options.output_dir, f"{r[2]}.out"), r[3])) for r in runs]
     return [preset_record(r, {**summary, "run_dir": os.path.join(options.output_dir, r[2])})
             for r, summary in done if summary is not None]
 

@@ -2857,7 +2857,8 @@ def test_reproduce_skips_finished_runs_and_resumes_cut_off_ones(tmp_path):
     report = [sys.executable, "-c", "import json, sys; print(json.dumps({'status': 'finished', 'argv': sys.argv[1:]}))"]
     folder, log = tmp_path / "run", str(tmp_path / "run.out")
     assert reproduce.run(report, log, str(folder))["argv"] == []
-    assert reproduce.run([*report, "again"], log, str(folder))["argv"] == []        # finished: not run again
+    before = open(log).read()
+    assert reproduce.run(report, log, str(folder))["argv"] == [] and open(log).read() == before   # not run again
     os.remove(log)
     folder.mkdir()
     assert reproduce.run(report, log, str(folder))["argv"] == ["--overwrite"]
@@ -2866,6 +2867,10 @@ def test_reproduce_skips_finished_runs_and_resumes_cut_off_ones(tmp_path):
     open(log, "w").write("killed mid-run\n")
     assert reproduce.run(report, log, str(folder))["argv"] == ["--resume"]
     assert open(log).read().startswith("killed mid-run\n")                        # the console log goes on
+    os.remove(log), os.remove(folder / "checkpoint.pt"), os.rmdir(folder)
+    assert reproduce.run(report, log, str(folder))["argv"] == [] and open(log).readline().startswith("$ -c ")
+    other = [*report, "other"]                                                    # the same name, another command
+    assert reproduce.run(other, log, str(folder))["argv"] == ["other"]
 
 
 def test_benchmark_resume_skips_the_parts_it_has(tmp_path):
