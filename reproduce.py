@@ -255,8 +255,9 @@ def moe_table(summaries, setting):
 MOE_CLAIMS = [
     *[("Big + SoftMoE beats dense in CRL", s, "big:soft", "dense", "score") for s in ("crl", "crl_reverse")],
     *[("SoftMoE beats dense in CRL", s, "middle:soft", "dense", "score") for s in ("crl", "crl_reverse")],
-    *[("only Big beats dense in MTRL", "mtrl", cell, "dense", "score")
-      for cell in ("big:soft", "big:topk", "big:task", "middle:soft", "middle:topk", "middle:task", "final:soft", "all:soft")],
+    *[("Big beats dense in MTRL", "mtrl", cell, "dense", "score") for cell in ("big:soft", "big:topk", "big:task")],
+    *[("no MoE but Big beats dense in MTRL", "mtrl", cell, "dense", "no gain")
+      for cell in ("middle:soft", "middle:topk", "middle:task", "final:soft", "all:soft")],
     *[("SoftMoE beats Top-k under non-stationarity", s, f"{p}:soft", f"{p}:topk", "score")
       for s in ("crl", "crl_reverse", "mtrl") for p in ("middle", "big")],
     *[("MoE has fewer dormant neurons than dense", s, cell, "dense", "dormant")
@@ -277,7 +278,8 @@ def final_values(cell, what):
 def moe_verdicts(summaries):
     """A markdown row per claim of MOE_CLAIMS whose cells have finished: the difference with its 95% bootstrap
     interval and the verdict, 'holds' (the interval is above 0), 'reversed' (below 0) or 'cannot be told apart'
-    (it holds 0). For the task order, CRL in the given order minus CRL reversed, where either sign holds."""
+    (it holds 0). For the task order, CRL in the given order minus CRL reversed, where either sign holds; for a
+    cell the claim says does not beat dense ('no gain'), 'fails' when the interval is above 0, else 'holds'."""
     cells = {(s["setting"], cell_name(s["placement"], s["router"])): s for s in summaries if s.get("status") == "finished"}
     rows = ["| claim | setting | comparison | difference [95% CI] | verdict |", "|---|---|---|---|---|"]
     for claim, setting, a, b, what in MOE_CLAIMS:
@@ -286,8 +288,9 @@ def moe_verdicts(summaries):
             continue
         first, second = final_values(cells[(setting, a)], what), final_values(cells[other], what)
         difference, low, high = difference_ci(second, first) if what == "dormant" else difference_ci(first, second)
-        comparison = {"score": f"{a} - {b}", "dormant": f"dormant {b} - {a}", "order": f"{a}: crl - crl_reverse"}[what]
-        verdict = ("cannot be told apart" if low <= 0 <= high else
+        comparison = {"dormant": f"dormant {b} - {a}", "order": f"{a}: crl - crl_reverse"}.get(what, f"{a} - {b}")
+        verdict = (("fails" if low > 0 else "holds") if what == "no gain" else
+                   "cannot be told apart" if low <= 0 <= high else
                    "holds" if what == "order" or low > 0 else "reversed")
         rows.append(f"| {claim} | {setting} | {comparison} | {difference:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict} |")
     return "\n".join(rows) if len(rows) > 2 else "(no claim has both its cells finished)"
@@ -350,6 +353,8 @@ def plot_moe(summaries, results_dir):
     if plt is None:
         return []
     cells = [s for s in summaries if s.get("status") == "finished"]
+    if not cells:
+        return []
     settings = [x for x in MOE_SETTINGS if any(c["setting"] == x for c in cells)]
     paths = []
     figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
@@ -782,6 +787,8 @@ def parse_options():
     options, extra = parser.parse_known_args()   # anything else is passed on to every train_dqn.py / train_agent.py run
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
+    if options.summaries and not os.path.isfile(options.summaries):
+        parser.error(f"--summaries {options.summaries}: no such file")
     dqn = options.study in ("moe", "preset")
     options.seeds = options.seeds or (AGENT_QUICK_SEEDS if options.quick and options.study == "agent" else
                                       list(range(1, 6)) if options.quick or not dqn else PRESET_SEEDS)

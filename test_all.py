@@ -2693,6 +2693,7 @@ def test_moe_grid_cells_and_bad_names():
     (["--seeds", "1", "3"], "--seeds must be consecutive, got [1, 3]"),
     (["--cells", "big:dense"], "unknown cells ['big:dense']"),
     (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (["--table-only", "--summaries", "nowhere.json"], "--summaries nowhere.json: no such file"),
 ])
 def test_reproduce_bad_values_give_a_clear_error(flags, message):
     result = subprocess.run([sys.executable, "reproduce.py", "moe", *flags], capture_output=True, text=True)
