@@ -700,11 +700,17 @@ def run_preset(options, extra, summary_paths):
 
 
 def finished_presets(options, extra):
-    """The preset study's runs that have finished in --output-dir, whatever study command ran them."""
-    runs = preset_runs(options, extra)
-    done = [(r, finished_summary(os.path.join(options.output_dir, f"{r[2]}.out"), r[3])) for r in runs]
-    return [preset_record(r, {**summary, "run_dir": os.path.join(options.output_dir, r[2])})
-            for r, summary in done if summary is not None]
+    """The preset study's runs that have finished in --output-dir, whatever flags the study command that ran
+    them added (the command a run's console log names is its summary's)."""
+    summaries = []
+    for run in preset_runs(options, extra):
+        log = os.path.join(options.output_dir, f"{run[2]}.out")
+        summary = finished_summary(log)
+        if summary is not None:
+            first = open(log).readline()
+            command = ["python", *first[2:].split()] if first.startswith("$ ") else run[3]
+            summaries.append(preset_record((*run[:3], command), {**summary, "run_dir": os.path.join(options.output_dir, run[2])}))
+    return summaries
 
 
 def run_agent_study(options, extra, modes, summary_paths):

@@ -2779,7 +2779,9 @@ def test_reproduce_preset_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "reproduce.py", "preset", "--table-only", "--output-dir", str(out),
                             "--results-dir", str(results), "--seeds", "1", "2"], capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "| zoo | " in again.stdout and "| defaults |" not in again.stdout
-    assert [s["task"] for s in json.load(open(results / "dqn_preset.json"))] == reproduce.PRESET_TASKS
+    tabled = json.load(open(results / "dqn_preset.json"))
+    assert [s["task"] for s in tabled] == reproduce.PRESET_TASKS
+    assert all("--total-steps 300" in s["command"] for s in tabled)         # the command each run's log names
 
 
 def test_print_commands_gives_one_command_per_cell_that_runs_it_alone():
