@@ -440,7 +440,7 @@ def measure_memory(args, results):
     results["update_memory"] = memory
 
 
-def main():
+def parse_options():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["costs", "scaling", "475", "agent"],
                         choices=["costs", "scaling", "475", "agent", "memory"],
@@ -488,6 +488,13 @@ def main():
         parser.error(f"--scaling-seeds must all be at least 1, got {args.scaling_seeds}")
     if min(args.scaling_threads) < 1:
         parser.error(f"--scaling-threads must all be at least 1, got {args.scaling_threads}")
+    return args
+
+
+def main():
+    """Measure the parts asked for (skipping, with --resume, those --out holds from this same command), writing
+    --out after each."""
+    args = parse_options()
     torch.set_num_threads(1)
     command = "python benchmark.py " + " ".join(a for a in sys.argv[1:] if a != "--resume")
     previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
