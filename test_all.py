@@ -1713,6 +1713,24 @@ def test_update_trains_only_the_experts_and_routers(base_cache, routing):
                               np.random.default_rng(0)) == ({"informative_episodes": 0}, None)
 
 
+@pytest.mark.parametrize("constant", [True, False])
+def test_update_takes_the_whole_batchs_optimizer_steps_however_few_episodes_count(base_cache, constant):
+    flags = ["--minibatch-episodes", "2", "--update-epochs", "3"] + ([] if constant else ["--no-constant-steps"])
+    args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache, *flags])
+    base, tokenizer = train_agent.load_base(args)
+    agent = Agent(base, tokenizer, train_agent.agent_config(args))
+    episodes = train_agent.rollout(agent, HouseholdEnv(args.max_steps), [5] * 3 + [6] * 3, [0] * 3 + [1] * 3, args,
+                                   1.0, True, torch.Generator().manual_seed(0))
+    # 6 episodes, 3 minibatches of 2 per epoch; only 3 carry an advantage
+    advantages = [np.full(len(e.actions), float(i < 3)) for i, e in enumerate(episodes)]
+    optimizer = torch.optim.Adam(agent.trainable_parameters(), lr=1e-3)
+    steps = []
+    optimizer.step = lambda *a, step=optimizer.step: steps.append(step(*a))
+    stats, _ = train_agent.update(agent, optimizer, episodes, advantages, args, 1.0, np.random.default_rng(0))
+    assert stats["informative_episodes"] == 3
+    assert len(steps) == (3 if constant else 2) * args.update_epochs    # 3 x 1 episode, or 2 + 1
+
+
 def test_agent_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, base_cache, monkeypatch):
     args = train_agent.parse_args(AGENT_FAST + ["--base-cache", base_cache])
     base, tokenizer = train_agent.load_base(args)

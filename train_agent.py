@@ -130,7 +130,12 @@ class Args:
     router_learning_rate: float = arg(0.0, "Adam learning rate of the routers, the phase router or the token "
                                       "routers (0: --learning-rate)")
     update_epochs: int = arg(2, "passes over each batch")
-    minibatch_episodes: int = arg(16, "episodes per minibatch")
+    minibatch_episodes: int = arg(16, "episodes per minibatch of the whole batch: an epoch takes batch / "
+                                  "--minibatch-episodes optimizer steps (with --no-constant-steps, fewer)")
+    constant_steps: bool = arg(True, "as many optimizer steps per epoch however few episodes carry an advantage: "
+                               "the informative episodes are split evenly over batch / --minibatch-episodes "
+                               "minibatches (verl keeps its minibatch count, zero-advantage samples inside); "
+                               "--no-constant-steps: minibatches of --minibatch-episodes informative episodes")
     clip_coef: float = arg(0.2, "PPO clipping epsilon")
     kl_coef: float = arg(0.0, "weight of KL(policy || frozen base) over the admissible commands (paper: 0.01)")
     max_grad_norm: float = arg(1.0, "gradient-norm clipping")
@@ -603,15 +608,20 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
     kept = equal_share([i for i, a in enumerate(advantages) if np.abs(a).max() > 0], len(advantages))
     if not kept:
         return {"informative_episodes": 0}, None
-    episodes, advantages = [episodes[i] for i in kept], [advantages[i] for i in kept]
     for e in episodes:
         e.reference = None
     agent.train()
     parameters = agent.trainable_parameters()
     all_stats, shares = [], None
+    minibatches = math.ceil(len(advantages) / args.minibatch_episodes)   # of the whole batch (before dropping)
+    episodes, advantages = [episodes[i] for i in kept], [advantages[i] for i in kept]
     for epoch in range(args.update_epochs):
         order = rng.permutation(len(episodes))
-        batches = [order[start:start + args.minibatch_episodes] for start in range(0, len(order), args.minibatch_episodes)]
+        if args.constant_steps:
+            batches = np.array_split(order, min(minibatches, len(order)))
+        else:
+            batches = [order[start:start + args.minibatch_episodes]
+                       for start in range(0, len(order), args.minibatch_episodes)]
         per_step, types = [], []
         for b, chosen in enumerate(batches):
             batch = [episodes[i] for i in chosen]
