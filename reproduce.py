@@ -117,14 +117,15 @@ PRESET_FLAGS = ["--total-steps", "100000", "--no-stop-when-solved", "--eval-freq
                 "--eval-episodes", "10", "--final-eval-episodes", "20"]
 PRESET_SEEDS = list(range(1, 11))
 
-# the agent study's --quick size: 60 of train_agent.py's 400 iterations, half its held-out episodes, 3 seeds
-AGENT_QUICK_FLAGS = ["--iterations", "60", "--eval-every", "20", "--eval-episodes", "60", "--conflict-every", "20"]
+# the agent study's --quick size: 50 of train_agent.py's 400 iterations, half its held-out episodes, 3 seeds
+AGENT_QUICK_FLAGS = ["--iterations", "50", "--eval-every", "10", "--eval-episodes", "60", "--conflict-every", "25"]
 AGENT_QUICK_SEEDS = [1, 2, 3]
 
 # the rais study's budget: 4 update epochs per batch (the routers move further between rollout and update
-# than at the default 2); 60 iterations with held-out evaluations every 10
+# than at the default 2); 60 iterations with held-out evaluations every 10; minibatches of 16 informative
+# episodes (--no-constant-steps), as when its table in docs/agent.md was measured
 RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "60", "--eval-every", "10", "--eval-episodes", "60",
-              "--conflict-every", "0"]
+              "--conflict-every", "0", "--no-constant-steps"]
 
 
 def agent_command(routing, seed, output_dir, extra, name=None):
@@ -458,14 +459,21 @@ def plot_agent(summaries, routings, results_dir, name="agent"):
     return paths
 
 
+def other_command(log_path, command):
+    """Whether the console log at log_path names a command other than `command` on its first line."""
+    if not os.path.exists(log_path):
+        return False
+    with open(log_path) as log:
+        first = log.readline()
+    return first.startswith("$ ") and first[2:].strip() != " ".join(command[1:])
+
+
 def finished_summary(log_path, command=None):
     """The summary a run printed last, if its console log holds one of a finished run (of `command`, where the
     log names the command it ran), else None."""
-    if not os.path.exists(log_path):
+    if not os.path.exists(log_path) or (command is not None and other_command(log_path, command)):
         return None
     lines = open(log_path).readlines()
-    if command is not None and lines and lines[0].startswith("$ ") and lines[0][2:].strip() != " ".join(command[1:]):
-        return None
     lines = [line for line in lines if line.startswith("{")]
     summary = json.loads(lines[-1]) if lines else None
     return summary if summary and summary.get("status") == "finished" else None
@@ -474,12 +482,12 @@ def finished_summary(log_path, command=None):
 def run(command, log_path, run_dir):
     """Run one training command, its console output to log_path, whose first line names the command. A run that
     already finished there with the same command (a study cut off and started again) is not run again; one cut off
-    after a checkpoint continues from it (--resume, its console output appended; the trainer refuses a checkpoint
-    of other settings); one cut off before its first checkpoint starts again (--overwrite)."""
+    after a checkpoint continues from it (--resume, its console output appended); one cut off before its first
+    checkpoint, or run with another command (other flags after a change of the study), starts again (--overwrite)."""
     done = finished_summary(log_path, command)
     if done is not None:
         return done
-    resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+    resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not other_command(log_path, command)
     again = ["--resume"] if resume else ["--overwrite"] if os.path.exists(run_dir) else []
     with open(log_path, "a" if resume else "w") as log:
         if not resume:
@@ -784,7 +792,8 @@ def parse_options():
     parser.add_argument("--results-dir", default="results",
                         help="where the plots, tables and summaries go: the moe study's in moe/ (moe_quick/ with "
                         "--quick): summaries.json, tables.md, the plots and cells/, one file per finished cell; the "
-                        "preset study's in dqn_preset.json (default: %(default)s)")
+                        "preset study's in dqn_preset.json; the agent study's in agent_comparison.json (agent_quick.json "
+                        "with --quick) and the rais study's in rais_comparison.json, beside their plots (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already done: "
                         "moe: the cell files under --results-dir; preset: the finished runs in --output-dir; the "
                         "others: OUTPUT_DIR/summaries.json")
@@ -834,7 +843,9 @@ def main():
     labels = [f"{r}/{m}" if m else r for r in options.routings for m in modes]
     summary_path = os.path.join(options.output_dir, "summaries.json")
     results_file = {"moe": os.path.join(moe_dir(options), "summaries.json"),
-                    "preset": os.path.join(options.results_dir, "dqn_preset.json")}.get(options.study)
+                    "preset": os.path.join(options.results_dir, "dqn_preset.json"),
+                    "agent": os.path.join(options.results_dir, "agent_quick.json" if options.quick else "agent_comparison.json"),
+                    "rais": os.path.join(options.results_dir, "rais_comparison.json")}[options.study]
     if options.table_only:
         summaries = (json.load(open(options.summaries)) if options.summaries else
                      stored_cells(os.path.join(moe_dir(options), "cells")) if options.study == "moe" else

@@ -2892,6 +2892,9 @@ def test_reproduce_skips_finished_runs_and_resumes_cut_off_ones(tmp_path):
     assert reproduce.run(report, log, str(folder))["argv"] == [] and open(log).readline().startswith("$ -c ")
     other = [*report, "other"]                                                    # the same name, another command
     assert reproduce.run(other, log, str(folder))["argv"] == ["other"]
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"")                # a checkpoint of another command is not resumed
+    assert reproduce.run(report, log, str(folder))["argv"] == ["--overwrite"]
 
 
 def test_benchmark_resume_skips_the_parts_it_has(tmp_path):
