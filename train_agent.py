@@ -608,13 +608,13 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
     kept = equal_share([i for i, a in enumerate(advantages) if np.abs(a).max() > 0], len(advantages))
     if not kept:
         return {"informative_episodes": 0}, None
+    minibatches = math.ceil(len(advantages) / args.minibatch_episodes)   # the whole batch's (--constant-steps)
+    episodes, advantages = [episodes[i] for i in kept], [advantages[i] for i in kept]
     for e in episodes:
         e.reference = None
     agent.train()
     parameters = agent.trainable_parameters()
     all_stats, shares = [], None
-    minibatches = math.ceil(len(advantages) / args.minibatch_episodes)   # of the whole batch (before dropping)
-    episodes, advantages = [episodes[i] for i in kept], [advantages[i] for i in kept]
     for epoch in range(args.update_epochs):
         order = rng.permutation(len(episodes))
         if args.constant_steps:
