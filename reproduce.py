@@ -459,13 +459,19 @@ def plot_agent(summaries, routings, results_dir, name="agent"):
     return paths
 
 
-def other_command(log_path, command):
-    """Whether the console log at log_path names a command other than `command` on its first line."""
+def logged_command(log_path):
+    """The command a run's console log names on its first line ("$ ARGS", written by run), or None."""
     if not os.path.exists(log_path):
-        return False
+        return None
     with open(log_path) as log:
         first = log.readline()
-    return first.startswith("$ ") and first[2:].strip() != " ".join(command[1:])
+    return first[2:].strip() if first.startswith("$ ") else None
+
+
+def other_command(log_path, command):
+    """Whether the console log at log_path names a command other than `command`."""
+    logged = logged_command(log_path)
+    return logged is not None and logged != " ".join(command[1:])
 
 
 def finished_summary(log_path, command=None):
@@ -473,8 +479,7 @@ def finished_summary(log_path, command=None):
     log names the command it ran), else None."""
     if not os.path.exists(log_path) or (command is not None and other_command(log_path, command)):
         return None
-    lines = open(log_path).readlines()
-    lines = [line for line in lines if line.startswith("{")]
+    lines = [line for line in open(log_path) if line.startswith("{")]
     summary = json.loads(lines[-1]) if lines else None
     return summary if summary and summary.get("status") == "finished" else None
 
@@ -715,8 +720,8 @@ def finished_presets(options, extra):
         log = os.path.join(options.output_dir, f"{run[2]}.out")
         summary = finished_summary(log)
         if summary is not None:
-            first = open(log).readline()
-            command = ["python", *first[2:].split()] if first.startswith("$ ") else run[3]
+            logged = logged_command(log)
+            command = ["python", *logged.split()] if logged else run[3]
             summaries.append(preset_record((*run[:3], command), {**summary, "run_dir": os.path.join(options.output_dir, run[2])}))
     return summaries
 
