@@ -7,7 +7,7 @@ tabulate the summaries.
     python reproduce.py moe --print-commands > cells.txt    # one command per cell, for a job array
     python reproduce.py moe --table-only                    # the tables, verdicts and plots of the cells done so far
     python reproduce.py agent --quick --jobs 2              # single vs token vs trajectory vs phase, 3 seeds, short
-    python reproduce.py agent --jobs 2                      # 5 seeds at train_agent.py's defaults (hours)
+    python reproduce.py agent --jobs 2                      # 5 seeds, 150 iterations (AGENT_FLAGS; hours)
     python reproduce.py agent --table-only --summaries results/agent_comparison.json   # re-print and plot
     python reproduce.py rais --jobs 2                       # token vs sequence vs rais importance sampling
 
@@ -31,7 +31,7 @@ QUICK_FLAGS.
 
 The agent study (PA-MoE, arXiv 2602.17038) trains train_agent.py with each routing granularity (single,
 token, trajectory, phase) for 5 seeds and tabulates success per task type, switches per episode,
-utilisation per task type, occupancy and gradient conflict; --quick runs it at AGENT_QUICK_FLAGS.
+utilisation per task type, occupancy and gradient conflict, at AGENT_FLAGS (--quick: AGENT_QUICK_FLAGS).
 The rais study runs token routing with each --is-mode at RAIS_FLAGS (more update epochs per batch than
 the default, where the routers move most between rollout and update) and tabulates the importance
 weights, gradient norms, clipping and router shift logged by every update; extra flags (for example a
@@ -117,6 +117,10 @@ PRESET_FLAGS = ["--total-steps", "100000", "--no-stop-when-solved", "--eval-freq
                 "--eval-episodes", "10", "--final-eval-episodes", "20"]
 PRESET_SEEDS = list(range(1, 11))
 
+# the agent study's budget: 150 of train_agent.py's 400 iterations (the paper's 150 iterations, of 64 episodes
+# here, not 128; about 15 minutes of the default run alone on 2 cores), where the routings are still apart:
+# by 400 iterations every routing's runs had reached 0.83-0.93
+AGENT_FLAGS = ["--iterations", "150"]
 # the agent study's --quick size: 50 of train_agent.py's 400 iterations, half its held-out episodes, 3 seeds
 AGENT_QUICK_FLAGS = ["--iterations", "50", "--eval-every", "10", "--eval-episodes", "60", "--conflict-every", "25"]
 AGENT_QUICK_SEEDS = [1, 2, 3]
@@ -787,7 +791,7 @@ def parse_options():
                         "CRL with the tasks in reverse order (default: all three, mtrl crl with --quick)")
     parser.add_argument("--quick", action="store_true", help="the small size, under 30 minutes on 2 cores with --jobs 2: "
                         "moe: the reduced grid (QUICK_CELLS, unless --cells) at QUICK_FLAGS, without it every cell at "
-                        "FULL_FLAGS; agent: AGENT_QUICK_FLAGS, without it train_agent.py's defaults; rais: no effect")
+                        "FULL_FLAGS; agent: AGENT_QUICK_FLAGS, without it AGENT_FLAGS; rais: no effect")
     parser.add_argument("--cells", nargs="+", help="moe study: only these cells, named dense or PLACEMENT:ROUTER "
                         "(e.g. dense middle:soft big:task; placements middle final all big, routers topk soft task)")
     parser.add_argument("--print-commands", action="store_true", help="moe study: print one command per (setting, "
@@ -825,8 +829,8 @@ def parse_options():
     options.output_dir = options.output_dir or f"runs/compare_{options.study}{'_quick' if options.quick else ''}"
     if options.study == "rais":
         extra = RAIS_FLAGS + extra           # flags given later win
-    elif options.quick and not dqn:
-        extra = AGENT_QUICK_FLAGS + extra
+    elif options.study == "agent":
+        extra = (AGENT_QUICK_FLAGS if options.quick else AGENT_FLAGS) + extra
     return options, extra
 
 
