@@ -10,6 +10,7 @@ tabulate the summaries.
     python reproduce.py agent --jobs 2                      # 5 seeds, 150 iterations (AGENT_FLAGS; hours)
     python reproduce.py agent --table-only --summaries results/agent_comparison.json   # re-print and plot
     python reproduce.py rais --jobs 2                       # token vs sequence vs rais importance sampling
+    python reproduce.py rais --stress --jobs 2              # the same with fast-moving routers
 
 The preset study trains each candidate DQN setting of PRESET_CANDIDATES on CartPole-v1, MountainCar-v0 and
 Acrobot-v1 alone, 10 seeds batched in one process, at PRESET_FLAGS (one per-task budget, no early stop), and
@@ -34,8 +35,8 @@ token, trajectory, phase) for 5 seeds and tabulates success per task type, switc
 utilisation per task type, occupancy and gradient conflict, at AGENT_FLAGS (--quick: AGENT_QUICK_FLAGS).
 The rais study runs token routing with each --is-mode at RAIS_FLAGS (more update epochs per batch than
 the default, where the routers move most between rollout and update) and tabulates the importance
-weights, gradient norms, clipping and router shift logged by every update; extra flags (for example a
-faster --router-learning-rate) go to every run.
+weights, gradient norms, clipping and router shift logged by every update; --stress runs it at
+RAIS_STRESS_FLAGS (fast-moving routers). Extra flags go to every run.
 
 Every run is an ordinary `train_dqn.py` or `train_agent.py` run in its own process (1 thread each, --jobs at
 a time), so any row can be re-run alone with the command printed for it (plus --overwrite, as its folder
@@ -130,6 +131,10 @@ AGENT_QUICK_SEEDS = [1, 2, 3]
 # episodes (--no-constant-steps), as when its table in docs/agent.md was measured
 RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "60", "--eval-every", "10", "--eval-episodes", "60",
               "--conflict-every", "0", "--no-constant-steps"]
+# rais --stress: the same, with the routers' learning rate 30 times the experts' (1e-3): the chosen experts'
+# router log-probabilities then move 0.03-0.12 per update instead of about 0.013 (gamma 0.92-0.97, lowest
+# 0.64-0.92), the setting where router shift would hurt if it does here
+RAIS_STRESS_FLAGS = RAIS_FLAGS + ["--router-learning-rate", "3e-2"]
 
 
 def agent_command(routing, seed, output_dir, extra, name=None):
@@ -772,7 +777,7 @@ def report(options, summaries, labels):
         print(f"wrote {path}")
 
 
-def parse_options():
+def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=["moe", "preset", "agent", "rais"],
                         help="moe: MoE placements and routers in MTRL and CRL (DQN); preset: the sweep of DQN settings "
@@ -792,6 +797,8 @@ def parse_options():
     parser.add_argument("--quick", action="store_true", help="the small size, under 30 minutes on 2 cores with --jobs 2: "
                         "moe: the reduced grid (QUICK_CELLS, unless --cells) at QUICK_FLAGS, without it every cell at "
                         "FULL_FLAGS; agent: AGENT_QUICK_FLAGS, without it AGENT_FLAGS; rais: no effect")
+    parser.add_argument("--stress", action="store_true", help="rais study: at RAIS_STRESS_FLAGS (the routers' "
+                        "learning rate 30x the experts'), into runs/compare_rais_stress and rais_stress.json")
     parser.add_argument("--cells", nargs="+", help="moe study: only these cells, named dense or PLACEMENT:ROUTER "
                         "(e.g. dense middle:soft big:task; placements middle final all big, routers topk soft task)")
     parser.add_argument("--print-commands", action="store_true", help="moe study: print one command per (setting, "
@@ -802,13 +809,13 @@ def parse_options():
                         help="where the plots, tables and summaries go: the moe study's in moe/ (moe_quick/ with "
                         "--quick): summaries.json, tables.md, the plots and cells/, one file per finished cell; the "
                         "preset study's in dqn_preset.json; the agent study's in agent_comparison.json (agent_quick.json "
-                        "with --quick) and the rais study's in rais_comparison.json, beside their plots (default: %(default)s)")
+                        "with --quick) and the rais study's in rais_comparison.json (rais_stress.json with --stress), beside their plots (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already done: "
                         "moe: the cell files under --results-dir; preset: the finished runs in --output-dir; the "
                         "others: OUTPUT_DIR/summaries.json")
     parser.add_argument("--summaries", help="with --table-only: read the summaries from this file instead "
                         "(e.g. results/agent_comparison.json, results/moe/summaries.json)")
-    options, extra = parser.parse_known_args()   # anything else is passed on to every train_dqn.py / train_agent.py run
+    options, extra = parser.parse_known_args(argv)   # anything else is passed on to every train_dqn.py / train_agent.py run
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
     if options.summaries and not os.path.isfile(options.summaries):
@@ -826,9 +833,12 @@ def parse_options():
             parser.error(str(error))
     options.settings = options.settings or (["mtrl", "crl"] if options.quick else list(MOE_SETTINGS))
     options.routings = options.routings or (["token"] if options.study == "rais" else ["single", "token", "trajectory", "phase"])
-    options.output_dir = options.output_dir or f"runs/compare_{options.study}{'_quick' if options.quick else ''}"
+    if options.stress and options.study != "rais":
+        parser.error(f"--stress is an option of the rais study, not of {options.study}")
+    suffix = "_quick" if options.quick and options.study != "rais" else "_stress" if options.stress else ""
+    options.output_dir = options.output_dir or f"runs/compare_{options.study}{suffix}"
     if options.study == "rais":
-        extra = RAIS_FLAGS + extra           # flags given later win
+        extra = (RAIS_STRESS_FLAGS if options.stress else RAIS_FLAGS) + extra           # flags given later win
     elif options.study == "agent":
         extra = (AGENT_QUICK_FLAGS if options.quick else AGENT_FLAGS) + extra
     return options, extra
@@ -854,7 +864,8 @@ def main():
     results_file = {"moe": os.path.join(moe_dir(options), "summaries.json"),
                     "preset": os.path.join(options.results_dir, "dqn_preset.json"),
                     "agent": os.path.join(options.results_dir, "agent_quick.json" if options.quick else "agent_comparison.json"),
-                    "rais": os.path.join(options.results_dir, "rais_comparison.json")}[options.study]
+                    "rais": os.path.join(options.results_dir, "rais_stress.json" if options.stress else
+                                         "rais_comparison.json")}[options.study]
     if options.table_only:
         summaries = (json.load(open(options.summaries)) if options.summaries else
                      stored_cells(os.path.join(moe_dir(options), "cells")) if options.study == "moe" else

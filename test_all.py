@@ -2712,10 +2712,22 @@ def test_moe_grid_cells_and_bad_names():
     (["--cells", "big:dense"], "unknown cells ['big:dense']"),
     (["--jobs", "0"], "--jobs must be at least 1, got 0"),
     (["--table-only", "--summaries", "nowhere.json"], "--summaries nowhere.json: no such file"),
+    (["--stress"], "--stress is an option of the rais study, not of moe"),
 ])
 def test_reproduce_bad_values_give_a_clear_error(flags, message):
     result = subprocess.run([sys.executable, "reproduce.py", "moe", *flags], capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_the_agent_and_rais_studies_run_at_their_budgets_with_later_flags_winning():
+    parse = lambda *argv: reproduce.parse_options(list(argv))
+    options, extra = parse("agent", "--seeds", "1")
+    assert extra == reproduce.AGENT_FLAGS and options.output_dir == "runs/compare_agent"
+    assert parse("agent", "--quick")[1] == reproduce.AGENT_QUICK_FLAGS
+    options, extra = parse("rais", "--stress", "--iterations", "5")
+    assert extra == reproduce.RAIS_STRESS_FLAGS + ["--iterations", "5"] and options.output_dir == "runs/compare_rais_stress"
+    train_agent.parse_args(extra)                            # a valid train_agent.py configuration
+    assert parse("rais")[1] == reproduce.RAIS_FLAGS
 
 
 def fake_agent_summaries():
