@@ -119,8 +119,8 @@ PRESET_FLAGS = ["--total-steps", "100000", "--no-stop-when-solved", "--eval-freq
 PRESET_SEEDS = list(range(1, 11))
 
 # the agent study's budget: 150 of train_agent.py's 400 iterations (the paper's 150 iterations, of 64 episodes
-# here, not 128; about 15 minutes of the default run alone on 2 cores), where the routings are still apart:
-# by 400 iterations every routing's runs had reached 0.83-0.93
+# here, not 128; about 15 minutes of the default run alone on 2 cores), before the routings level out: by 400
+# iterations every routing's runs had reached 0.83-0.93
 AGENT_FLAGS = ["--iterations", "150"]
 # the agent study's --quick size: 50 of train_agent.py's 400 iterations, half its held-out episodes, 3 seeds
 AGENT_QUICK_FLAGS = ["--iterations", "50", "--eval-every", "10", "--eval-episodes", "60", "--conflict-every", "25"]
@@ -132,8 +132,8 @@ AGENT_QUICK_SEEDS = [1, 2, 3]
 RAIS_FLAGS = ["--update-epochs", "4", "--iterations", "60", "--eval-every", "10", "--eval-episodes", "60",
               "--conflict-every", "0", "--no-constant-steps"]
 # rais --stress: the same, with the routers' learning rate 30 times the experts' (1e-3): the chosen experts'
-# router log-probabilities then move 0.03-0.12 per update instead of about 0.013 (gamma 0.92-0.97, lowest
-# 0.64-0.92), the setting where router shift would hurt if it does here
+# router log-probabilities then move 0.058-0.068 per update on average instead of 0.013-0.015 (docs/agent.md),
+# the setting where router shift would hurt if it does here
 RAIS_STRESS_FLAGS = RAIS_FLAGS + ["--router-learning-rate", "3e-2"]
 
 
@@ -816,6 +816,12 @@ def parse_options(argv=None):
     parser.add_argument("--summaries", help="with --table-only: read the summaries from this file instead "
                         "(e.g. results/agent_comparison.json, results/moe/summaries.json)")
     options, extra = parser.parse_known_args(argv)   # anything else is passed on to every train_dqn.py / train_agent.py run
+    return checked_options(parser, options, extra)
+
+
+def checked_options(parser, options, extra):
+    """The parsed options checked (a bad value is parser.error) and completed with each study's defaults, and
+    the flags every run gets: the study's budget, then those given on the command line (which win)."""
     if options.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {options.jobs}")
     if options.summaries and not os.path.isfile(options.summaries):
