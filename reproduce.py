@@ -577,26 +577,41 @@ def rais_table(summaries, labels):
     return "\n".join(rows)
 
 
+def eval_curve(summary):
+    """A finished run's held-out success at each evaluation, [[iteration, success, env steps, wall seconds], ...],
+    from its log (kept in the study's summaries, so that the curve outlives the run's folder)."""
+    return [[r["iteration"], r["eval"]["success"], r["env_steps"], r["wall_seconds"]] for r in read_log(summary)
+            if "eval" in r]
+
+
+def has_log(summary):
+    return os.path.exists(os.path.join(summary.get("run_dir", ""), "log.jsonl"))
+
+
+def has_curve(summary):
+    return "curve" in summary or has_log(summary)
+
+
 def curve_table(summaries, routings):
-    """Held-out success at each evaluation, mean over seeds (and min..max), read from the runs' logs."""
-    curves = {}
+    """Held-out success at each evaluation, mean over the seeds whose curve is known (stored in the summary or in
+    the run's log) and min..max."""
+    curves, seeds = {}, {}
     for s in summaries:
-        if s.get("status") != "finished":
+        if s.get("status") != "finished" or not has_curve(s):
             continue
-        for record in read_log(s):
-            if "eval" in record:
-                curves.setdefault(s.get("label", s["routing"]), {}).setdefault(record["iteration"], []).append(
-                    (record["eval"]["success"], record["env_steps"], record["wall_seconds"]))
+        label = s.get("label", s["routing"])
+        seeds.setdefault(label, []).append(s["seed"])
+        for iteration, success, *_ in s["curve"] if "curve" in s else eval_curve(s):
+            curves.setdefault(label, {}).setdefault(iteration, []).append(success)
     iterations = sorted({i for c in curves.values() for i in c})
-    rows = ["| routing | " + " | ".join(f"iteration {i}" for i in iterations) + " |", "|" + "---|" * (len(iterations) + 1)]
+    rows = ["| routing (seeds) | " + " | ".join(f"iteration {i}" for i in iterations) + " |",
+            "|" + "---|" * (len(iterations) + 1)]
     for routing in routings:
         if routing not in curves:
             continue
-        cells = []
-        for i in iterations:
-            values = [v[0] for v in curves[routing].get(i, [])]
-            cells.append(f"{np.mean(values):.3f} ({min(values):.3f}..{max(values):.3f})" if values else "-")
-        rows.append(f"| {routing} | " + " | ".join(cells) + " |")
+        cells = [f"{np.mean(v):.3f} ({min(v):.3f}..{max(v):.3f})" if (v := curves[routing].get(i)) else "-"
+                 for i in iterations]
+        rows.append(f"| {routing} ({' '.join(map(str, sorted(seeds[routing])))}) | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -742,7 +757,8 @@ def run_agent_study(options, extra, modes, summary_paths):
     commands = [agent_command(r, s, options.output_dir, extra + (["--is-mode", m] if m else []), name)
                 for (r, m, s), name in zip(grid, names)]
     record = lambda i, result: {**result, "routing": grid[i][0], "seed": grid[i][2],
-                                "label": f"{grid[i][0]}/{grid[i][1]}" if grid[i][1] else grid[i][0]}
+                                "label": f"{grid[i][0]}/{grid[i][1]}" if grid[i][1] else grid[i][0],
+                                **({"curve": eval_curve(result)} if has_log(result) else {})}
     return run_grid(commands, names, options, record, summary_paths)
 
 
@@ -767,10 +783,10 @@ def report(options, summaries, labels):
     else:
         print(rais_table(summaries, labels) if options.study == "rais" else agent_table(summaries, options.routings))
         print()
-        if all(os.path.exists(os.path.join(s.get("run_dir", ""), "log.jsonl")) for s in summaries if s.get("status") == "finished"):
+        if any(has_curve(s) for s in summaries if s.get("status") == "finished"):
             print(curve_table(summaries, labels))
         else:
-            print("(the held-out success curve needs the runs' logs, which are not in their run_dir)")
+            print("(the held-out success curve needs the runs' logs or curves stored in their summaries)")
         paths = [] if options.study == "rais" else plot_agent(summaries, options.routings, options.results_dir,
                                                               "agent_quick" if options.quick else "agent")
     for path in paths:
