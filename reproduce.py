@@ -615,11 +615,11 @@ def curve_table(summaries, routings):
     return "\n".join(rows)
 
 
-def run_grid(commands, names, options, record, summary_paths, stored=lambda i: None):
+def run_grid(commands, names, options, record, summary_paths, stored=lambda i: None, kept=()):
     """Run `commands` (named `names`) --jobs at a time, each resumed or skipped as `run` decides, or taken as
     stored(i) where that returns a summary. As each ends, record(i, result) makes its summary and every file in
-    summary_paths is rewritten with the summaries so far, so a study cut off keeps every run it finished and
-    its rerun skips them."""
+    summary_paths is rewritten with `kept` and the summaries so far, so a study cut off keeps every run it
+    finished and its rerun skips them."""
     for command in commands:
         print(" ".join(command[1:]))
     summaries, lock, start = [None] * len(commands), threading.Lock(), time.time()
@@ -633,12 +633,26 @@ def run_grid(commands, names, options, record, summary_paths, stored=lambda i: N
         with lock:
             summaries[i] = summary
             for path in summary_paths:
-                write_json(path, [x for x in summaries if x is not None])
+                write_json(path, [*kept, *(x for x in summaries if x is not None)])
 
     with ThreadPoolExecutor(options.jobs) as pool:
         list(pool.map(run_one, range(len(commands))))
     print(f"the {len(commands)} runs took {(time.time() - start) / 60:.1f} minutes of wall time with --jobs {options.jobs}")
     return summaries
+
+
+def load_json(path, default=None):
+    return json.load(open(path)) if os.path.exists(path) else default
+
+
+def from_results_file(path, commands):
+    """What a study's results file (its committed summaries) holds for `commands`: stored(i), the finished summary
+    of commands[i] there, which is not run again (so a study continues over sittings on machines that kept no
+    runs/ folder; remove the entry, or the file, to run it anew), and the entries of other commands, kept."""
+    old = load_json(path, [])
+    wanted = {" ".join(command[1:]) for command in commands}
+    finished = {s.get("command"): s for s in old if s.get("status") == "finished"}
+    return (lambda i: finished.get(" ".join(commands[i][1:]))), [s for s in old if s.get("command") not in wanted]
 
 
 def with_evaluations(result):
@@ -732,8 +746,10 @@ def preset_record(run, result):
 def run_preset(options, extra, summary_paths):
     """The preset study: every candidate of PRESET_CANDIDATES on every task alone, 10 seeds in one process."""
     runs = preset_runs(options, extra)
-    return run_grid([r[3] for r in runs], [r[2] for r in runs], options, lambda i, result: preset_record(runs[i], result),
-                    summary_paths)
+    commands = [r[3] for r in runs]
+    stored, kept = from_results_file(options.results_file, commands)
+    return run_grid(commands, [r[2] for r in runs], options, lambda i, result: preset_record(runs[i], result),
+                    summary_paths, stored, kept)
 
 
 def finished_presets(options, extra):
@@ -759,7 +775,8 @@ def run_agent_study(options, extra, modes, summary_paths):
     record = lambda i, result: {**result, "routing": grid[i][0], "seed": grid[i][2],
                                 "label": f"{grid[i][0]}/{grid[i][1]}" if grid[i][1] else grid[i][0],
                                 **({"curve": eval_curve(result)} if has_log(result) else {})}
-    return run_grid(commands, names, options, record, summary_paths)
+    stored, kept = from_results_file(options.results_file, commands)
+    return run_grid(commands, names, options, record, summary_paths, stored, kept)
 
 
 def report(options, summaries, labels):
@@ -829,8 +846,8 @@ def parse_options(argv=None):
     parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already done: "
                         "moe: the cell files under --results-dir; preset: the finished runs in --output-dir; the "
                         "others: OUTPUT_DIR/summaries.json")
-    parser.add_argument("--summaries", help="with --table-only: read the summaries from this file instead "
-                        "(e.g. results/agent_comparison.json, results/moe/summaries.json)")
+    parser.add_argument("--summaries", help="with --table-only: read the summaries from this file (default: "
+                        "OUTPUT_DIR/summaries.json, else the study's results file, e.g. results/agent_comparison.json)")
     options, extra = parser.parse_known_args(argv)   # anything else is passed on to every train_dqn.py / train_agent.py run
     return checked_options(parser, options, extra)
 
@@ -883,18 +900,25 @@ def main():
     modes = options.is_modes if options.study == "rais" else [None]
     labels = [f"{r}/{m}" if m else r for r in options.routings for m in modes]
     summary_path = os.path.join(options.output_dir, "summaries.json")
-    results_file = {"moe": os.path.join(moe_dir(options), "summaries.json"),
+    results_file = options.results_file = {"moe": os.path.join(moe_dir(options), "summaries.json"),
                     "preset": os.path.join(options.results_dir, "dqn_preset.json"),
                     "agent": os.path.join(options.results_dir, "agent_quick.json" if options.quick else "agent_comparison.json"),
                     "rais": os.path.join(options.results_dir, "rais_stress.json" if options.stress else
                                          "rais_comparison.json")}[options.study]
     if options.table_only:
-        summaries = (json.load(open(options.summaries)) if options.summaries else
+        summaries = (load_json(options.summaries) if options.summaries else
                      stored_cells(os.path.join(moe_dir(options), "cells")) if options.study == "moe" else
-                     finished_presets(options, extra) if options.study == "preset" else json.load(open(summary_path)))
+                     load_json(summary_path) or load_json(results_file))
         if options.study == "preset" and not options.summaries:
-            os.makedirs(options.results_dir, exist_ok=True)
-            write_json(results_file, summaries)       # the summary file of every run finished so far
+            finished = finished_presets(options, extra)      # the runs in --output-dir, added to the results file's
+            commands = {s["command"] for s in finished}
+            summaries = [s for s in load_json(results_file, []) if s.get("command") not in commands] + finished
+            if finished:
+                os.makedirs(options.results_dir, exist_ok=True)
+                write_json(results_file, summaries)
+        if not summaries:
+            sys.exit(f"no finished runs in {options.summaries}" if options.summaries else
+                     f"no finished runs in {summary_path} or {results_file}: run the study first")
     else:
         os.makedirs(options.output_dir, exist_ok=True)
         os.makedirs(options.results_dir, exist_ok=True)

@@ -2794,10 +2794,10 @@ def test_preset_table_counts_the_seeds_that_end_learned():
 def test_reproduce_preset_end_to_end(tmp_path):
     """One candidate on the three tasks alone, 2 batched seeds, a few hundred steps: its runs and its table."""
     out, results = tmp_path / "runs", tmp_path / "results"
-    result = subprocess.run(
-        [sys.executable, "reproduce.py", "preset", "--candidates", "zoo", "--seeds", "1", "2", "--output-dir", str(out),
-         "--results-dir", str(results), "--total-steps", "300", "--learning-starts", "100", "--eval-frequency", "150",
-         "--eval-episodes", "1", "--final-eval-episodes", "1", "--hidden", "16"], capture_output=True, text=True, cwd=ROOT)
+    study = [sys.executable, "reproduce.py", "preset", "--candidates", "zoo", "--seeds", "1", "2", "--output-dir", str(out),
+             "--results-dir", str(results), "--total-steps", "300", "--learning-starts", "100", "--eval-frequency",
+             "150", "--eval-episodes", "1", "--final-eval-episodes", "1", "--hidden", "16"]
+    result = subprocess.run(study, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     summaries = json.load(open(results / "dqn_preset.json"))
     assert [(s["candidate"], s["task"], s["status"]) for s in summaries] == [
@@ -2812,6 +2812,19 @@ def test_reproduce_preset_end_to_end(tmp_path):
     tabled = json.load(open(results / "dqn_preset.json"))
     assert [s["task"] for s in tabled] == reproduce.PRESET_TASKS
     assert all("--total-steps 300" in s["command"] for s in tabled)         # the command each run's log names
+    # a fresh machine (no runs/ folder): the results file's finished runs are not run again, nor lost, and the
+    # entries of other candidates stay
+    shutil.rmtree(out)
+    other = {**tabled[0], "candidate": "defaults", "command": "train_dqn.py other"}
+    json.dump(tabled + [other], open(results / "dqn_preset.json", "w"))
+    table = subprocess.run([sys.executable, "reproduce.py", "preset", "--table-only", "--output-dir", str(out),
+                            "--results-dir", str(results)], capture_output=True, text=True, cwd=ROOT)
+    assert table.returncode == 0 and "| zoo | " in table.stdout and "| defaults | " in table.stdout
+    assert json.load(open(results / "dqn_preset.json")) == tabled + [other]
+    rerun = subprocess.run(study, capture_output=True, text=True, cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not [name for name in os.listdir(out) if name.endswith(".out")]         # nothing ran
+    assert json.load(open(results / "dqn_preset.json")) == [other] + tabled
 
 
 def test_print_commands_gives_one_command_per_cell_that_runs_it_alone():
