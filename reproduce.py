@@ -44,7 +44,10 @@ holds a run). Summaries (the last JSON line of each run) are collected in OUTPUT
 runs finish. A study that was cut off picks up where it stopped when its command is run again: a run whose
 console log (OUTPUT_DIR/NAME.out) holds a finished summary is not run again, and one cut off after a
 checkpoint continues from it with the trainer's --resume, exactly as if it had not stopped (docs/dqn.md:
-Resuming and checkpoints).
+Resuming and checkpoints). The study's results file (results/dqn_preset.json, agent_comparison.json, ...; for
+moe its cells/ folder) is its committed record: a run whose finished summary it holds, with the same command,
+is not run again either, so a study continues on a machine that kept no runs/ folder, and the entries of
+runs outside this call's grid are kept. Remove an entry (or the file) to run it anew.
 """
 import argparse
 import json
@@ -88,9 +91,10 @@ MOE_PRIORITY = ["dense", "big:soft", "middle:soft", "middle:topk", "big:topk", "
 # at one per-task budget and without the early stop, so that "learned and still learned at the end" is measured.
 # "zoo" is rl-zoo3's MountainCar-v0 config (lr 4e-3, gamma 0.98, train every 16 steps with 8 gradient steps, target
 # every 600, epsilon to 0.07 over 20%, buffer 10k, batch 128) on the project's 128-wide network; the others change
-# up to four of its flags (the discount, the learning rate or its linear decay to 0, the exploration fraction, the
-# buffer, the width, the per-task budget: 150k steps rather than 100k), or are train_dqn.py's defaults as the moe
-# study used them before (--train-frequency 4).
+# up to four of its flags (the discount, the learning rate or its linear decay to 0, from the start or held for the
+# first half or 70% of the run (anneal0.5, anneal0.7), the exploration fraction, the buffer, the width, the per-task
+# budget: 150k steps rather than 100k), or are train_dqn.py's defaults as the moe study used them before
+# (--train-frequency 4).
 ZOO = ["--learning-rate", "4e-3", "--gamma", "0.98", "--train-frequency", "16", "--gradient-steps", "8",
        "--target-network-frequency", "600", "--end-e", "0.07", "--exploration-fraction", "0.2",
        "--buffer-size", "10000", "--batch-size", "128", "--learning-starts", "1000"]
@@ -110,6 +114,10 @@ PRESET_CANDIDATES = {
     "zoo_buffer50k": ZOO + ["--buffer-size", "50000"],
     "defaults": ["--train-frequency", "4"],
     "zoo_hidden256": ZOO + ["--hidden", "256"],
+    "zoo_gamma0.99_anneal0.5_150k": ZOO + ["--gamma", "0.99", "--anneal-lr", "--anneal-start", "0.5",
+                                           "--total-steps", "150000"],
+    "zoo_gamma0.99_anneal0.7_150k": ZOO + ["--gamma", "0.99", "--anneal-lr", "--anneal-start", "0.7",
+                                           "--total-steps", "150000"],
 }
 # the candidate train_dqn.py's --preset study holds: the one with the most seeds at 0.9 or more on its worst task
 PRESET_CHOSEN = "zoo_gamma0.99_anneal_150k"

@@ -502,6 +502,10 @@ def test_the_annealed_learning_rate_restarts_at_each_crl_task_with_epsilon():
     whole = train_dqn.parse_args(["--setting", "crl", "--total-steps", "300", "--anneal-lr", "--no-crl-epsilon-restart"])
     assert train_dqn.learning_rate_at(whole, 150, 3) == pytest.approx(0.5e-3)
     assert train_dqn.learning_rate_at(train_dqn.parse_args([]), 40_000, 1) == 1e-3   # no --anneal-lr: constant
+    late = train_dqn.parse_args(["--total-steps", "100", "--anneal-lr", "--anneal-start", "0.6", "--learning-rate", "1"])
+    lr = [train_dqn.learning_rate_at(late, step, 1) for step in range(101)]
+    assert lr[0] == lr[60] == 1.0 and lr[80] == pytest.approx(0.5) and lr[100] == 0.0   # held, then to 0
+    assert all(a >= b for a, b in zip(lr, lr[1:]))
 
 
 def test_gradient_steps_take_that_many_updates_per_training_step(tmp_path):
@@ -785,6 +789,7 @@ def agent_checkpoint(tmp_path_factory, base_cache):
     (["--learning-rate", "-0.001"], ["--learning-rate must be positive, got -0.001"]),
     (["--routing", "topk", "--capacity-factor", "-1"], ["--capacity-factor must be at least 0", "0 = no capacity"]),
     (["--seeds", "0"], ["--seeds must be at least 1, got 0"]),
+    (["--anneal-lr", "--anneal-start", "1"], ["--anneal-start must be in [0, 1), got 1.0"]),
     (["--checkpoint", "runs/x/checkpoint.pt"], ["--checkpoint is read only with --eval-only", "--resume"]),
     (["--eval-only"], ["--eval-only needs --checkpoint PATH"]),
 ])

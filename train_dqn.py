@@ -104,6 +104,8 @@ class Args:
     double_dqn: bool = arg(True, "use Double DQN targets")
     anneal_lr: bool = arg(False, "decay the learning rate linearly to 0 over --total-steps (in CRL with "
                           "--crl-epsilon-restart, over each task's stretch, restarting with epsilon)")
+    anneal_start: float = arg(0.0, "with --anneal-lr: hold --learning-rate for this fraction of the run (of each "
+                              "CRL stretch), then decay linearly to 0 over the rest")
     max_grad_norm: float = arg(10.0, "gradient-norm clipping (0 = off)")
     # evaluation, logging, checkpoints
     seed: int = arg(1, "random seed (weights, exploration, replay sampling, environments)")
@@ -153,6 +155,8 @@ def validate(args, given=()):
     validate_network(args, task_list(args))
     if not 0 < args.exploration_fraction <= 1:
         raise ValueError(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
+    if not 0 <= args.anneal_start < 1:
+        raise ValueError(f"--anneal-start must be in [0, 1), got {args.anneal_start}")
     if not 0 <= args.end_e <= args.start_e <= 1:
         raise ValueError(f"need 0 <= --end-e <= --start-e <= 1, got {args.end_e} and {args.start_e}")
     checkpointing.check_checkpoint_flags(args, given, "train_dqn.py", DQN_EVAL_FLAGS)
@@ -203,7 +207,8 @@ def epsilon_at(args, step, num_tasks):
 def learning_rate_at(args, step, num_tasks):
     """The learning rate at env step `step`: --learning-rate, or with --anneal-lr a linear decay to 0 over the
     run, or in CRL (with --crl-epsilon-restart) over each task visit, restarting with epsilon, so that a later
-    task is not learned at a fraction of the first one's rate."""
+    task is not learned at a fraction of the first one's rate. --anneal-start holds the full rate for that
+    fraction of the run (or visit) before the decay."""
     if not args.anneal_lr:
         return args.learning_rate
     start, length = 0, args.total_steps
@@ -211,7 +216,8 @@ def learning_rate_at(args, step, num_tasks):
         stretch, visits = crl_steps_per_task(num_tasks, args.total_steps, args.cycles), num_tasks * args.cycles
         visit = min(step // stretch, visits - 1)                    # the last visit takes the remainder
         start, length = visit * stretch, (args.total_steps - visit * stretch if visit == visits - 1 else stretch)
-    return args.learning_rate * (1.0 - (step - start) / length)
+    progress = (step - start) / length
+    return args.learning_rate * min(1.0, (1.0 - progress) / (1.0 - args.anneal_start))
 
 
 class ReplayBuffer:
