@@ -314,6 +314,39 @@ def moe_verdicts(summaries):
     return "\n".join(rows) if len(rows) > 2 else "(no claim has both its cells finished)"
 
 
+# PA-MoE's claims the agent study can test (arXiv 2602.17038: phase routing 93.8 vs a single LoRA's 86.1 on
+# ALFWorld, and ahead of token and trajectory routing in its ablation), each on overall held-out success and on
+# pick-two, the task type the simplicity bias leaves unlearned
+AGENT_CLAIMS = [(f"phase routing beats {name}", "phase", other) for other, name in
+                [("single", "a single LoRA"), ("token", "token routing"), ("trajectory", "trajectory routing")]]
+
+
+def agent_verdicts(summaries):
+    """A markdown row per claim of AGENT_CLAIMS and measure (overall success, pick-two success) whose routings
+    have finished runs: the difference of the means over the seeds with its 95% bootstrap interval (the
+    routings' seeds resampled apart), how many shared seeds the first routing won, and the verdict: 'holds' (the
+    interval is above 0), 'reversed' (below 0) or 'cannot be told apart'."""
+    runs = {}
+    for s in summaries:
+        if s.get("status") == "finished":
+            runs.setdefault(s["routing"], {})[s["seed"]] = s
+    measures = {"success": lambda s: s["success"], "pick2": lambda s: s["success_per_task"]["pick_two_obj_and_place"]}
+    rows = ["| claim | measure | comparison (seeds) | difference [95% CI] | shared seeds won | verdict |",
+            "|---|---|---|---|---|---|"]
+    for claim, a, b in AGENT_CLAIMS:
+        if a not in runs or b not in runs:
+            continue
+        for measure, value in measures.items():
+            first, second = ([value(s) for s in runs[r].values()] for r in (a, b))
+            difference, low, high = difference_ci(first, second)
+            shared = sorted(set(runs[a]) & set(runs[b]))
+            won = sum(value(runs[a][seed]) > value(runs[b][seed]) for seed in shared)
+            verdict = "cannot be told apart" if low <= 0 <= high else "holds" if low > 0 else "reversed"
+            rows.append(f"| {claim} | {measure} | {a} - {b} ({len(first)}, {len(second)}) | {difference:+.3f} "
+                        f"[{low:+.3f}, {high:+.3f}] | {won}/{len(shared)} | {verdict} |")
+    return "\n".join(rows) if len(rows) > 2 else "(no claim has both its routings finished)"
+
+
 def preset_table(summaries, threshold=0.9):
     """One row per candidate: for each task, the final normalised score (mean over seeds, 95% bootstrap
     interval), how many seeds end at `threshold` or more, and the mean over the run's evaluations (how soon
@@ -808,6 +841,9 @@ def report(options, summaries, labels):
     else:
         print(rais_table(summaries, labels) if options.study == "rais" else agent_table(summaries, options.routings))
         print()
+        if options.study == "agent":
+            print(agent_verdicts(summaries))
+            print()
         if any(has_curve(s) for s in summaries if s.get("status") == "finished"):
             print(curve_table(summaries, labels))
         else:

@@ -2784,6 +2784,24 @@ def test_difference_intervals_and_verdicts_from_fake_cells():
     assert reproduce.moe_verdicts(cells[:1]) == "(no claim has both its cells finished)"
 
 
+def test_agent_verdicts_compare_phase_routing_with_each_other_routing():
+    def run(routing, seed, success, pick2):
+        return {"status": "finished", "routing": routing, "seed": seed, "success": success,
+                "success_per_task": {"pick_two_obj_and_place": pick2}}
+    summaries = ([run("phase", s, 0.8, 0.1 * s) for s in (1, 2, 3)] + [run("single", s, 0.5, 0.4 - 0.1 * s) for s in (1, 2, 3)] +
+                 [run("token", s, 0.9 - 0.01 * s, 0.1 * s) for s in (1, 2)] + [{"status": "failed", "routing": "trajectory"}])
+    rows = {tuple(c.strip() for c in row.split("|")[1:3]): [c.strip() for c in row.split("|")[3:7]]
+            for row in reproduce.agent_verdicts(summaries).splitlines()[2:]}
+    assert set(rows) == {(f"phase routing beats {n}", m) for n in ("a single LoRA", "token routing")
+                         for m in ("success", "pick2")}                 # trajectory has no finished run
+    assert rows[("phase routing beats a single LoRA", "success")] == ["phase - single (3, 3)", "+0.300 [+0.300, +0.300]",
+                                                                      "3/3", "holds"]
+    assert rows[("phase routing beats a single LoRA", "pick2")][2:] == ["1/3", "cannot be told apart"]
+    assert rows[("phase routing beats token routing", "success")][0] == "phase - token (3, 2)"
+    assert rows[("phase routing beats token routing", "success")][2:] == ["0/2", "reversed"]
+    assert reproduce.agent_verdicts(summaries[:3]) == "(no claim has both its routings finished)"
+
+
 def test_preset_table_counts_the_seeds_that_end_learned():
     tasks = ["CartPole-v1", "MountainCar-v0"]
     summaries = [{**fake_cell("single", "dense", "-", [task], [], {s: {100: [0.5], 200: [score]} for s, score in
