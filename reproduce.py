@@ -888,8 +888,8 @@ def parse_options(argv=None):
                         "preset study's in dqn_preset.json; the agent study's in agent_comparison.json (agent_quick.json "
                         "with --quick) and the rais study's in rais_comparison.json (rais_stress.json with --stress), beside their plots (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true", help="only tabulate (and plot) the runs already done: "
-                        "moe: the cell files under --results-dir; preset: the finished runs in --output-dir; the "
-                        "others: OUTPUT_DIR/summaries.json")
+                        "moe: the cell files under --results-dir; preset: the results file and the finished runs in "
+                        "--output-dir (added to it); the others: OUTPUT_DIR/summaries.json, else the results file")
     parser.add_argument("--summaries", help="with --table-only: read the summaries from this file (default: "
                         "OUTPUT_DIR/summaries.json, else the study's results file, e.g. results/agent_comparison.json)")
     options, extra = parser.parse_known_args(argv)   # anything else is passed on to every train_dqn.py / train_agent.py run
