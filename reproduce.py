@@ -693,6 +693,9 @@ def from_results_file(path, commands):
     old = load_json(path, [])
     wanted = {" ".join(command[1:]) for command in commands}
     finished = {s.get("command"): s for s in old if s.get("status") == "finished"}
+    if found := len(wanted & set(finished)):
+        print(f"{found} of the {len(commands)} runs finished before, as {path} holds (not run again; to run them "
+              f"anew, give another --results-dir)")
     return (lambda i: finished.get(" ".join(commands[i][1:]))), [s for s in old if s.get("command") not in wanted]
 
 
