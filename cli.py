@@ -48,6 +48,15 @@ def parse_dataclass(cls, argv, description, validate, presets=None):
     return args
 
 
+def as_flags(values):
+    """{field: value} as the command-line flags that set them: a bool as --flag or --no-flag."""
+    flags = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return flags
+
+
 def unknown_flags(words, cls):
     """The error for unrecognised arguments, with the closest flag to each misspelt one."""
     flags = [f"--{prefix}{f.name.replace('_', '-')}" for f in fields(cls)

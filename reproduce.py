@@ -60,8 +60,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from cli import as_flags
 from envs import crl_steps_per_task
 from household import HOUSEHOLD_TASK_TYPES
+from train_dqn import PRESETS
 
 SHORT = {"pick_and_place": "pick", "look_at_obj_in_light": "look", "pick_clean_then_place": "clean",
          "pick_heat_then_place": "heat", "pick_cool_then_place": "cool", "pick_two_obj_and_place": "pick2"}
@@ -74,12 +76,14 @@ ROUTER_NAMES = {"-": "-", "topk": "Top-k", "soft": "SoftMoE", "task": "hardcoded
 # --quick keeps every placement with SoftMoE, and all three routers at Middle and Big
 QUICK_CELLS = {("dense", "-"), ("middle", "topk"), ("middle", "soft"), ("middle", "task"), ("final", "soft"),
                ("all", "soft"), ("big", "topk"), ("big", "soft"), ("big", "task")}
-# both sizes train with train_dqn.py's study preset (chosen by `reproduce.py preset`); the full size gives each
-# task the 150k env steps of the chosen candidate (MTRL: 450k summed over the three tasks, stepped together;
-# CRL: 150k per task in turn)
-QUICK_FLAGS = ["--preset", "study", "--total-steps", "18000", "--eval-frequency", "3000", "--eval-episodes", "5",
+# both sizes train with train_dqn.py's study preset (chosen by `reproduce.py preset`), its values spelt out beside
+# its name: a cell run before the preset changed has another command, so it runs again rather than being kept.
+# The full size gives each task the 150k env steps of the chosen candidate (MTRL: 450k summed over the three
+# tasks, stepped together; CRL: 150k per task in turn)
+STUDY_FLAGS = ["--preset", "study", *as_flags(PRESETS["study"])]
+QUICK_FLAGS = [*STUDY_FLAGS, "--total-steps", "18000", "--eval-frequency", "3000", "--eval-episodes", "5",
                "--final-eval-episodes", "10"]
-FULL_FLAGS = ["--preset", "study", "--total-steps", "450000", "--eval-frequency", "15000"]
+FULL_FLAGS = [*STUDY_FLAGS, "--total-steps", "450000", "--eval-frequency", "15000"]
 # the settings of the moe study: crl_reverse is CRL with the task order reversed (Willi et al. find the order matters)
 MOE_SETTINGS = ("mtrl", "crl", "crl_reverse")
 MOE_TASKS = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import benchmark
 import checkpointing
+import cli
 import policy_gradient
 import reproduce
 import train_agent
@@ -487,6 +488,17 @@ def test_the_study_preset_is_the_candidate_the_preset_study_chose():
            {k: v for k, v in vars(study).items() if k not in budget | {"preset"}}
     full = train_dqn.parse_args(reproduce.FULL_FLAGS)
     assert full.preset == "study" and full.total_steps == 3 * chosen.total_steps
+
+
+def test_the_moe_studys_commands_spell_out_the_preset_so_a_changed_preset_runs_again():
+    """as_flags gives the flags that set the preset's values (a bool as --flag or --no-flag); with them in each
+    cell's command, a cell stored before the preset changed no longer has the command of the study."""
+    assert cli.as_flags({"anneal_lr": True, "scale_obs": False, "learning_rate": 4e-3}) == [
+        "--anneal-lr", "--no-scale-obs", "--learning-rate", "0.004"]
+    spelt = train_dqn.parse_args(cli.as_flags(train_dqn.PRESETS["study"]))
+    assert all(getattr(spelt, name) == value for name, value in train_dqn.PRESETS["study"].items())
+    assert reproduce.FULL_FLAGS[:len(reproduce.STUDY_FLAGS)] == reproduce.STUDY_FLAGS[:2] + cli.as_flags(
+        train_dqn.PRESETS["study"])
 
 
 def test_dqn_bad_preset_names_the_presets(capsys, nothing_heavy):
