@@ -95,7 +95,7 @@ MOE_PRIORITY = ["dense", "big:soft", "middle:soft", "middle:topk", "big:topk", "
 # at one per-task budget and without the early stop, so that "learned and still learned at the end" is measured.
 # "zoo" is rl-zoo3's MountainCar-v0 config (lr 4e-3, gamma 0.98, train every 16 steps with 8 gradient steps, target
 # every 600, epsilon to 0.07 over 20%, buffer 10k, batch 128) on the project's 128-wide network; the others change
-# up to four of its flags (the discount, the learning rate or its linear decay to 0, from the start or held for the
+# up to five of its flags (the discount, the learning rate or its linear decay to 0, from the start or held for the
 # first half or 70% of the run (anneal0.5, anneal0.7), the exploration fraction, the buffer, the width, the per-task
 # budget: 150k steps rather than 100k), or are train_dqn.py's defaults as the moe study used them before
 # (--train-frequency 4).
@@ -122,9 +122,11 @@ PRESET_CANDIDATES = {
                                            "--total-steps", "150000"],
     "zoo_gamma0.99_anneal0.7_150k": ZOO + ["--gamma", "0.99", "--anneal-lr", "--anneal-start", "0.7",
                                            "--total-steps", "150000"],
+    "zoo_gamma0.99_buffer100k_anneal0.7_150k": ZOO + ["--gamma", "0.99", "--buffer-size", "100000", "--anneal-lr",
+                                                      "--anneal-start", "0.7", "--total-steps", "150000"],
 }
 # the candidate train_dqn.py's --preset study holds: the one with the most seeds at 0.9 or more on its worst task
-PRESET_CHOSEN = "zoo_gamma0.99_anneal_150k"
+PRESET_CHOSEN = "zoo_gamma0.99_anneal0.7_150k"
 PRESET_TASKS = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
 PRESET_FLAGS = ["--total-steps", "100000", "--no-stop-when-solved", "--eval-frequency", "10000",
                 "--eval-episodes", "10", "--final-eval-episodes", "20"]

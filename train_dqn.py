@@ -46,12 +46,13 @@ from moe_rl import BIG_GATES, PLACEMENTS, ROUTINGS, QNetwork, dormant_fraction, 
 # Named settings of every DQN flag a study shares; `--preset NAME` takes them as the defaults, and flags given
 # beside it still win. "study" is the setting of the moe study (reproduce.py moe), chosen by the sweep
 # `python reproduce.py preset` (docs/dqn.md: The study preset): rl-zoo3's MountainCar-v0 DQN config on this
-# network, with gamma 0.99 and the learning rate decayed linearly to 0 (per task in CRL).
+# network, with gamma 0.99 and the learning rate held for the first 70% of the run, then decayed linearly to 0
+# (per task in CRL).
 PRESETS = {
     "none": {},
-    "study": dict(learning_rate=4e-3, gamma=0.99, anneal_lr=True, train_frequency=16, gradient_steps=8,
-                  target_network_frequency=600, end_e=0.07, exploration_fraction=0.2, buffer_size=10_000,
-                  batch_size=128, learning_starts=1_000),
+    "study": dict(learning_rate=4e-3, gamma=0.99, anneal_lr=True, anneal_start=0.7, train_frequency=16,
+                  gradient_steps=8, target_network_frequency=600, end_e=0.07, exploration_fraction=0.2,
+                  buffer_size=10_000, batch_size=128, learning_starts=1_000),
 }
 
 
