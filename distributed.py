@@ -34,6 +34,14 @@ def init_distributed(device):
     return torch.distributed.get_rank(), world_size
 
 
+def close_distributed():
+    """Leave the process group once every rank is done (under torchrun; nothing otherwise): a rank that exits
+    with its group alive can abort in gloo's teardown ("terminate called without an active exception")."""
+    if distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def collective_device():
     """Where tensors for a collective must live: the rank's GPU for NCCL, the CPU for gloo."""
     nccl = distributed() and torch.distributed.get_backend() == "nccl"

@@ -27,7 +27,9 @@ the task switches marked, and the dormant-neuron fraction: RESULTS_DIR/moe/ (moe
 tables.md, summaries.json, scores.png, crl_curves.png and dormant.png. Each finished cell's summary is its
 own file, RESULTS_DIR/moe/cells/NAME.json, and a cell whose file holds a finished run of the same
 command is not run again: the grid can be completed over several sittings, or one cell per job on a cluster
-(--print-commands), and --table-only reports whatever cells are there. --quick runs a reduced grid at
+(--print-commands), and --table-only reports whatever cells are there. --seeds-per-run N splits each cell into
+parts of N seeds, one process and one file (NAME_sA-B.json) each, that the tables join into the cell, for a cell
+longer than a sitting or a job's time limit. --quick runs a reduced grid at
 QUICK_FLAGS.
 
 The agent study (PA-MoE, arXiv 2602.17038) trains train_agent.py with each routing granularity (single,
@@ -83,6 +85,7 @@ QUICK_CELLS = {("dense", "-"), ("middle", "topk"), ("middle", "soft"), ("middle"
 STUDY_FLAGS = ["--preset", "study", *as_flags(PRESETS["study"])]
 QUICK_FLAGS = [*STUDY_FLAGS, "--total-steps", "18000", "--eval-frequency", "3000", "--eval-episodes", "5",
                "--final-eval-episodes", "10"]
+MOE_QUICK_SEEDS = [1, 2, 3, 4, 5]
 FULL_FLAGS = [*STUDY_FLAGS, "--total-steps", "450000", "--eval-frequency", "15000"]
 # the settings of the moe study: crl_reverse is CRL with the task order reversed (Willi et al. find the order matters)
 MOE_SETTINGS = ("mtrl", "crl", "crl_reverse")
@@ -250,13 +253,14 @@ def forgetting(cell):
 def moe_table(summaries, setting):
     """One row per cell of `setting`: the final mean normalised score and its average over all evaluations
     (mean over seeds [95% bootstrap interval]), each task's final score, the overall dormant fraction at the
-    end, CRL forgetting, and the minutes the cell took (all its seeds together)."""
+    end, CRL forgetting, the minutes the cell took (all its seeds together; for a cell run in parts, the parts'
+    minutes summed) and the number of seeds."""
     cells = [s for s in summaries if s["setting"] == setting and s.get("status") == "finished"]
     if not cells:
         return f"(no finished {setting} runs)"
     tasks = cells[0]["tasks"]
     header = ["placement", "router", "final score [95% CI]", "average over training [95% CI]",
-              *[t.split("-")[0] for t in tasks], "dormant (final)", "forgetting", "minutes"]
+              *[t.split("-")[0] for t in tasks], "dormant (final)", "forgetting", "minutes", "seeds"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     interval = lambda values: "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(values))
     for cell in cells:
@@ -270,7 +274,7 @@ def moe_table(summaries, setting):
             PLACEMENT_NAMES[cell["placement"]], ROUTER_NAMES[cell["router"]], interval(final), interval(average),
             *[f"{np.mean([s['normalized_score'][t] for s in cell['per_seed']]):.3f}" for t in tasks],
             f"{dormant[-1]:.3f}" if dormant else "-", interval(drops) if drops else "-",
-            f"{cell['wall_seconds'] / 60:.1f}"]) + " |")
+            f"{cell['wall_seconds'] / 60:.1f}", str(len(final))]) + " |")
     return "\n".join(rows)
 
 
@@ -303,9 +307,10 @@ def moe_verdicts(summaries):
     """A markdown row per claim of MOE_CLAIMS whose cells have finished: the difference with its 95% bootstrap
     interval and the verdict, 'holds' (the interval is above 0), 'reversed' (below 0) or 'cannot be told apart'
     (it holds 0). For the task order, CRL in the given order minus CRL reversed, where either sign holds; for a
-    cell the claim says does not beat dense ('no gain'), 'fails' when the interval is above 0, else 'holds'."""
+    cell the claim says does not beat dense ('no gain'), 'fails' when the interval is above 0, else 'holds'. The
+    last column gives the number of seeds of each side (a cell run in parts may not have all of them yet)."""
     cells = {(s["setting"], cell_name(s["placement"], s["router"])): s for s in summaries if s.get("status") == "finished"}
-    rows = ["| claim | setting | comparison | difference [95% CI] | verdict |", "|---|---|---|---|---|"]
+    rows = ["| claim | setting | comparison | difference [95% CI] | verdict | seeds |", "|---|---|---|---|---|---|"]
     for claim, setting, a, b, what in MOE_CLAIMS:
         other = ("crl_reverse", b) if what == "order" else (setting, b)
         if (setting, a) not in cells or other not in cells:
@@ -316,7 +321,8 @@ def moe_verdicts(summaries):
         verdict = (("fails" if low > 0 else "holds") if what == "no gain" else
                    "cannot be told apart" if low <= 0 <= high else
                    "holds" if what == "order" or low > 0 else "reversed")
-        rows.append(f"| {claim} | {setting} | {comparison} | {difference:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict} |")
+        rows.append(f"| {claim} | {setting} | {comparison} | {difference:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict} "
+                    f"| {len(first)}, {len(second)} |")
     return "\n".join(rows) if len(rows) > 2 else "(no claim has both its cells finished)"
 
 
@@ -723,6 +729,23 @@ def moe_cells(options):
             for placement, router, flags in sorted(cells, key=first) for setting in options.settings]
 
 
+def seed_groups(options):
+    """The seeds in consecutive groups of --seeds-per-run, each group one train_dqn.py process (all of them in one
+    when it is not given)."""
+    size = options.seeds_per_run or len(options.seeds)
+    return [options.seeds[i:i + size] for i in range(0, len(options.seeds), size)]
+
+
+def moe_runs(options):
+    """[(setting, placement, router, flags, run name, seeds)]: each cell of moe_cells once per seed group. A run of
+    the study's default seeds (1..10; 1..5 with --quick) is named after its cell (cells/NAME.json); one of other
+    seeds, a part of a cell, is NAME_sA-B (seeds A to B), whether --seeds-per-run or --seeds made it, so each part
+    has its own summary file and stored_cells joins the parts of a cell."""
+    default = MOE_QUICK_SEEDS if options.quick else PRESET_SEEDS
+    return [(*cell[:4], cell[4] if seeds == default else f"{cell[4]}_s{seeds[0]}-{seeds[-1]}", seeds)
+            for cell in moe_cells(options) for seeds in seed_groups(options)]
+
+
 def moe_dir(options):
     """Where the moe study writes: RESULTS_DIR/moe (moe_quick with --quick) holds summaries.json, tables.md and
     the plots, and cells/ one summary file per finished cell."""
@@ -730,11 +753,59 @@ def moe_dir(options):
 
 
 def stored_cells(folder):
-    """Every cell summary in `folder`, in the grid's order: setting, then placement, then router."""
+    """Every cell in `folder`, in the grid's order (setting, then placement, then router): its summary file, or
+    the parts of a cell run in seed groups joined into one (join_parts)."""
     order = [cell_name(p, r) for p, r, _ in moe_grid()]
-    summaries = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))
-                 if name.endswith(".json")] if os.path.isdir(folder) else []
+    files = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))
+             if name.endswith(".json")] if os.path.isdir(folder) else []
+    cells = {}
+    for summary in files:
+        cells.setdefault((summary["setting"], summary["placement"], summary["router"]), []).append(summary)
+    summaries = [join_parts(parts) for parts in cells.values()]
     return sorted(summaries, key=lambda s: (MOE_SETTINGS.index(s["setting"]), order.index(cell_name(s["placement"], s["router"]))))
+
+
+def without_seeds(command):
+    """A train_dqn.py command line without its --seed, --seeds and --run-name: what the parts of a cell share."""
+    words = command.split()
+    return " ".join(w for i, w in enumerate(words) if w not in ("--seed", "--seeds", "--run-name")
+                    and (i == 0 or words[i - 1] not in ("--seed", "--seeds", "--run-name")))
+
+
+def join_parts(parts):
+    """One cell's summary out of its parts (runs of the same command on other seeds): the seeds' records and
+    evaluations of every part, the final scores averaged over all the seeds, and the wall time summed (the
+    cell's process time). Parts of another command (the study's flags changed between them) are not joined:
+    those of the command with the most seeds are kept; a seed in two parts is taken from the larger."""
+    if len(parts) == 1:
+        return parts[0]
+    commands = {}
+    for part in parts:
+        commands.setdefault(without_seeds(part["command"]), []).append(part)
+    kept = max(commands.values(), key=lambda group: sum(len(p["seeds"]) for p in group))
+    if len(commands) > 1:
+        print(f"warning: {len(parts) - len(kept)} part(s) of the {kept[0]['setting']} "
+              f"{cell_name(kept[0]['placement'], kept[0]['router'])} cell ran another command; left out of it",
+              file=sys.stderr)
+    joined, seeds = [], set()
+    for part in sorted(kept, key=lambda p: (-len(p["seeds"]), p["seeds"][0])):
+        if part["status"] == "finished" and not seeds & set(part["seeds"]):
+            joined.append(part)
+            seeds |= set(part["seeds"])
+    joined.sort(key=lambda p: p["seeds"][0])
+    if len(joined) == 1:
+        return joined[0]
+    per_seed = [record for part in joined for record in part["per_seed"]]
+    tasks = joined[0]["tasks"]
+    mean = lambda key, task: float(np.mean([r[key][task] for r in per_seed]))
+    first = {k: v for k, v in joined[0].items() if k not in ("ci95", "checkpoint", "steps_per_second")}
+    return {**first, "seeds": sorted(seeds), "per_seed": per_seed, "parts": len(joined),
+            "evaluations": [e for part in joined for e in part["evaluations"]],
+            "mean_normalized_score": float(np.mean([r["mean_normalized_score"] for r in per_seed])),
+            "normalized_score": {t: mean("normalized_score", t) for t in tasks},
+            "final_eval_return": {t: mean("final_eval_return", t) for t in tasks},
+            "wall_seconds": sum(p["wall_seconds"] for p in joined), "run_dir": [p["run_dir"] for p in joined],
+            "command": [p["command"] for p in joined]}
 
 
 def write_json(path, value):
@@ -747,17 +818,18 @@ def write_json(path, value):
 
 
 def run_moe(options, extra, summary_paths):
-    """The moe study: every (setting, cell) as one train_dqn.py process with all seeds batched. Each finished
-    cell's summary goes to moe_dir(options)/cells/NAME.json, and a cell whose file holds a finished run of the same
-    command is not run again, so the grid can be completed over several sittings (or one cell per job on a
-    cluster, see --print-commands); the study's summaries are then every cell file there."""
+    """The moe study: every (setting, cell) as one train_dqn.py process with all seeds batched (or one per group
+    of --seeds-per-run seeds, a part of the cell). Each finished run's summary goes to
+    moe_dir(options)/cells/NAME.json, and a run whose file holds a finished run of the same command is not run
+    again, so the grid can be completed over several sittings (or one run per job on a cluster, see
+    --print-commands); the study's summaries are then every cell there, its parts joined (stored_cells)."""
     size = QUICK_FLAGS if options.quick else FULL_FLAGS
-    grid = moe_cells(options)
-    commands = [dqn_command("crl" if setting == "crl_reverse" else setting, flags, options.seeds, options.output_dir,
-                            name, size + extra) for setting, _, _, flags, name in grid]
+    grid = moe_runs(options)
+    commands = [dqn_command("crl" if setting == "crl_reverse" else setting, flags, seeds, options.output_dir,
+                            name, size + extra) for setting, _, _, flags, name, seeds in grid]
     folder = os.path.join(moe_dir(options), "cells")
     os.makedirs(folder, exist_ok=True)
-    paths = [os.path.join(folder, f"{name}.json") for *_, name in grid]
+    paths = [os.path.join(folder, f"{name}.json") for *_, name, _ in grid]
 
     def stored(i):
         summary = json.load(open(paths[i])) if os.path.exists(paths[i]) else None
@@ -765,14 +837,14 @@ def run_moe(options, extra, summary_paths):
         return summary if same else None
 
     def record(i, result):
-        setting, placement, router, _, _ = grid[i]
+        setting, placement, router, *_ = grid[i]
         summary = {**with_evaluations(result), "setting": setting, "placement": placement, "router": router,
                    "command": " ".join(commands[i][1:])}
         if summary["status"] == "finished":
             write_json(paths[i], summary)
         return summary
 
-    run_grid(commands, [name for *_, name in grid], options, record, summary_paths[:1], stored)
+    run_grid(commands, [grid[i][4] for i in range(len(grid))], options, record, summary_paths[:1], stored)
     summaries = stored_cells(folder)
     for path in summary_paths[1:]:
         write_json(path, summaries)
@@ -889,6 +961,10 @@ def parse_options(argv=None):
                         "(e.g. dense middle:soft big:task; placements middle final all big, routers topk soft task)")
     parser.add_argument("--print-commands", action="store_true", help="moe study: print one command per (setting, "
                         "cell), each running that cell alone (for a job array or any launcher), then exit")
+    parser.add_argument("--seeds-per-run", type=int, help="moe study: run each cell's seeds in consecutive groups of "
+                        "this many, one process (and one summary file, a part of the cell) each, joined into the cell "
+                        "in the tables; so a cell longer than a sitting, or than one core, is split over several "
+                        "(default: all of them in one process)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, 1 thread each (default: %(default)s)")
     parser.add_argument("--output-dir", help="where runs go (default: runs/compare_STUDY, runs/compare_STUDY_quick with --quick)")
     parser.add_argument("--results-dir", default="results",
@@ -918,6 +994,11 @@ def checked_options(parser, options, extra):
     if dqn and options.seeds != list(range(options.seeds[0], options.seeds[0] + len(options.seeds))):
         parser.error(f"the {options.study} study runs its seeds batched in one process (--seed S --seeds N), so --seeds "
                      f"must be consecutive, got {options.seeds}")
+    if options.seeds_per_run is not None and not 1 <= options.seeds_per_run <= len(options.seeds):
+        parser.error(f"--seeds-per-run must be between 1 and the number of seeds ({len(options.seeds)}), got "
+                     f"{options.seeds_per_run}")
+    if options.seeds_per_run is not None and options.study != "moe":
+        parser.error(f"--seeds-per-run is an option of the moe study, not of {options.study}")
     if options.cells:
         try:
             moe_grid(only=options.cells)
@@ -937,12 +1018,12 @@ def checked_options(parser, options, extra):
 
 
 def cell_commands(options, extra):
-    """One command per (setting, cell) of the moe study, each running that cell alone through this script, so
-    that its summary lands in the cell folder like any other."""
-    shared = ["--seeds", *map(str, options.seeds), "--jobs", "1", "--output-dir", options.output_dir,
-              "--results-dir", options.results_dir, *(["--quick"] if options.quick else []), *extra]
+    """One command per (setting, cell) of the moe study, or per part of it with --seeds-per-run, each running that
+    cell (or part) alone through this script, so that its summary lands in the cell folder like any other."""
+    shared = ["--jobs", "1", "--output-dir", options.output_dir, "--results-dir", options.results_dir,
+              *(["--quick"] if options.quick else []), *extra]
     return [" ".join(["python", "reproduce.py", "moe", "--settings", setting, "--cells", cell_name(placement, router),
-                      *shared]) for setting, placement, router, _, _ in moe_cells(options)]
+                      "--seeds", *map(str, seeds), *shared]) for setting, placement, router, _, _, seeds in moe_runs(options)]
 
 
 def main():

@@ -2711,6 +2711,31 @@ def test_forgetting_and_the_moe_table_from_fake_summaries():
     assert reproduce.curve(crl, "normalized_score", "CartPole-v1") == ([100, 200, 300], pytest.approx([0.9, 0.7, 0.6]))
 
 
+def test_the_parts_of_a_cell_join_into_one_and_others_are_left_out(capsys):
+    tasks = ["CartPole-v1", "Acrobot-v1"]
+    command = lambda seed, seeds, more="": f"train_dqn.py --routing big --seed {seed} --seeds {seeds} --run-name x{more}"
+    def part(seeds, scores, more=""):
+        cell = fake_cell("crl", "big", "soft", tasks, [100], {s: {200: scores[s]} for s in seeds})
+        for r in cell["per_seed"]:
+            r["final_eval_return"] = {t: 10.0 * v for t, v in r["normalized_score"].items()}
+        return {**cell, "seeds": seeds, "command": command(seeds[0], len(seeds), more), "run_dir": f"r{seeds[0]}"}
+    scores = {1: [0.2, 0.4], 2: [0.6, 0.8], 3: [1.0, 0.0]}
+    parts = [part([3], scores), part([1, 2], scores), part([2], {2: [0.0, 0.0]}),
+             part([1], {1: [9.0, 9.0]}, more=" --gamma 0.9")]
+    joined = reproduce.join_parts(parts)
+    assert "1 part(s)" in capsys.readouterr().err                    # the other command's part is left out
+    assert joined["seeds"] == [1, 2, 3] and [r["seed"] for r in joined["per_seed"]] == [1, 2, 3]
+    assert joined["parts"] == 2 and joined["wall_seconds"] == 180.0     # seed 2 from the larger part, time summed
+    assert joined["mean_normalized_score"] == pytest.approx(np.mean([0.3, 0.7, 0.5]))
+    assert joined["normalized_score"] == pytest.approx({"CartPole-v1": 0.6, "Acrobot-v1": 0.4})
+    assert joined["final_eval_return"] == pytest.approx({"CartPole-v1": 6.0, "Acrobot-v1": 4.0})
+    assert sorted({e["seed"] for e in joined["evaluations"]}) == [1, 2, 3] and "ci95" not in joined
+    row = [c.strip() for c in reproduce.moe_table([joined], "crl").splitlines()[2].split("|")[1:-1]]
+    assert row[-2:] == ["3.0", "3"]                                   # minutes of both parts, 3 seeds
+    assert reproduce.join_parts(parts[:1]) is parts[0]
+    assert reproduce.without_seeds(command(6, 5, " --gamma 0.9")) == "train_dqn.py --routing big --gamma 0.9"
+
+
 def test_moe_grid_cells_and_bad_names():
     full, quick = reproduce.moe_grid(), reproduce.moe_grid(quick=True)
     assert len(full) == 13 and {(p, r) for p, r, _ in quick} == reproduce.QUICK_CELLS
@@ -2793,6 +2818,7 @@ def test_difference_intervals_and_verdicts_from_fake_cells():
     assert rows[("MoE has fewer dormant neurons than dense", "crl", "dormant dense - big:soft")] == "holds"
     assert rows[("the task order matters in CRL", "crl", "dense: crl - crl_reverse")] == "cannot be told apart"
     assert len(rows) == 7                                # only claims whose two cells have finished
+    assert all(row.split("|")[6].strip() == "3, 3" for row in reproduce.moe_verdicts(cells).splitlines()[2:])
     assert reproduce.moe_verdicts(cells[:1]) == "(no claim has both its cells finished)"
 
 
@@ -2873,6 +2899,14 @@ def test_print_commands_gives_one_command_per_cell_that_runs_it_alone():
     quick = subprocess.run([sys.executable, "reproduce.py", "moe", "--quick", "--print-commands"],
                            capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
     assert len(quick) == len(reproduce.QUICK_CELLS) * 2 and all("--quick" in line for line in quick)
+    parts = subprocess.run([sys.executable, "reproduce.py", "moe", "--print-commands", "--seeds-per-run", "5"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
+    assert len(parts) == 13 * 3 * 2 and [line.split("--seeds ")[1].split(" --jobs")[0] for line in parts[:2]] == [
+        "1 2 3 4 5", "6 7 8 9 10"] and "--seeds-per-run" not in parts[0]
+    for bad in (["--seeds-per-run", "0"], ["--seeds-per-run", "11"]):
+        result = subprocess.run([sys.executable, "reproduce.py", "moe", "--print-commands", *bad],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 2 and f"--seeds-per-run must be between 1 and the number of seeds (10), got {bad[1]}" in result.stderr
 
 
 def test_reproduce_moe_end_to_end(tmp_path):
@@ -2886,8 +2920,8 @@ def test_reproduce_moe_end_to_end(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     summaries = json.load(open(results / "moe" / "summaries.json"))
-    assert sorted(os.listdir(results / "moe" / "cells")) == sorted(f"{s}_{c}.json" for s in ("crl", "crl_reverse")
-                                                         for c in ("dense", "big_task"))
+    assert sorted(os.listdir(results / "moe" / "cells")) == sorted(f"{s}_{c}_s1-2.json" for s in ("crl", "crl_reverse")
+                                                         for c in ("dense", "big_task"))   # seeds 1-2, not 1-10
     assert [(s["setting"], s["placement"], s["router"], s["status"]) for s in summaries] == [
         ("crl", "dense", "-", "finished"), ("crl", "big", "task", "finished"),
         ("crl_reverse", "dense", "-", "finished"), ("crl_reverse", "big", "task", "finished")]
@@ -2907,6 +2941,18 @@ def test_reproduce_moe_end_to_end(tmp_path):
     only = subprocess.run([sys.executable, "reproduce.py", "moe", "--table-only", "--output-dir", str(out),
                            "--results-dir", str(results)], capture_output=True, text=True)
     assert only.returncode == 0 and table.strip() in only.stdout
+    # the same CRL dense cell in parts of one seed each: a file per part, joined into the cell the whole run gave
+    split = [sys.executable, "reproduce.py", "moe", "--settings", "crl", "--cells", "dense", "--seeds", "1", "2",
+             "--seeds-per-run", "1", "--output-dir", str(tmp_path / "parts"), "--results-dir", str(tmp_path / "split"),
+             *command[command.index("--total-steps"):]]
+    result = subprocess.run(split, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "split" / "moe" / "cells")) == ["crl_dense_s1-1.json", "crl_dense_s2-2.json"]
+    joined, = json.load(open(tmp_path / "split" / "moe" / "summaries.json"))
+    whole = summaries[0]
+    assert joined["parts"] == 2 and joined["seeds"] == whole["seeds"] == [1, 2]
+    assert [r["final_eval_return"] for r in joined["per_seed"]] == [r["final_eval_return"] for r in whole["per_seed"]]
+    assert sorted(map(json.dumps, joined["evaluations"])) == sorted(map(json.dumps, whole["evaluations"]))
 
 
 def test_benchmark_agent_part_at_a_tiny_size(base_cache):

@@ -54,8 +54,8 @@ from tqdm import tqdm
 import checkpointing
 from alfworld_env import ALFWORLD_EVAL_SPLITS, ALFWORLD_TASK_TYPES, AlfWorldEnv, alfworld_task_type_ids
 from cli import arg, parse_dataclass
-from distributed import (all_reduce_gradients, distributed, equal_share, finite_on_every_rank, init_distributed,
-                         on_any_rank, parameter_digest, rank_rng_states)
+from distributed import (all_reduce_gradients, close_distributed, distributed, equal_share, finite_on_every_rank,
+                         init_distributed, on_any_rank, parameter_digest, rank_rng_states)
 from agent import Agent, AgentConfig, Scores
 from experts import route
 from hf_model import DTYPES, load_hf_base, sample
@@ -885,7 +885,9 @@ def train(args):
     run_dir = os.path.join(args.output_dir, args.run_name or f"{args.routing}_{args.algo}_s{args.seed}")
     # rank 0 evaluates, logs and saves, so it alone holds the folder
     with checkpointing.claim(run_dir, args.resume, args.overwrite) if rank == 0 else contextlib.nullcontext():
-        return train_in(args, run_dir, rank, world_size)
+        summary = train_in(args, run_dir, rank, world_size)
+    close_distributed()
+    return summary
 
 
 def restore_run(saved, optimizer, rng, generator, rank):
