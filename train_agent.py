@@ -627,8 +627,8 @@ def update(agent, optimizer, episodes, advantages, args, temperature, rng):
             batch = [episodes[i] for i in chosen]
             loss, policy_loss, stats = minibatch_loss(agent, batch, [advantages[i] for i in chosen], args, temperature)
             if epoch == 0 and b == 0:     # before the first step: the other minibatches' reference passes
-                # with autograd on, as the loss's own pass: some ops take another kernel without it (a matmul
-                # folded differently), whose last bit differs on some CPUs, and the ratios must be exactly 1
+                # with autograd on, as the loss's own pass: without it the phase router's log-probs came out
+                # 1 ulp apart on an AMD EPYC (some op takes another kernel), and the ratios must be exactly 1
                 with torch.enable_grad():
                     for other in batches[1:]:
                         other = [episodes[i] for i in other]
