@@ -844,7 +844,7 @@ def run_moe(options, extra, summary_paths):
             write_json(paths[i], summary)
         return summary
 
-    run_grid(commands, [grid[i][4] for i in range(len(grid))], options, record, summary_paths[:1], stored)
+    run_grid(commands, [run[4] for run in grid], options, record, summary_paths[:1], stored)
     summaries = stored_cells(folder)
     for path in summary_paths[1:]:
         write_json(path, summaries)
