@@ -169,9 +169,12 @@ def dormant_fraction(activations, tau=0.0):
     it is dormant when s_i <= tau. `activations` holds (name, act, routing): act (m, units) for a dense
     layer (routing None), or (e, m, units) for an expert layer, where neuron (expert, unit) averages only
     over the slots that expert actually received (top-k leaves capacity places empty). An expert that
-    received nothing counts as dormant. Returns {layer name: fraction, ..., "overall": fraction}.
+    received nothing counts as dormant in its layer's fraction and in "overall"; "overall_received" leaves
+    such experts' neurons out (and out of their layer's mean |h|), the other way to count them, equal to
+    "overall" when every expert received a token. Returns {layer name: fraction, ..., "overall": fraction,
+    "overall_received": fraction}.
     """
-    result, dormant_total, neuron_total = {}, 0, 0
+    result, dormant_total, neuron_total, received_dormant, received_total = {}, 0, 0, 0, 0
     for name, act, routing in activations:
         act = act.detach().abs()
         if routing is None:
@@ -179,14 +182,16 @@ def dormant_fraction(activations, tau=0.0):
         else:
             e, p = routing.num_experts, routing.slots_per_expert
             mask = routing.slot_used().reshape(-1, e, p).transpose(0, 1).reshape(e, -1).float()  # (e, b*p)
-        mean_abs = (act * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
-        mean_abs = mean_abs.flatten()                                          # (e * units,)
-        score = mean_abs / mean_abs.mean().clamp_min(1e-12)
+        mean_abs = (act * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)  # (e, units)
+        score = mean_abs.flatten() / mean_abs.mean().clamp_min(1e-12)
         dormant = int((score <= tau).sum())
         result[name] = dormant / score.numel()
-        dormant_total += dormant
-        neuron_total += score.numel()
+        dormant_total, neuron_total = dormant_total + dormant, neuron_total + score.numel()
+        received = mean_abs[mask.sum(1) > 0]                                   # experts given a token, rescored
+        received_dormant += int((received / received.mean().clamp_min(1e-12) <= tau).sum())
+        received_total += received.numel()
     result["overall"] = dormant_total / max(neuron_total, 1)
+    result["overall_received"] = received_dormant / max(received_total, 1)
     return result
 
 

@@ -184,7 +184,9 @@ def dqn_command(setting, flags, seeds, output_dir, name, extra):
 
 def dqn_evaluations(run_dir):
     """What the tables and plots need from a train_dqn.py log: the tasks, the CRL task switches (env steps)
-    and each seed's evaluations (step, normalised score per task and mean, overall dormant fraction)."""
+    and each seed's evaluations (step, normalised score per task and mean, overall dormant fraction counting
+    an expert that received nothing as dormant and leaving it out, and how many experts received nothing;
+    None where an older log lacks them)."""
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
     config, tasks = lines[0]["config"], lines[0]["tasks"]
     switches = []
@@ -193,7 +195,10 @@ def dqn_evaluations(run_dir):
         switches = [k * stretch for k in range(1, len(tasks) * config["cycles"])]
     evaluations = [{"seed": r["seed"], "step": r["step"], "final": r["final"], "normalized_score": r["normalized_score"],
                     "mean_normalized_score": r["mean_normalized_score"],
-                    "dormant": r.get("dormant_fraction", {}).get("overall")}
+                    "dormant": r.get("dormant_fraction", {}).get("overall"),
+                    "dormant_received": r.get("dormant_fraction", {}).get("overall_received"),
+                    "empty_experts": sum(share == 0 for load in r["expert_load"].values() for share in load)
+                    if "expert_load" in r else None}
                    for r in lines[1:] if "seed" in r]
     return {"tasks": tasks, "task_switches": switches, "evaluations": evaluations}
 
@@ -253,14 +258,14 @@ def forgetting(cell):
 def moe_table(summaries, setting):
     """One row per cell of `setting`: the final mean normalised score and its average over all evaluations
     (mean over seeds [95% bootstrap interval]), each task's final score, the overall dormant fraction at the
-    end, CRL forgetting, the minutes the cell took (all its seeds together; for a cell run in parts, the parts'
+    end, how many experts received nothing then (mean over seeds), CRL forgetting, the minutes the cell took (all its seeds together; for a cell run in parts, the parts'
     minutes summed) and the number of seeds."""
     cells = [s for s in summaries if s["setting"] == setting and s.get("status") == "finished"]
     if not cells:
         return f"(no finished {setting} runs)"
     tasks = cells[0]["tasks"]
     header = ["placement", "router", "final score [95% CI]", "average over training [95% CI]",
-              *[t.split("-")[0] for t in tasks], "dormant (final)", "forgetting", "minutes", "seeds"]
+              *[t.split("-")[0] for t in tasks], "dormant (final)", "empty experts", "forgetting", "minutes", "seeds"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     interval = lambda values: "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(values))
     for cell in cells:
@@ -269,11 +274,13 @@ def moe_table(summaries, setting):
         average = [np.mean([e["mean_normalized_score"] for e in cell["evaluations"] if e["seed"] == seed])
                    for seed in seeds]
         dormant = curve(cell, "dormant")[1]
+        empty = [e["empty_experts"] for e in cell["evaluations"] if e["final"] and e.get("empty_experts") is not None]
         drops = forgetting(cell)
         rows.append("| " + " | ".join([
             PLACEMENT_NAMES[cell["placement"]], ROUTER_NAMES[cell["router"]], interval(final), interval(average),
             *[f"{np.mean([s['normalized_score'][t] for s in cell['per_seed']]):.3f}" for t in tasks],
-            f"{dormant[-1]:.3f}" if dormant else "-", interval(drops) if drops else "-",
+            f"{dormant[-1]:.3f}" if dormant else "-", f"{np.mean(empty):.1f}" if empty else "-",
+            interval(drops) if drops else "-",
             f"{cell['wall_seconds'] / 60:.1f}", str(len(final))]) + " |")
     return "\n".join(rows)
 
@@ -290,6 +297,8 @@ MOE_CLAIMS = [
       for s in ("crl", "crl_reverse", "mtrl") for p in ("middle", "big")],
     *[("MoE has fewer dormant neurons than dense", s, cell, "dense", "dormant")
       for s in ("crl", "mtrl") for cell in ("big:soft", "middle:soft", "middle:topk")],
+    *[("MoE has fewer dormant neurons than dense", s, cell, "dense", "dormant received")
+      for s in ("crl", "mtrl") for cell in ("middle:topk", "big:topk")],
     *[("hardcoded routing beats a learned router", s, f"{p}:task", f"{p}:soft", "score")
       for s in ("crl", "mtrl") for p in ("middle", "big")],
     *[("the task order matters in CRL", "crl", cell, cell, "order") for cell in ("dense", "big:soft", "middle:soft")],
@@ -297,9 +306,12 @@ MOE_CLAIMS = [
 
 
 def final_values(cell, what):
-    """Per seed: the final mean normalised score, or the overall dormant fraction at the final evaluation."""
-    if what == "dormant":
-        return [e["dormant"] for e in cell["evaluations"] if e["final"] and e["dormant"] is not None]
+    """Per seed: the final mean normalised score, or the overall dormant fraction at the final evaluation,
+    counting an expert that received nothing as dormant ('dormant') or leaving it out ('dormant received': the
+    same for dense, which has no experts, and missing from logs written before it was recorded)."""
+    if what.startswith("dormant"):
+        key = "dormant" if what == "dormant" or cell["router"] == "-" else "dormant_received"
+        return [e[key] for e in cell["evaluations"] if e["final"] and e.get(key) is not None]
     return [s["mean_normalized_score"] for s in cell["per_seed"]]
 
 
@@ -316,8 +328,12 @@ def moe_verdicts(summaries):
         if (setting, a) not in cells or other not in cells:
             continue
         first, second = final_values(cells[(setting, a)], what), final_values(cells[other], what)
-        difference, low, high = difference_ci(second, first) if what == "dormant" else difference_ci(first, second)
-        comparison = {"dormant": f"dormant {b} - {a}", "order": f"{a}: crl - crl_reverse"}.get(what, f"{a} - {b}")
+        if not first or not second:
+            continue
+        dormant = what.startswith("dormant")
+        difference, low, high = difference_ci(second, first) if dormant else difference_ci(first, second)
+        comparison = {"dormant": f"dormant {b} - {a}", "order": f"{a}: crl - crl_reverse",
+                      "dormant received": f"dormant {b} - {a}, empty experts left out"}.get(what, f"{a} - {b}")
         verdict = (("fails" if low > 0 else "holds") if what == "no gain" else
                    "cannot be told apart" if low <= 0 <= high else
                    "holds" if what == "order" or low > 0 else "reversed")

@@ -348,11 +348,12 @@ def test_tokenize_splits_the_hidden_vector():
 def test_dormant_fraction_on_hand_made_activations():
     # 4 neurons: mean |h| = 0, 0.01, 1, 2.99 -> layer mean 1 -> scores 0, 0.01, 1, 2.99
     act = torch.tensor([[0.0, 0.02, 1.0, 2.99], [0.0, 0.0, 1.0, 2.99]])
-    assert dormant_fraction([("layer", act, None)], tau=0.0) == {"layer": 0.25, "overall": 0.25}
+    assert dormant_fraction([("layer", act, None)], tau=0.0) == {"layer": 0.25, "overall": 0.25,
+                                                                 "overall_received": 0.25}
     assert dormant_fraction([("layer", act, None)], tau=0.025)["layer"] == 0.5
     assert dormant_fraction([("layer", act, None)], tau=1.0)["layer"] == 0.75
     two = dormant_fraction([("a", act, None), ("b", torch.ones(3, 4), None)], tau=0.025)
-    assert two == {"a": 0.5, "b": 0.0, "overall": 0.25}
+    assert two == {"a": 0.5, "b": 0.0, "overall": 0.25, "overall_received": 0.25}
 
 
 def test_dormant_fraction_of_experts_counts_only_slots_they_received():
@@ -368,6 +369,13 @@ def test_dormant_fraction_of_experts_counts_only_slots_they_received():
     result = dormant_fraction([("experts", hidden[0], routing)], tau=0.0)
     # Expert 1 never received a token: its 4 neurons are dormant, whatever its empty slots computed.
     assert result["experts"] >= 0.5
+    # Left out, only expert 0's neurons count, scored against their own mean (it received all 15 slots);
+    # at tau 0 its dormant neurons are the same either way, so counted = (its dormant + expert 1's 4) / 8.
+    for tau in (0.0, 0.5):
+        counted = dormant_fraction([("experts", hidden[0], routing)], tau=tau)
+        alone = dormant_fraction([("expert 0", hidden[0][0], None)], tau=tau)["expert 0"]
+        assert counted["overall_received"] == alone
+        assert tau > 0 or counted["overall"] == (alone * 4 + 4) / 8
 
 
 def test_switch_counters_on_hand_made_routes():
@@ -464,8 +472,11 @@ def test_smoke_every_routing_and_setting(tmp_path, architecture, setting):
     for record in log[1:]:
         assert set(record["eval_return"]) == set(tasks)       # every task evaluated at every point (CRL curves)
         assert 0.0 <= record["dormant_fraction"]["overall"] <= 1.0
+        assert 0.0 <= record["dormant_fraction"]["overall_received"] <= 1.0
         if architecture[1] != "dense":
             assert record["expert_load"]
+        if all(share > 0 for load in record.get("expert_load", {}).values() for share in load):
+            assert record["dormant_fraction"]["overall_received"] == record["dormant_fraction"]["overall"]
 
 
 def test_a_preset_sets_the_defaults_and_flags_given_beside_it_win(tmp_path):
@@ -2678,11 +2689,14 @@ def test_bootstrap_interval_of_a_hand_made_sample():
     assert wide[1] < narrow[1] < 2.8 < narrow[2] < wide[2]
 
 
-def fake_cell(setting, placement, router, tasks, switches, scores, dormant=0.25):
-    """A moe-study summary: scores {seed: {step: [score per task]}}; the last step is the final evaluation."""
+def fake_cell(setting, placement, router, tasks, switches, scores, dormant=0.25, received=None, empty=None):
+    """A moe-study summary: scores {seed: {step: [score per task]}}; the last step is the final evaluation.
+    `received` and `empty` (the dormant fraction leaving out experts that received nothing, how many did) are
+    left out when None, as in a log written before they were recorded."""
+    extra = {k: v for k, v in (("dormant_received", received), ("empty_experts", empty)) if v is not None}
     evaluations = [{"seed": seed, "step": step, "final": step == max(by_step),
                     "normalized_score": dict(zip(tasks, values)), "mean_normalized_score": float(np.mean(values)),
-                    "dormant": dormant} for seed, by_step in scores.items() for step, values in by_step.items()]
+                    "dormant": dormant, **extra} for seed, by_step in scores.items() for step, values in by_step.items()]
     per_seed = [{"seed": e["seed"], "normalized_score": e["normalized_score"],
                  "mean_normalized_score": e["mean_normalized_score"]} for e in evaluations if e["final"]]
     return {"status": "finished", "setting": setting, "placement": placement, "router": router, "tasks": tasks,
@@ -2693,7 +2707,7 @@ def test_forgetting_and_the_moe_table_from_fake_summaries():
     tasks = ["CartPole-v1", "MountainCar-v0", "Acrobot-v1"]
     crl = fake_cell("crl", "big", "soft", tasks, [100, 200], {
         1: {100: [0.8, 0.0, 0.0], 200: [0.4, 0.6, 0.0], 300: [0.2, 0.5, 0.9]},
-        2: {100: [1.0, 0.0, 0.0], 200: [1.0, 0.2, 0.0], 300: [1.0, 0.2, 0.3]}})
+        2: {100: [1.0, 0.0, 0.0], 200: [1.0, 0.2, 0.0], 300: [1.0, 0.2, 0.3]}}, empty=2)
     assert reproduce.forgetting(crl) == pytest.approx([(0.6 + 0.1) / 2, 0.0])   # each task at the end of its stretch
     two_cycles = fake_cell("crl", "dense", "-", tasks[:2], [100, 200, 300],
                            {1: {100: [0.5, 0], 200: [0.3, 0.7], 300: [0.9, 0.1], 400: [0.4, 0.8]}})
@@ -2705,8 +2719,9 @@ def test_forgetting_and_the_moe_table_from_fake_summaries():
     final = [np.mean([0.2, 0.5, 0.9]), np.mean([1.0, 0.2, 0.3])]
     cells = [c.strip() for c in table[2].split("|")[1:-1]]
     assert cells[:2] == ["Big", "SoftMoE"] and cells[2].startswith(f"{np.mean(final):.3f} [")
-    assert cells[4:7] == ["0.600", "0.350", "0.600"] and cells[7] == "0.250" and cells[9] == "1.5"
-    assert cells[8].startswith(f"{np.mean([0.35, 0.0]):.3f} [")
+    assert cells[4:7] == ["0.600", "0.350", "0.600"] and cells[7] == "0.250" and cells[8] == "2.0" and cells[10] == "1.5"
+    assert cells[9].startswith(f"{np.mean([0.35, 0.0]):.3f} [")
+    assert [c.strip() for c in reproduce.moe_table([mtrl], "mtrl").splitlines()[2].split("|")[1:-1]][8] == "-"
     assert reproduce.moe_table([crl], "mtrl") == "(no finished mtrl runs)"
     assert reproduce.curve(crl, "normalized_score", "CartPole-v1") == ([100, 200, 300], pytest.approx([0.9, 0.7, 0.6]))
 
@@ -2808,7 +2823,8 @@ def test_difference_intervals_and_verdicts_from_fake_cells():
     cells = [fake_cell("crl", "dense", "-", tasks, [100, 200], seeds(0.2, 0.01), dormant=0.3),
              fake_cell("crl", "big", "soft", tasks, [100, 200], seeds(0.6, 0.01), dormant=0.1),
              fake_cell("crl", "middle", "soft", tasks, [100, 200], seeds(0.1, 0.01)),
-             fake_cell("crl", "middle", "topk", tasks, [100, 200], seeds(-0.28, 0.2)),
+             fake_cell("crl", "middle", "topk", tasks, [100, 200], seeds(-0.28, 0.2), dormant=0.5, received=0.2),
+             fake_cell("crl", "big", "topk", tasks, [100, 200], seeds(0.1, 0.01)),  # an older log: no 'received'
              fake_cell("crl_reverse", "dense", "-", tasks[::-1], [100, 200], seeds(0.2, 0.01))]
     rows = {tuple(c.strip() for c in row.split("|")[1:4]): row.split("|")[5].strip()
             for row in reproduce.moe_verdicts(cells).splitlines()[2:]}
@@ -2817,7 +2833,11 @@ def test_difference_intervals_and_verdicts_from_fake_cells():
     assert rows[("SoftMoE beats Top-k under non-stationarity", "crl", "middle:soft - middle:topk")] == "cannot be told apart"
     assert rows[("MoE has fewer dormant neurons than dense", "crl", "dormant dense - big:soft")] == "holds"
     assert rows[("the task order matters in CRL", "crl", "dense: crl - crl_reverse")] == "cannot be told apart"
-    assert len(rows) == 7                                # only claims whose two cells have finished
+    # counting middle:topk's empty experts as dormant, it has more than dense (0.3); leaving them out, fewer
+    assert rows[("MoE has fewer dormant neurons than dense", "crl", "dormant dense - middle:topk")] == "reversed"
+    assert rows[("MoE has fewer dormant neurons than dense", "crl",
+                 "dormant dense - middle:topk, empty experts left out")] == "holds"
+    assert len(rows) == 9                                # only claims whose two cells (and values) are there
     assert all(row.split("|")[6].strip() == "3, 3" for row in reproduce.moe_verdicts(cells).splitlines()[2:])
     assert reproduce.moe_verdicts(cells[:1]) == "(no claim has both its cells finished)"
 
