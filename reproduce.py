@@ -476,7 +476,7 @@ def plot_moe(summaries, results_dir):
         for step in next(c for c in cells if c["setting"] == setting)["task_switches"]:
             ax.axvline(step, color="grey", linestyle="--", linewidth=1)
         ax.set(title=f"{setting.upper()}: dormant neurons (tau 0.025)", xlabel="env steps", ylabel="fraction dormant")
-    axes[0][-1].legend(fontsize=7)
+        ax.legend(fontsize=7)                                  # each panel its own cells (a setting may lack some)
     figure.tight_layout()
     paths.append(os.path.join(results_dir, "dormant.png"))
     figure.savefig(paths[-1], dpi=110)
