@@ -301,7 +301,7 @@ MOE_CLAIMS = [
       for s in ("crl", "mtrl") for cell in ("middle:topk", "big:topk")],
     *[("hardcoded routing beats a learned router", s, f"{p}:task", f"{p}:soft", "score")
       for s in ("crl", "mtrl") for p in ("middle", "big")],
-    *[("the task order matters in CRL", "crl", cell, cell, "order") for cell in ("dense", "big:soft", "middle:soft")],
+    *[("the task order matters in CRL", "crl", cell, cell, "order") for cell in MOE_PRIORITY],
 ]
 
 
