@@ -258,8 +258,8 @@ def forgetting(cell):
 def moe_table(summaries, setting):
     """One row per cell of `setting`: the final mean normalised score and its average over all evaluations
     (mean over seeds [95% bootstrap interval]), each task's final score, the overall dormant fraction at the
-    end, how many experts received nothing then (mean over seeds), CRL forgetting, the minutes the cell took (all its seeds together; for a cell run in parts, the parts'
-    minutes summed) and the number of seeds."""
+    end, how many experts received nothing then (mean over seeds), CRL forgetting, the minutes the cell took
+    (all its seeds together; for a cell run in parts, the parts' minutes summed) and the number of seeds."""
     cells = [s for s in summaries if s["setting"] == setting and s.get("status") == "finished"]
     if not cells:
         return f"(no finished {setting} runs)"
